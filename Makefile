@@ -1,0 +1,53 @@
+# The two quickstart commands, `make demo` and `make test`, set everything up themselves.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Stage commands in dvc.yaml call `python`: the project's environment comes first on PATH.
+RUN := PATH="$(CURDIR)/$(BIN):$$PATH" TF_CPP_MIN_LOG_LEVEL=3
+
+.PHONY: setup demo test lint format bench lock clean-cache
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is needed, found " + sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+## Set up and run the whole pipeline on the built-in demo collection.
+demo: setup
+	$(RUN) $(BIN)/dvc repro
+	$(RUN) $(BIN)/dvc metrics show
+
+## Set up, lint and run every test.
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(RUN) $(BIN)/python -m pytest
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## Benchmarks print figures; they are not tests.
+bench: setup
+	$(RUN) $(BIN)/python bench/prepare.py
+
+## Regenerate requirements.txt (every pin) from requirements.in (the direct dependencies).
+lock:
+	rm -rf /tmp/smart-iss-posts-lock
+	$(PYTHON) -m venv /tmp/smart-iss-posts-lock
+	/tmp/smart-iss-posts-lock/bin/python -m pip install --quiet -r requirements.in
+	{ echo "# Every package the project installs, pinned (generated from requirements.in by \`make lock\`)."; \
+	  /tmp/smart-iss-posts-lock/bin/python -m pip freeze; } > requirements.txt
+
+## Drop the decoded-image cache of prepare (it is rebuilt on the next run).
+clean-cache:
+	rm -rf data/cache
