@@ -260,12 +260,17 @@ def read_exif_taken_at(image: Image.Image) -> datetime | None:
 def measure_image(data: bytes, max_pixels: int) -> Measurement | str:
     """Decode image bytes and measure them; return the rejection reason if they are no good.
 
-    JPEGs are decoded at reduced DCT scale, which still reads every coded block, so a
-    truncated or corrupt file fails here as it would at full size.
+    The file's structure is verified, then it is decoded: JPEGs at reduced DCT scale,
+    which still reads every coded block, so a truncated or corrupt file fails here as it
+    would at full size.
     """
     if not data:
         return "empty file (0 bytes)"
     try:
+        # verify() checks what decoding alone lets pass, such as PNG chunk checksums:
+        # a damaged PNG can decode without an error into wrong pixels.
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
         with Image.open(io.BytesIO(data)) as image:
             pixels = image.size[0] * image.size[1]
             if pixels > max_pixels:

@@ -1,0 +1,125 @@
+"""Shared fixtures: small images of every kind a user's folder may hold, and params."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def pattern_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """An RGB image with smooth gradients and a few blocks: real content, not blank."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    red = (x * 255 // max(1, width - 1)).astype(np.uint8)
+    green = (y * 255 // max(1, height - 1)).astype(np.uint8)
+    blue = np.full((height, width), rng.integers(0, 256), dtype=np.uint8)
+    array = np.stack([red, green, blue], axis=-1)
+    for _ in range(3):
+        top, left = rng.integers(0, height // 2 + 1), rng.integers(0, width // 2 + 1)
+        array[top : top + height // 4, left : left + width // 4] = rng.integers(0, 256, 3)
+    return Image.fromarray(array, mode="RGB")
+
+
+def image_bytes(image: Image.Image, format: str, **options: Any) -> bytes:
+    """Encode an image to bytes in a file format."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def write(path: Path, data: bytes) -> Path:
+    """Write bytes to a path, making its folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def jpeg_with_exif(image: Image.Image, orientation: int = 1, taken_at: str | None = None) -> bytes:
+    """A JPEG carrying an EXIF orientation and, optionally, a DateTimeOriginal."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    if taken_at is not None:
+        exif.get_ifd(0x8769)[36867] = taken_at
+    return image_bytes(image, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def good_image_files() -> dict[str, bytes]:
+    """Relative path -> bytes of images in every mode sync must accept."""
+    rgb = pattern_image(64, 40, seed=1)
+    sixteen_bit = (np.linspace(0, 65535, 48 * 32).reshape(32, 48)).astype(np.uint16)
+    return {
+        "20170512-103200.jpg": image_bytes(rgb, "JPEG", quality=90),
+        "gray.png": image_bytes(rgb.convert("L"), "PNG"),
+        "palette.png": image_bytes(rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+        "transparent.png": image_bytes(rgb.convert("RGBA"), "PNG"),
+        "cmyk.jpg": image_bytes(rgb.convert("CMYK"), "JPEG", quality=95),
+        "sixteen-bit.png": image_bytes(Image.fromarray(sixteen_bit), "PNG"),
+        "rotated.jpg": jpeg_with_exif(pattern_image(60, 30, seed=2), orientation=6),
+        "nested/folder/exif-time.jpg": jpeg_with_exif(
+            pattern_image(50, 50, seed=3), taken_at="2019:03:04 05:06:07"
+        ),
+    }
+
+
+def bad_image_files() -> dict[str, tuple[bytes, str]]:
+    """Relative path -> (bytes, expected words of the rejection reason)."""
+    jpeg = image_bytes(pattern_image(320, 180, seed=4), "JPEG", quality=90)
+    png = image_bytes(pattern_image(120, 80, seed=5), "PNG")
+    corrupt_png = bytearray(png)
+    middle = len(png) // 2
+    corrupt_png[middle : middle + 200] = bytes(200)  # zeroes over the compressed pixels
+    return {
+        "notes.txt": (b"not an image, just some words\n", "not an image"),
+        "fake.jpg": (b"\xff\xd8\xff\xe0 this is not really a JPEG", "cannot decode"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "cannot decode"),
+        "corrupt.png": (bytes(corrupt_png), "cannot decode"),
+        "empty.png": (b"", "empty file"),
+    }
+
+
+@pytest.fixture
+def source_folder(tmp_path: Path) -> Path:
+    """A folder of good images of every kind, plus bad files, plus a hidden file."""
+    folder = tmp_path / "source"
+    for relative, data in good_image_files().items():
+        write(folder / relative, data)
+    for relative, (data, _) in bad_image_files().items():
+        write(folder / relative, data)
+    write(folder / ".DS_Store", b"\x00\x00\x00\x01Bud1")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def project_params() -> dict[str, Any]:
+    """The committed params.yaml."""
+    with open(REPO_ROOT / "params.yaml", encoding="utf-8") as file:
+        return yaml.safe_load(file)
+
+
+@pytest.fixture
+def params(project_params: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the committed params that a test may change."""
+    return copy.deepcopy(project_params)
+
+
+def tree_snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under a folder with its bytes and modification time."""
+    return {
+        path.relative_to(folder).as_posix(): (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
