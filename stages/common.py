@@ -208,20 +208,22 @@ def _scaled_size(width: int, height: int, target: ImageSize) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def draft_request(image: Image.Image, targets: Iterable[ImageSize]) -> tuple[int, int]:
+def draft_request(
+    stored_size: tuple[int, int], orientation: int, targets: Iterable[ImageSize]
+) -> tuple[int, int]:
     """The smallest (width, height) a JPEG may be DCT-scaled to and still serve every target.
 
-    Sizes are in the file's stored orientation, which is what `Image.draft` works in.
+    `stored_size` and the answer are in the file's stored orientation, which is what
+    `Image.draft` works in; the targets are upright.
     """
-    width, height = upright_size(image)
+    rotated = orientation in ROTATED_ORIENTATIONS
+    width, height = stored_size[::-1] if rotated else stored_size
     needed_width = needed_height = 1
     for target in targets:
         scaled_width, scaled_height = _scaled_size(width, height, target)
         needed_width = max(needed_width, scaled_width)
         needed_height = max(needed_height, scaled_height)
-    if exif_orientation(image) in ROTATED_ORIENTATIONS:
-        return needed_height, needed_width
-    return needed_width, needed_height
+    return (needed_height, needed_width) if rotated else (needed_width, needed_height)
 
 
 def fit_image(image: Image.Image, target: ImageSize) -> np.ndarray:
@@ -261,8 +263,9 @@ def decode_for_targets(data: bytes, targets: list[ImageSize]) -> list[np.ndarray
     serves every target, which is several times faster than a full-size decode.
     """
     with Image.open(io.BytesIO(data)) as image:
-        image.draft(None, draft_request(image, targets))
-        upright = ImageOps.exif_transpose(image)
+        orientation = exif_orientation(image)
+        image.draft("RGB", draft_request(image.size, orientation, targets))
+        upright = image if orientation == 1 else ImageOps.exif_transpose(image)
         rgb = to_rgb(upright)
         return [fit_image(rgb, target) for target in targets]
 
@@ -326,9 +329,31 @@ def new_array(path: Path, shape: tuple[int, ...], dtype: Any = np.uint8) -> Iter
         array = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape)
         try:
             yield array
-            array.flush()
         finally:
-            del array
+            del array  # unmapped; the kernel writes the pages back, no msync wait needed
+
+
+def write_array_in_blocks(
+    path: Path, shape: tuple[int, ...], blocks: Iterable[np.ndarray], dtype: Any = np.uint8
+) -> None:
+    """Write a .npy file of `shape` from consecutive row blocks, atomically.
+
+    Only one block is in memory at a time, whatever the number of rows.
+    """
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+        "fortran_order": False,
+        "shape": tuple(shape),
+    }
+    rows = 0
+    with atomic_output(path) as temporary:
+        with open(temporary, "wb") as file:
+            np.lib.format.write_array_header_2_0(file, header)
+            for block in blocks:
+                file.write(np.ascontiguousarray(block, dtype=dtype).data)
+                rows += len(block)
+        if rows != shape[0]:
+            raise ValueError(f"{path}: wrote {rows} rows, expected {shape[0]}")
 
 
 def load_aligned_array(path: Path, ids_path: Path, expected_ids: list[str]) -> np.ndarray:
@@ -358,9 +383,17 @@ def get_logger(stage: str) -> logging.Logger:
     return logger
 
 
+def progress_bar(total: int, description: str) -> tqdm:
+    """A progress bar counting images; silent when stderr is not a terminal."""
+    return tqdm(total=total, desc=description, unit="img", disable=None, leave=False)
+
+
 def progress(items: Iterable[T], total: int, description: str) -> Iterable[T]:
-    """A progress bar over a long loop; silent when stderr is not a terminal."""
-    return tqdm(items, total=total, desc=description, unit="img", disable=None, leave=False)
+    """Iterate over a long loop's items with a progress bar."""
+    with progress_bar(total, description) as bar:
+        for item in items:
+            yield item
+            bar.update(1)
 
 
 def worker_count() -> int:

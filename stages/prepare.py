@@ -29,7 +29,8 @@ import pandas as pd
 from stages import common
 
 STAGE = "prepare"
-COPY_BLOCK_ROWS = 4096  # rows copied from the cache per step, to bound memory
+COPY_BLOCK_ROWS = 1024  # rows copied from the cache per step, to bound memory
+DECODE_TASK_FILES = 64  # the most files one worker decodes per task
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,19 @@ def cache_key(params: PrepareParams) -> str:
 
 # ----------------------------------------------------------------------------- decoding
 
+# One decoding task: the segment's two array files with the byte offset of their first
+# row, the first row to fill, the files to decode into that row and the next ones (path and
+# expected sha256), and the target sizes (one per array file).
+DecodeTask = tuple[list[tuple[Path, int]], int, list[tuple[Path, str]], list[common.ImageSize]]
 
-def decode_file(task: tuple[Path, str, list[common.ImageSize]]) -> list[np.ndarray]:
+
+def decode_file(
+    path: Path, expected_sha256: str, targets: list[common.ImageSize]
+) -> list[np.ndarray]:
     """Read one collection file, check it is the file the manifest describes, decode it.
 
     Raises a UserError naming the file when it changed since sync or cannot be decoded.
     """
-    path, expected_sha256, targets = task
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -88,15 +95,49 @@ def decode_file(task: tuple[Path, str, list[common.ImageSize]]) -> list[np.ndarr
         raise common.UserError(f"cannot decode {path}: {error}") from None
 
 
-def decode_files(
-    tasks: list[tuple[Path, str, list[common.ImageSize]]], workers: int
-) -> Iterator[list[np.ndarray]]:
-    """Decode files in order, on `workers` processes when there are enough files."""
-    if workers <= 1 or len(tasks) < 64:
-        yield from (decode_file(task) for task in tasks)
-        return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield from pool.imap(decode_file, tasks, chunksize=32)
+def task_ranges(count: int, workers: int) -> list[tuple[int, int]]:
+    """Split rows [0, count) into tasks that shrink towards the end (guided scheduling).
+
+    Big tasks early keep overhead low; small ones at the end keep every worker busy
+    until the last image instead of one finishing a long task alone.
+    """
+    ranges, first = [], 0
+    while first < count:
+        size = min(DECODE_TASK_FILES, max(4, (count - first) // (4 * workers)))
+        ranges.append((first, min(count, first + size)))
+        first += size
+    return ranges
+
+
+def decode_rows(task: DecodeTask) -> int:
+    """Decode a run of files and write their rows into the segment files; return the count.
+
+    Workers write the rows themselves, one block write per array, so no pixels travel
+    between processes and no page of a half-filled file is faulted in one by one.
+    """
+    array_files, first_row, files, targets = task
+    blocks = [np.empty((len(files), t.height, t.width, 3), dtype=np.uint8) for t in targets]
+    for offset, (path, expected_sha256) in enumerate(files):
+        for block, decoded in zip(blocks, decode_file(path, expected_sha256, targets)):
+            block[offset] = decoded
+    for (array_path, data_offset), block in zip(array_files, blocks):
+        row_bytes = block[0].nbytes
+        with open(array_path, "r+b") as file:
+            file.seek(data_offset + first_row * row_bytes)
+            file.write(block.data)
+    return len(files)
+
+
+def run_decode_tasks(tasks: list[DecodeTask], workers: int, total: int) -> None:
+    """Run decoding tasks on `workers` processes (in this one when there is little to do)."""
+    with common.progress_bar(total, STAGE) as bar:
+        if workers <= 1 or len(tasks) < 2:
+            for task in tasks:
+                bar.update(decode_rows(task))
+            return
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for count in pool.imap_unordered(decode_rows, tasks):
+                bar.update(count)
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -133,38 +174,50 @@ class DecodedCache:
         return [self.folder / f"{segment}.{name}.npy" for name in ("pixels", "thumbs")]
 
     def add_segment(
-        self, sha256s: list[str], arrays: Any, targets: list[common.ImageSize], description: str
+        self, files: list[tuple[Path, str]], targets: list[common.ImageSize], workers: int
     ) -> None:
-        """Store decoded arrays (an iterable of [pixels, thumb] per sha256) as a new segment."""
+        """Decode files (path, sha256) into a new segment and add it to the index."""
         segment = f"segment-{uuid.uuid4().hex[:12]}"
         paths = self.segment_paths(segment)
-        shapes = [(len(sha256s), target.height, target.width, 3) for target in targets]
+        shapes = [(len(files), target.height, target.width, 3) for target in targets]
         with (
             common.new_array(paths[0], shapes[0]) as pixels,
             common.new_array(paths[1], shapes[1]) as thumbs,
         ):
-            for row, (pixel_array, thumb_array) in enumerate(
-                common.progress(arrays, len(sha256s), description)
-            ):
-                pixels[row] = pixel_array
-                thumbs[row] = thumb_array
-        added = pd.DataFrame({"sha256": sha256s, "segment": segment, "row": range(len(sha256s))})
+            array_files = [(Path(array.filename), array.offset) for array in (pixels, thumbs)]
+            tasks = [
+                (array_files, first, files[first:end], targets)
+                for first, end in task_ranges(len(files), workers)
+            ]
+            run_decode_tasks(tasks, workers, len(files))
+        added = pd.DataFrame(
+            {"sha256": [sha for _, sha in files], "segment": segment, "row": range(len(files))}
+        )
         self.index = pd.concat([self.index, added], ignore_index=True)
         common.write_parquet(self.index, self.index_path)
 
-    def copy_rows(self, sha256s: list[str], pixels_out: np.ndarray, thumbs_out: np.ndarray) -> None:
-        """Fill output rows i with the cached arrays of sha256s[i], a block at a time."""
+    def row_blocks(self, sha256s: list[str], array: int) -> Iterator[np.ndarray]:
+        """The cached rows of sha256s, in order, as blocks of COPY_BLOCK_ROWS rows.
+
+        `array` is 0 for pixels, 1 for thumbnails. Segments are mapped afresh for each
+        block, so the pages read leave memory with the block.
+        """
         located = pd.DataFrame({"sha256": sha256s}).merge(
             self.index.drop_duplicates("sha256"), on="sha256", how="left", validate="many_to_one"
         )
-        for segment, rows in located.groupby("segment", sort=True):
-            sources = [np.load(path, mmap_mode="r") for path in self.segment_paths(str(segment))]
-            output_rows = rows.index.to_numpy()
-            source_rows = rows["row"].to_numpy()
-            for start in range(0, len(rows), COPY_BLOCK_ROWS):
-                block = slice(start, start + COPY_BLOCK_ROWS)
-                pixels_out[output_rows[block]] = sources[0][source_rows[block]]
-                thumbs_out[output_rows[block]] = sources[1][source_rows[block]]
+        for start in range(0, len(located), COPY_BLOCK_ROWS):
+            rows = located.iloc[start : start + COPY_BLOCK_ROWS]
+            block = None
+            for segment, segment_rows in rows.groupby("segment", sort=True):
+                source = np.load(self.segment_paths(str(segment))[array], mmap_mode="r")
+                if block is None:
+                    block = np.empty((len(rows), *source.shape[1:]), dtype=source.dtype)
+                block[segment_rows.index.to_numpy() - start] = source[
+                    segment_rows["row"].to_numpy()
+                ]
+                del source
+            assert block is not None
+            yield block
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -197,16 +250,14 @@ def prepare_arrays(
     first_path_of = manifest.drop_duplicates("sha256").set_index("sha256")["path"]
     missing = cache.missing(list(first_path_of.index))
     if missing:
-        tasks = [(collection / first_path_of[sha], sha, params.targets) for sha in missing]
-        cache.add_segment(missing, decode_files(tasks, workers), params.targets, STAGE)
+        files = [(collection / first_path_of[sha], sha) for sha in missing]
+        cache.add_segment(files, params.targets, workers)
 
     count = len(manifest)
-    model, thumb = params.model_size, params.thumb_size
-    with (
-        common.new_array(pixels_path, (count, model.height, model.width, 3)) as pixels,
-        common.new_array(thumbs_path, (count, thumb.height, thumb.width, 3)) as thumbs,
-    ):
-        cache.copy_rows(manifest["sha256"].tolist(), pixels, thumbs)
+    sha256s = manifest["sha256"].tolist()
+    for array, (target, path) in enumerate(zip(params.targets, (pixels_path, thumbs_path))):
+        shape = (count, target.height, target.width, 3)
+        common.write_array_in_blocks(path, shape, cache.row_blocks(sha256s, array))
     common.write_parquet(manifest[["id"]].reset_index(drop=True), ids_path)
     return PrepareSummary(
         images=count, decoded=len(missing), from_cache=len(first_path_of) - len(missing)

@@ -87,7 +87,7 @@ def test_jpeg_dct_scaling_stays_close_to_a_full_decode() -> None:
     data = image_bytes(frame, "JPEG", quality=90)
     target = common.ImageSize(27, 48, "squash")
     with Image.open(io.BytesIO(data)) as image:
-        image.draft(None, common.draft_request(image, [target]))
+        image.draft("RGB", common.draft_request(image.size, 1, [target]))
         assert image.size == (160, 90), "a 1280x720 JPEG decodes at 1/8 scale for 48x27"
     fast = common.decode_for_targets(data, [target])[0].astype(int)
     with Image.open(io.BytesIO(data)) as image:
