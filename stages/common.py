@@ -348,7 +348,7 @@ def write_array_in_blocks(
     rows = 0
     with atomic_output(path) as temporary:
         with open(temporary, "wb") as file:
-            np.lib.format.write_array_header_2_0(file, header)
+            np.lib.format.write_array_header_1_0(file, header)
             for block in blocks:
                 file.write(np.ascontiguousarray(block, dtype=dtype).data)
                 rows += len(block)
