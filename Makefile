@@ -39,6 +39,7 @@ format:
 ## Benchmarks print figures; they are not tests.
 bench: setup
 	$(RUN) $(BIN)/python bench/prepare.py
+	$(RUN) $(BIN)/python bench/embed.py
 
 ## Regenerate requirements.txt (every pin) from requirements.in (the direct dependencies).
 lock:

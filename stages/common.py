@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import yaml
 from PIL import Image, ImageOps
 from tqdm import tqdm
@@ -37,6 +38,7 @@ THUMBS_FILE = INTERIM_DIR / "thumbs.npy"
 ARRAY_IDS_FILE = INTERIM_DIR / "ids.parquet"
 PROCESSED_DIR = Path("data/processed")
 SPLIT_FILE = PROCESSED_DIR / "split.parquet"
+EMBEDDINGS_FILE = PROCESSED_DIR / "embeddings.parquet"
 CACHE_DIR = Path("data/cache")
 METRICS_DIR = Path("metrics")
 DATA_METRICS_FILE = METRICS_DIR / "data.json"
@@ -356,14 +358,28 @@ def write_array_in_blocks(
             raise ValueError(f"{path}: wrote {rows} rows, expected {shape[0]}")
 
 
-def load_aligned_array(path: Path, ids_path: Path, expected_ids: list[str]) -> np.ndarray:
-    """Memory-map a row-aligned .npy array after checking its ids match `expected_ids`."""
-    if not path.exists() or not ids_path.exists():
+def load_pixels(path: Path = PIXELS_FILE) -> tuple[list[str], np.ndarray]:
+    """The ids and the memory-mapped rows of an array that prepare wrote.
+
+    Fails clearly when the array or its ids are missing or do not line up.
+    """
+    if not path.exists() or not ARRAY_IDS_FILE.exists():
         raise UserError(f"{path} is missing: run `dvc repro prepare` first")
-    ids = pd.read_parquet(ids_path)["id"].tolist()
-    if ids != list(expected_ids):
-        raise UserError(f"{path} rows do not match the manifest: run `dvc repro prepare`")
-    return np.load(path, mmap_mode="r")
+    ids = pd.read_parquet(ARRAY_IDS_FILE)["id"].tolist()
+    array = np.load(path, mmap_mode="r")
+    if len(ids) != len(array):
+        raise UserError(f"{path} has {len(array)} rows for {len(ids)} ids: run `dvc repro prepare`")
+    return ids, array
+
+
+def read_embeddings(path: Path = EMBEDDINGS_FILE) -> tuple[list[str], np.ndarray]:
+    """The ids and the (images x dimension) float32 matrix of an embeddings table."""
+    if not path.exists():
+        raise UserError(f"{path} is missing: run `dvc repro embed` first")
+    table = pq.read_table(path)
+    column = table.column("embedding").combine_chunks()
+    matrix = column.flatten().to_numpy().reshape(len(table), column.type.list_size)
+    return table.column("id").to_pylist(), matrix.astype(np.float32, copy=False)
 
 
 # ----------------------------------------------------------------------------- running

@@ -1,0 +1,119 @@
+"""embed: encode every image (not a sample) into its latent vector.
+
+Params (params.yaml): embed.batch_size
+Inputs:  models/autoencoder/encoder.keras, data/interim/pixels.npy, data/interim/ids.parquet
+Outputs: data/processed/embeddings.parquet (id, embedding: a fixed-size list of float32)
+
+Images are encoded a batch at a time and written in Parquet row groups, so memory does
+not grow with the collection beyond the memory-mapped pixel array.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages import common
+
+STAGE = "embed"
+ENCODER_FILE = Path("models/autoencoder/encoder.keras")
+ROW_GROUP_ROWS = 65536  # embeddings gathered before a Parquet row group is written
+
+
+def embed_params(params: dict[str, Any]) -> int:
+    """The checked embed.batch_size."""
+    return common.int_param(params, "embed.batch_size", minimum=1)
+
+
+def load_encoder(path: Path, image_shape: tuple[int, ...]) -> keras.Model:
+    """Load the encoder and check it takes images of `image_shape` (height, width, 3)."""
+    if not path.exists():
+        raise common.UserError(f"{path} is missing: run `dvc repro train` first")
+    try:
+        encoder = keras.saving.load_model(path, compile=False)
+    except Exception as error:  # a file that is not a Keras model, or from another version
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise common.UserError(f"cannot load the encoder {path}: {message}") from None
+    expected = tuple(encoder.input_shape[1:])
+    if expected != tuple(image_shape):
+        raise common.UserError(
+            f"{path} expects {expected[0]}x{expected[1]} images but the pixels are "
+            f"{image_shape[0]}x{image_shape[1]}: rerun `dvc repro train` after changing image.*"
+        )
+    return encoder
+
+
+def encode_batches(encoder: keras.Model, pixels: np.ndarray, batch_size: int) -> Any:
+    """Yield float32 (rows, dimension) embeddings of consecutive batches of pixels."""
+    for start in range(0, len(pixels), batch_size):
+        images = pixels[start : start + batch_size].astype(np.float32) / 255.0
+        codes = np.asarray(encoder.predict_on_batch(images), dtype=np.float32)
+        yield codes.reshape(len(images), -1)
+
+
+def embeddings_table(ids: list[str], codes: np.ndarray) -> pa.Table:
+    """An (id, embedding) table with each embedding a fixed-size list of float32."""
+    values = pa.array(codes.ravel(), type=pa.float32())
+    embedding = pa.FixedSizeListArray.from_arrays(values, codes.shape[1])
+    return pa.table({"id": pa.array(ids, type=pa.string()), "embedding": embedding})
+
+
+def write_embeddings(
+    encoder: keras.Model, pixels: np.ndarray, ids: list[str], path: Path, batch_size: int
+) -> int:
+    """Encode every image and write the embeddings table atomically; return its dimension."""
+    dimension = int(math.prod(encoder.output_shape[1:]))
+    schema = embeddings_table([], np.zeros((0, dimension), dtype=np.float32)).schema
+    pending: list[np.ndarray] = []
+    written = 0
+
+    def write_pending(writer: pq.ParquetWriter) -> None:
+        nonlocal pending, written
+        block = np.concatenate(pending)
+        writer.write_table(embeddings_table(ids[written : written + len(block)], block))
+        written += len(block)
+        pending = []
+
+    with (
+        common.atomic_output(path) as temporary,
+        pq.ParquetWriter(temporary, schema) as writer,
+        common.progress_bar(len(pixels), STAGE) as bar,
+    ):
+        for codes in encode_batches(encoder, pixels, batch_size):
+            pending.append(codes)
+            bar.update(len(codes))
+            if sum(len(block) for block in pending) >= ROW_GROUP_ROWS:
+                write_pending(writer)
+        if pending:
+            write_pending(writer)
+    return dimension
+
+
+def main() -> None:
+    """Read params, the encoder and the pixels; write the embeddings."""
+    started = time.perf_counter()
+    logger = common.get_logger(STAGE)
+    batch_size = embed_params(common.load_params())
+    ids, pixels = common.load_pixels(common.PIXELS_FILE)
+    encoder = load_encoder(ENCODER_FILE, pixels.shape[1:])
+    dimension = write_embeddings(encoder, pixels, ids, common.EMBEDDINGS_FILE, batch_size)
+    seconds = time.perf_counter() - started
+    logger.info(
+        "%d images encoded into %d values each; backend %s; %.1f s (%.0f images/s)",
+        len(ids),
+        dimension,
+        keras.backend.backend(),
+        seconds,
+        len(ids) / seconds if seconds else 0.0,
+    )
+
+
+if __name__ == "__main__":
+    common.run_stage(main)

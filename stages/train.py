@@ -1,0 +1,633 @@
+"""train: learn the latent space every image is embedded in.
+
+Params (params.yaml, section train):
+  encoder        autoencoder (train one) | pretrained (a frozen Keras Applications CNN)
+  model          simple_conv | simple | vae | conv_vae (for encoder: autoencoder)
+  filters        filters of the convolution blocks, outermost first (the original: 64, 32, 16)
+  latent_dim     size of the latent vector of simple, vae and conv_vae
+  loss           bce | mse (reconstruction loss)
+  learning_rate, epochs, batch_size, patience (early stopping on val_loss), seed
+  pretrained.name, pretrained.weights (a local file, or imagenet), pretrained.input_size
+Inputs:  data/interim/pixels.npy, data/interim/ids.parquet, data/processed/split.parquet
+Outputs: models/autoencoder/encoder.keras      image -> latent vector (what embed uses)
+         models/autoencoder/autoencoder.keras  image -> reconstruction (trained kinds)
+         models/autoencoder/spec.json          what the encoder expects and gives
+         metrics/train.json                    final losses, epochs, sizes
+         metrics/train/loss.csv                loss and val_loss per epoch (a DVC plot)
+         reports/train/reconstructions.png     inputs above their reconstructions
+
+Training fits the `train` subset, stops early on the `valid` loss (keeping the best
+weights) and reports the loss on `test`. The model code uses Keras alone, so it runs on
+any Keras backend and on a GPU when one is present.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from stages import common
+
+STAGE = "train"
+ENCODERS = ("autoencoder", "pretrained")
+MODELS = ("simple_conv", "simple", "vae", "conv_vae")
+LOSSES = ("bce", "mse")
+# Keras Applications that work as frozen feature extractors here: the name, and how
+# its pixels are scaled ("tf": -1..1, "torch": ImageNet mean/std, "raw": 0..255).
+PRETRAINED = {
+    "MobileNetV2": "tf",
+    "MobileNetV3Small": "raw",
+    "MobileNetV3Large": "raw",
+    "EfficientNetB0": "raw",
+    "ResNet50V2": "tf",
+    "DenseNet121": "torch",
+}
+MINIMUM_PRETRAINED_INPUT = 32
+PREVIEW_IMAGES = 8
+PREVIEW_WIDTH = 960  # pixels across the reconstruction preview
+KERAS_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+MODEL_DIR = Path("models/autoencoder")
+ENCODER_FILE = MODEL_DIR / "encoder.keras"
+AUTOENCODER_FILE = MODEL_DIR / "autoencoder.keras"
+SPEC_FILE = MODEL_DIR / "spec.json"
+TRAIN_METRICS_FILE = common.METRICS_DIR / "train.json"
+LOSS_CURVE_FILE = common.METRICS_DIR / "train/loss.csv"
+PREVIEW_FILE = Path("reports/train/reconstructions.png")
+
+
+@dataclass(frozen=True)
+class PretrainedParams:
+    """train.pretrained: which CNN, its weights file, the size images are scaled to."""
+
+    name: str
+    weights: str | None
+    input_size: int
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The train section of params.yaml, checked."""
+
+    encoder: str
+    model: str
+    filters: tuple[int, ...]
+    latent_dim: int
+    loss: str
+    learning_rate: float
+    epochs: int
+    batch_size: int
+    patience: int
+    seed: int
+    pretrained: PretrainedParams
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> TrainParams:
+        """Read and check every train param; the first bad one raises a UserError."""
+        filters = common.get_param(params, "train.filters")
+        if (
+            not isinstance(filters, list)
+            or not filters
+            or not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in filters)
+        ):
+            raise common.param_error(
+                "train.filters",
+                filters,
+                "expected a list of positive integers, such as [64, 32, 16]",
+            )
+        encoder = common.choice_param(params, "train.encoder", ENCODERS)
+        weights = common.optional_str_param(params, "train.pretrained.weights")
+        if encoder == "pretrained" and weights is None:
+            raise common.param_error(
+                "train.pretrained.weights",
+                weights,
+                "a pretrained encoder needs a local weights file (or imagenet to download them)",
+            )
+        return cls(
+            encoder=encoder,
+            model=common.choice_param(params, "train.model", MODELS),
+            filters=tuple(filters),
+            latent_dim=common.int_param(params, "train.latent_dim", minimum=1),
+            loss=common.choice_param(params, "train.loss", LOSSES),
+            learning_rate=common.number_param(
+                params, "train.learning_rate", minimum=1e-8, maximum=10
+            ),
+            epochs=common.int_param(params, "train.epochs", minimum=1),
+            batch_size=common.int_param(params, "train.batch_size", minimum=1),
+            patience=common.int_param(params, "train.patience", minimum=0),
+            seed=common.int_param(params, "train.seed", minimum=0),
+            pretrained=PretrainedParams(
+                name=common.choice_param(params, "train.pretrained.name", PRETRAINED),
+                weights=weights,
+                input_size=common.int_param(
+                    params, "train.pretrained.input_size", minimum=MINIMUM_PRETRAINED_INPUT
+                ),
+            ),
+        )
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class Models:
+    """What a builder returns: the model to fit (None for a frozen encoder), the encoder
+    embed uses, and the autoencoder that reconstructs (None for a frozen encoder)."""
+
+    trainable: keras.Model | None
+    encoder: keras.Model
+    autoencoder: keras.Model | None
+
+
+def reset_keras(seed: int) -> None:
+    """Start from a clean Keras state: fresh layer names (so saved files are identical
+    from run to run), seeded initializers and shuffles, deterministic TensorFlow ops."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def check_poolable(height: int, width: int, blocks: int) -> None:
+    """Fail clearly when an image is too small for the pooling blocks."""
+    if height >> blocks < 1 or width >> blocks < 1:
+        raise common.UserError(
+            f"images of {height}x{width} are too small for {blocks} pooling blocks "
+            f"(train.filters): each halves the size; use fewer filters or a larger image.*"
+        )
+
+
+def conv_encoder_blocks(inputs: Any, filters: tuple[int, ...]) -> Any:
+    """Conv 3x3 same -> BatchNorm -> ReLU -> MaxPool 2, once per filter count."""
+    x = inputs
+    for index, count in enumerate(filters, start=1):
+        x = keras.layers.Conv2D(count, 3, padding="same", name=f"encoder_conv{index}")(x)
+        x = keras.layers.BatchNormalization(name=f"encoder_norm{index}")(x)
+        x = keras.layers.Activation("relu", name=f"encoder_relu{index}")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"encoder_pool{index}")(x)
+    return x
+
+
+def conv_decoder_blocks(latent: Any, filters: tuple[int, ...], height: int, width: int) -> Any:
+    """The encoder mirrored: Conv -> BatchNorm -> ReLU -> UpSample 2 per filter count,
+    then a resize to the exact input size (odd sizes such as 27 do not double back) and a
+    3x3 convolution to RGB with a sigmoid."""
+    x = latent
+    for index, count in enumerate(reversed(filters), start=1):
+        x = keras.layers.Conv2D(count, 3, padding="same", name=f"decoder_conv{index}")(x)
+        x = keras.layers.BatchNormalization(name=f"decoder_norm{index}")(x)
+        x = keras.layers.Activation("relu", name=f"decoder_relu{index}")(x)
+        x = keras.layers.UpSampling2D(2, name=f"decoder_up{index}")(x)
+    x = keras.layers.Resizing(height, width, interpolation="bilinear", name="decoder_resize")(x)
+    return keras.layers.Conv2D(3, 3, padding="same", activation="sigmoid", name="reconstruction")(x)
+
+
+def build_simple_conv(height: int, width: int, filters: tuple[int, ...]) -> Models:
+    """The original's convolutional autoencoder: the latent is the last block's feature
+    map (3x6x16 for a 27x48 input), flattened into the embedding."""
+    check_poolable(height, width, len(filters))
+    image = keras.Input((height, width, 3), name="image")
+    latent = conv_encoder_blocks(image, filters)
+    encoder = keras.Model(image, keras.layers.Flatten(name="latent")(latent), name="encoder")
+    reconstruction = conv_decoder_blocks(latent, filters, height, width)
+    autoencoder = keras.Model(image, reconstruction, name="autoencoder")
+    return Models(autoencoder, encoder, autoencoder)
+
+
+def build_simple(height: int, width: int, latent_dim: int) -> Models:
+    """A dense autoencoder: flatten -> 512 -> latent_dim -> 512 -> image."""
+    size = height * width * 3
+    image = keras.Input((height, width, 3), name="image")
+    x = keras.layers.Flatten(name="encoder_flatten")(image)
+    x = keras.layers.Dense(512, activation="relu", name="encoder_dense")(x)
+    latent = keras.layers.Dense(latent_dim, name="latent")(x)
+    encoder = keras.Model(image, latent, name="encoder")
+    code = keras.Input((latent_dim,), name="code")
+    y = keras.layers.Dense(512, activation="relu", name="decoder_dense")(code)
+    y = keras.layers.Dense(size, activation="sigmoid", name="decoder_pixels")(y)
+    y = keras.layers.Reshape((height, width, 3), name="reconstruction")(y)
+    decoder = keras.Model(code, y, name="decoder")
+    autoencoder = keras.Model(image, decoder(encoder(image)), name="autoencoder")
+    return Models(autoencoder, encoder, autoencoder)
+
+
+@keras.saving.register_keras_serializable(package="smart_iss_posts")
+class GaussianSample(keras.layers.Layer):
+    """Draws z = mean + exp(log_var / 2) * noise and adds the KL divergence to N(0, 1) as a
+    loss, scaled per image value so it weighs like a mean reconstruction loss."""
+
+    def __init__(self, values_per_image: int, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.values_per_image = values_per_image
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs: list[Any]) -> Any:
+        mean, log_var = inputs
+        divergence = -0.5 * keras.ops.sum(
+            1 + log_var - keras.ops.square(mean) - keras.ops.exp(log_var), axis=-1
+        )
+        self.add_loss(keras.ops.mean(divergence) / self.values_per_image)
+        noise = keras.random.normal(keras.ops.shape(mean), seed=self.seed_generator)
+        return mean + keras.ops.exp(0.5 * log_var) * noise
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "values_per_image": self.values_per_image,
+            "seed": self.seed,
+        }
+
+
+def build_vae(
+    height: int,
+    width: int,
+    latent_dim: int,
+    filters: tuple[int, ...],
+    convolutional: bool,
+    seed: int,
+) -> Models:
+    """A variational autoencoder, dense (vae) or convolutional (conv_vae).
+
+    The saved encoder gives the mean of the latent distribution, so embeddings are
+    deterministic; the saved autoencoder reconstructs from that mean.
+    """
+    image = keras.Input((height, width, 3), name="image")
+    if convolutional:
+        check_poolable(height, width, len(filters))
+        feature_map = conv_encoder_blocks(image, filters)
+        map_shape = tuple(feature_map.shape[1:])
+        x = keras.layers.Flatten(name="encoder_flatten")(feature_map)
+    else:
+        x = keras.layers.Flatten(name="encoder_flatten")(image)
+        x = keras.layers.Dense(512, activation="relu", name="encoder_dense")(x)
+    mean = keras.layers.Dense(latent_dim, name="latent_mean")(x)
+    log_var = keras.layers.Dense(latent_dim, name="latent_log_var")(x)
+    encoder = keras.Model(image, mean, name="encoder")
+
+    code = keras.Input((latent_dim,), name="code")
+    if convolutional:
+        y = keras.layers.Dense(math.prod(map_shape), activation="relu", name="decoder_dense")(code)
+        y = keras.layers.Reshape(map_shape, name="decoder_map")(y)
+        y = conv_decoder_blocks(y, filters, height, width)
+    else:
+        y = keras.layers.Dense(512, activation="relu", name="decoder_dense")(code)
+        y = keras.layers.Dense(height * width * 3, activation="sigmoid", name="decoder_pixels")(y)
+        y = keras.layers.Reshape((height, width, 3), name="reconstruction")(y)
+    decoder = keras.Model(code, y, name="decoder")
+
+    sample = GaussianSample(height * width * 3, seed=seed, name="sample")([mean, log_var])
+    trainable = keras.Model(image, decoder(sample), name="vae")
+    autoencoder = keras.Model(image, decoder(encoder(image)), name="autoencoder")
+    return Models(trainable, encoder, autoencoder)
+
+
+def build_pretrained(height: int, width: int, settings: PretrainedParams) -> Models:
+    """A frozen Keras Applications CNN with global average pooling as the encoder.
+
+    Images are scaled up to input_size x input_size and to the CNN's pixel range inside
+    the model. Weights come from a local file, or from the internet for `imagenet`.
+    """
+    weights = settings.weights
+    if weights != "imagenet":
+        path = Path(str(weights)).expanduser()
+        if not path.is_file():
+            raise common.UserError(
+                f"train.pretrained.weights: file {path} does not exist "
+                "(give a local weights file, or imagenet to download them)"
+            )
+        weights = str(path)
+    size = settings.input_size
+    application = getattr(keras.applications, settings.name)
+    # Keras warns once per layer before failing on weights of another network: keep its
+    # warnings back, and pass them on only if the weights load.
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("always")
+        try:
+            backbone = application(
+                include_top=False, weights=weights, input_shape=(size, size, 3), pooling="avg"
+            )
+        except (ValueError, OSError) as error:
+            message = str(error).splitlines()[0]
+            raise common.UserError(
+                f"train.pretrained.weights: cannot load {weights} into {settings.name}: {message}"
+            ) from None
+    for warning in held:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    backbone.trainable = False
+    image = keras.Input((height, width, 3), name="image")
+    x = keras.layers.Resizing(size, size, interpolation="bilinear", name="pretrained_resize")(image)
+    scaling = PRETRAINED[settings.name]
+    if scaling == "tf":
+        x = keras.layers.Rescaling(2.0, offset=-1.0, name="pretrained_scale")(x)
+    elif scaling == "torch":
+        x = keras.layers.Normalization(
+            mean=[0.485, 0.456, 0.406],
+            variance=[0.229**2, 0.224**2, 0.225**2],
+            name="pretrained_scale",
+        )(x)
+    else:
+        x = keras.layers.Rescaling(255.0, name="pretrained_scale")(x)
+    encoder = keras.Model(image, backbone(x, training=False), name="encoder")
+    return Models(None, encoder, None)
+
+
+def build_models(height: int, width: int, params: TrainParams) -> Models:
+    """Build the models the params ask for, from a clean, seeded Keras state."""
+    reset_keras(params.seed)
+    if params.encoder == "pretrained":
+        return build_pretrained(height, width, params.pretrained)
+    if params.model == "simple_conv":
+        return build_simple_conv(height, width, params.filters)
+    if params.model == "simple":
+        return build_simple(height, width, params.latent_dim)
+    return build_vae(
+        height,
+        width,
+        params.latent_dim,
+        params.filters,
+        convolutional=params.model == "conv_vae",
+        seed=params.seed,
+    )
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class PixelBatches(keras.utils.PyDataset):
+    """Batches of (image, image) in 0..1 from rows of a uint8 pixel array.
+
+    Only one batch is converted to float at a time, so memory stays at the uint8 array.
+    With a seed, the rows are shuffled afresh, and reproducibly, every epoch.
+    """
+
+    def __init__(
+        self, pixels: np.ndarray, rows: np.ndarray, batch_size: int, seed: int | None = None
+    ) -> None:
+        super().__init__()
+        self.pixels = pixels
+        self.rows = np.asarray(rows)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.order = self._order()
+
+    def _order(self) -> np.ndarray:
+        if self.seed is None:
+            return self.rows
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.rows)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
+        images = self.pixels[rows].astype(np.float32) / 255.0
+        return images, images
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self.order = self._order()
+
+
+def subset_rows(split: pd.DataFrame, ids: list[str]) -> dict[str, np.ndarray]:
+    """Row numbers of the pixel array in each subset (train, valid, test)."""
+    subset_of = split.set_index("id")["subset"]
+    subsets = subset_of.reindex(ids).to_numpy()
+    if pd.isna(subsets).any():
+        raise common.UserError("the split does not cover every image: run `dvc repro split`")
+    return {name: np.flatnonzero(subsets == name) for name in ("train", "valid", "test")}
+
+
+@dataclass
+class TrainResult:
+    """What training gave: the per-epoch history and the final figures."""
+
+    history: pd.DataFrame  # epoch, loss, val_loss
+    metrics: dict[str, Any]
+
+
+def reconstruction_loss(name: str) -> keras.losses.Loss:
+    """The Keras loss for a train.loss name."""
+    if name == "bce":
+        return keras.losses.BinaryCrossentropy(name="bce")
+    return keras.losses.MeanSquaredError(name="mse")
+
+
+def fit(
+    models: Models, pixels: np.ndarray, rows: dict[str, np.ndarray], params: TrainParams
+) -> TrainResult:
+    """Fit the trainable model on the train rows; keep the weights of the best epoch.
+
+    Early stopping watches val_loss, or the training loss when the valid subset is empty.
+    A frozen pretrained encoder is not fitted.
+    """
+    parameters = int(models.encoder.count_params())
+    latent_dim = int(math.prod(models.encoder.output_shape[1:]))
+    base = {"parameters": parameters, "latent_dim": latent_dim}
+    if models.trainable is None:
+        history = pd.DataFrame(columns=["epoch", "loss", "val_loss"])
+        empty = {"loss": None, "val_loss": None, "test_loss": None, "epochs": 0, "best_epoch": 0}
+        return TrainResult(history, {**base, **empty})
+    if len(rows["train"]) == 0:
+        raise common.UserError(
+            "the train subset is empty: raise split.proportions.train or add images"
+        )
+    model = models.trainable
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=params.learning_rate),
+        loss=reconstruction_loss(params.loss),
+    )
+    keras.utils.set_random_seed(params.seed)
+    train_batches = PixelBatches(pixels, rows["train"], params.batch_size, seed=params.seed)
+    has_valid = len(rows["valid"]) > 0
+    valid_batches = PixelBatches(pixels, rows["valid"], params.batch_size) if has_valid else None
+    monitor = "val_loss" if has_valid else "loss"
+    stopper = keras.callbacks.EarlyStopping(
+        monitor=monitor, patience=params.patience, restore_best_weights=True
+    )
+    fitted = model.fit(
+        train_batches,
+        validation_data=valid_batches,
+        epochs=params.epochs,
+        callbacks=[stopper],
+        verbose=0,
+        shuffle=False,  # the batches shuffle themselves, reproducibly
+    )
+    losses = fitted.history
+    history = pd.DataFrame(
+        {
+            "epoch": range(1, len(losses["loss"]) + 1),
+            "loss": losses["loss"],
+            "val_loss": losses.get("val_loss", [None] * len(losses["loss"])),
+        }
+    )
+    best = int(np.nanargmin(history[monitor].astype(float).to_numpy()))
+    test_loss = None
+    if len(rows["test"]):
+        test_loss = float(
+            model.evaluate(PixelBatches(pixels, rows["test"], params.batch_size), verbose=0)
+        )
+    metrics = {
+        **base,
+        "loss": round_metric(history["loss"][best]),
+        "val_loss": round_metric(history["val_loss"][best]),
+        "test_loss": round_metric(test_loss),
+        "epochs": len(history),
+        "best_epoch": best + 1,
+    }
+    return TrainResult(history, metrics)
+
+
+def round_metric(value: Any) -> float | None:
+    """A loss for metrics JSON: 6 significant digits, None when absent."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(f"{float(value):.6g}")
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def renumber_shared_objects(config: Any, numbers: dict[int, int] | None = None) -> Any:
+    """Replace Keras's `shared_object_id`s (memory addresses, new in every process) by
+    0, 1, 2... in order of first appearance; objects that were shared stay shared."""
+    numbers = {} if numbers is None else numbers
+    if isinstance(config, dict):
+        return {
+            key: numbers.setdefault(value, len(numbers))
+            if key == "shared_object_id"
+            else renumber_shared_objects(value, numbers)
+            for key, value in config.items()
+        }
+    if isinstance(config, list):
+        return [renumber_shared_objects(value, numbers) for value in config]
+    return config
+
+
+def save_model(model: keras.Model, path: Path) -> None:
+    """Save a .keras file whose bytes depend only on the model.
+
+    Keras stamps the save time into metadata.json and the zip entries, and memory
+    addresses into config.json; all are made constant, so identical training runs give
+    identical files and DVC reruns nothing downstream.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        saved = Path(folder) / "model.keras"
+        model.save(saved)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(saved) as source, zipfile.ZipFile(buffer, "w") as target:
+            for entry in source.infolist():
+                data = source.read(entry.filename)
+                if entry.filename == "metadata.json":
+                    metadata = json.loads(data)
+                    metadata.pop("date_saved", None)
+                    data = json.dumps(metadata, sort_keys=True).encode("utf-8")
+                elif entry.filename == "config.json":
+                    config = renumber_shared_objects(json.loads(data))
+                    data = json.dumps(config, sort_keys=True).encode("utf-8")
+                info = zipfile.ZipInfo(entry.filename, date_time=KERAS_ZIP_TIME)
+                info.compress_type = entry.compress_type
+                info.external_attr = 0o644 << 16
+                target.writestr(info, data)
+        common.write_bytes_atomic(buffer.getvalue(), path)
+
+
+def preview_image(
+    autoencoder: keras.Model | None, pixels: np.ndarray, rows: np.ndarray
+) -> Image.Image:
+    """A row of input images above their reconstructions (inputs only without a decoder)."""
+    chosen = np.sort(rows[:PREVIEW_IMAGES])
+    originals = pixels[chosen]
+    strips = [np.concatenate(list(originals), axis=1)]
+    if autoencoder is not None:
+        rebuilt = autoencoder.predict_on_batch(originals.astype(np.float32) / 255.0)
+        rebuilt = np.clip(np.rint(np.asarray(rebuilt) * 255.0), 0, 255).astype(np.uint8)
+        strips.append(np.concatenate(list(rebuilt), axis=1))
+    sheet = Image.fromarray(np.concatenate(strips, axis=0))
+    scale = max(1, PREVIEW_WIDTH // sheet.width)
+    return sheet.resize((sheet.width * scale, sheet.height * scale), Image.Resampling.NEAREST)
+
+
+def write_outputs(
+    models: Models, result: TrainResult, params: TrainParams, pixels: np.ndarray, rows: dict
+) -> None:
+    """Write the models, their spec, the metrics, the loss curve and the preview."""
+    staging = MODEL_DIR.with_name(f".{MODEL_DIR.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_model(models.encoder, staging / ENCODER_FILE.name)
+    if models.autoencoder is not None:
+        save_model(models.autoencoder, staging / AUTOENCODER_FILE.name)
+    spec = {
+        "encoder": params.encoder,
+        "model": params.model if params.encoder == "autoencoder" else params.pretrained.name,
+        "input_shape": list(models.encoder.input_shape[1:]),
+        "latent_dim": result.metrics["latent_dim"],
+    }
+    (staging / SPEC_FILE.name).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(MODEL_DIR, ignore_errors=True)
+    staging.rename(MODEL_DIR)
+
+    common.write_json(result.metrics, TRAIN_METRICS_FILE)
+    curve = result.history.to_csv(index=False, float_format="%.6g")
+    common.write_bytes_atomic(curve.encode("utf-8"), LOSS_CURVE_FILE)
+    preview_rows = next(rows[name] for name in ("test", "valid", "train") if len(rows[name]))
+    buffer = io.BytesIO()
+    preview_image(models.autoencoder, pixels, preview_rows).save(buffer, format="PNG")
+    common.write_bytes_atomic(buffer.getvalue(), PREVIEW_FILE)
+
+
+def main() -> None:
+    """Read params, the pixels and the split; train; write the models and metrics."""
+    started = time.perf_counter()
+    logger = common.get_logger(STAGE)
+    params = TrainParams.from_params(common.load_params())
+    ids, pixels = common.load_pixels(common.PIXELS_FILE)
+    rows = subset_rows(common.read_parquet(common.SPLIT_FILE, made_by="split"), ids)
+    height, width = pixels.shape[1:3]
+    models = build_models(height, width, params)
+    result = fit(models, pixels, rows, params)
+    write_outputs(models, result, params, pixels, rows)
+    metrics = result.metrics
+    logger.info(
+        "%s on %d train / %d valid / %d test images of %dx%d: %d epochs (best %d), "
+        "loss %s, val_loss %s, test_loss %s; latent %d values, %d encoder parameters; "
+        "backend %s; %.1f s",
+        params.model if params.encoder == "autoencoder" else params.pretrained.name,
+        len(rows["train"]),
+        len(rows["valid"]),
+        len(rows["test"]),
+        height,
+        width,
+        metrics["epochs"],
+        metrics["best_epoch"],
+        metrics["loss"],
+        metrics["val_loss"],
+        metrics["test_loss"],
+        metrics["latent_dim"],
+        metrics["parameters"],
+        keras.backend.backend(),
+        time.perf_counter() - started,
+    )
+
+
+if __name__ == "__main__":
+    common.run_stage(main)

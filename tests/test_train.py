@@ -1,0 +1,233 @@
+"""train: every model kind, reproducibility, the pretrained encoder and the errors."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+from conftest import pattern_image
+
+from stages import common, train
+
+HEIGHT, WIDTH = 16, 24
+
+
+@pytest.fixture(scope="module")
+def pixels() -> np.ndarray:
+    """Forty-eight small RGB images with real structure."""
+    return np.stack([np.asarray(pattern_image(WIDTH, HEIGHT, seed)) for seed in range(48)])
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict[str, np.ndarray]:
+    """A fixed train / valid / test split of the 48 rows."""
+    return {"train": np.arange(32), "valid": np.arange(32, 40), "test": np.arange(40, 48)}
+
+
+def settings(params: dict[str, Any], **changes: Any) -> train.TrainParams:
+    """Small, fast train params: two conv blocks, a 12-value latent, 2 epochs."""
+    params = copy.deepcopy(params)
+    params["train"].update(
+        {"filters": [8, 4], "latent_dim": 12, "epochs": 2, "batch_size": 16, **changes}
+    )
+    return train.TrainParams.from_params(params)
+
+
+def pretrained_settings(params: dict[str, Any], weights: Path) -> train.TrainParams:
+    """Params for a MobileNetV2 encoder at 32x32 with weights from a local file."""
+    params = copy.deepcopy(params)
+    params["train"]["encoder"] = "pretrained"
+    params["train"]["pretrained"] = {
+        "name": "MobileNetV2",
+        "weights": str(weights),
+        "input_size": 32,
+    }
+    return train.TrainParams.from_params(params)
+
+
+@pytest.mark.parametrize("model", train.MODELS)
+def test_every_model_kind_trains_and_encodes_to_its_size(
+    params: dict[str, Any], pixels: np.ndarray, rows: dict, model: str
+) -> None:
+    chosen = settings(params, model=model)
+    models = train.build_models(HEIGHT, WIDTH, chosen)
+    result = train.fit(models, pixels, rows, chosen)
+
+    expected = 12 if model != "simple_conv" else (HEIGHT // 4) * (WIDTH // 4) * 4
+    codes = models.encoder.predict_on_batch(pixels[:5].astype(np.float32) / 255)
+    assert np.asarray(codes).reshape(5, -1).shape == (5, expected)
+    assert result.metrics["latent_dim"] == expected
+    rebuilt = models.autoencoder.predict_on_batch(pixels[:5].astype(np.float32) / 255)
+    assert np.asarray(rebuilt).shape == (5, HEIGHT, WIDTH, 3)
+    assert result.metrics["epochs"] == 2 and len(result.history) == 2
+    assert result.metrics["test_loss"] is not None and result.metrics["test_loss"] > 0
+
+
+def test_the_variational_models_add_a_kl_loss(params: dict[str, Any], pixels: np.ndarray) -> None:
+    models = train.build_models(HEIGHT, WIDTH, settings(params, model="conv_vae"))
+    models.trainable(pixels[:4].astype(np.float32) / 255)
+    assert len(models.trainable.losses) == 1
+    assert float(models.trainable.losses[0]) >= 0
+
+
+def test_the_iss_size_gives_the_original_3x6x16_latent(params: dict[str, Any]) -> None:
+    chosen = train.TrainParams.from_params(params)
+    models = train.build_models(27, 48, dataclasses.replace(chosen, filters=(64, 32, 16)))
+    assert tuple(models.encoder.get_layer("latent").input.shape[1:]) == (3, 6, 16)
+    assert models.encoder.output_shape == (None, 288)
+    assert models.autoencoder.output_shape == (None, 27, 48, 3)
+
+
+def test_identical_runs_give_identical_weights_and_files(
+    params: dict[str, Any], pixels: np.ndarray, rows: dict, tmp_path: Path
+) -> None:
+    files = []
+    weights = []
+    for run in range(2):
+        chosen = settings(params)
+        models = train.build_models(HEIGHT, WIDTH, chosen)
+        train.fit(models, pixels, rows, chosen)
+        weights.append(models.autoencoder.get_weights())
+        train.save_model(models.encoder, tmp_path / f"encoder-{run}.keras")
+        files.append((tmp_path / f"encoder-{run}.keras").read_bytes())
+    for first, second in zip(*weights):
+        np.testing.assert_array_equal(first, second)
+    assert files[0] == files[1]
+
+
+def test_another_seed_gives_other_weights(
+    params: dict[str, Any], pixels: np.ndarray, rows: dict
+) -> None:
+    encoded = []
+    for seed in (1, 2):
+        chosen = settings(params, seed=seed)
+        models = train.build_models(HEIGHT, WIDTH, chosen)
+        train.fit(models, pixels, rows, chosen)
+        encoded.append(np.asarray(models.encoder.predict_on_batch(pixels[:4] / 255.0)))
+    assert not np.allclose(encoded[0], encoded[1])
+
+
+def test_a_saved_encoder_loads_and_encodes_the_same(
+    params: dict[str, Any], pixels: np.ndarray, tmp_path: Path
+) -> None:
+    models = train.build_models(HEIGHT, WIDTH, settings(params, model="vae"))
+    train.save_model(models.encoder, tmp_path / "encoder.keras")
+    loaded = keras.saving.load_model(tmp_path / "encoder.keras", compile=False)
+    images = pixels[:6].astype(np.float32) / 255
+    np.testing.assert_allclose(
+        np.asarray(loaded.predict_on_batch(images)),
+        np.asarray(models.encoder.predict_on_batch(images)),
+        rtol=1e-6,
+    )
+
+
+def test_early_stopping_keeps_the_best_epoch(
+    params: dict[str, Any], pixels: np.ndarray, rows: dict
+) -> None:
+    chosen = settings(params, epochs=6, patience=1, learning_rate=0.05)
+    result = train.fit(train.build_models(HEIGHT, WIDTH, chosen), pixels, rows, chosen)
+    history = result.history
+    best = int(history["val_loss"].astype(float).idxmin())
+    assert result.metrics["best_epoch"] == best + 1
+    assert result.metrics["val_loss"] == pytest.approx(history["val_loss"][best], rel=1e-5)
+    assert len(history) <= 6
+
+
+def test_the_pretrained_encoder_loads_weights_from_a_file(
+    params: dict[str, Any], pixels: np.ndarray, rows: dict, tmp_path: Path
+) -> None:
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(7)
+    backbone = keras.applications.MobileNetV2(
+        include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg"
+    )
+    weights_file = tmp_path / "mobilenet_v2_random.weights.h5"
+    backbone.save_weights(weights_file)
+    reference = backbone.get_layer("Conv1").get_weights()[0]
+
+    chosen = pretrained_settings(params, weights_file)
+    models = train.build_models(HEIGHT, WIDTH, chosen)
+    loaded = models.encoder.get_layer(index=-1).get_layer("Conv1").get_weights()[0]
+    np.testing.assert_array_equal(loaded, reference)
+    codes = np.asarray(models.encoder.predict_on_batch(pixels[:3] / 255.0))
+    assert codes.shape == (3, 1280)
+    result = train.fit(models, pixels, rows, chosen)
+    assert models.autoencoder is None and result.metrics["epochs"] == 0
+
+
+def test_a_missing_weights_file_is_named(params: dict[str, Any], tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.weights.h5"
+    chosen = pretrained_settings(params, missing)
+    with pytest.raises(common.UserError, match=re.escape(f"file {missing} does not exist")):
+        train.build_models(HEIGHT, WIDTH, chosen)
+
+
+def test_weights_of_another_network_are_refused_clearly(
+    params: dict[str, Any], tmp_path: Path
+) -> None:
+    keras.backend.clear_session()
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    other.save_weights(tmp_path / "other.weights.h5")
+    chosen = pretrained_settings(params, tmp_path / "other.weights.h5")
+    with pytest.raises(common.UserError, match=r"cannot load .* into MobileNetV2"):
+        train.build_models(HEIGHT, WIDTH, chosen)
+
+
+def test_an_empty_train_subset_is_a_clear_error(params: dict[str, Any], pixels: np.ndarray) -> None:
+    chosen = settings(params)
+    empty = {"train": np.arange(0), "valid": np.arange(8), "test": np.arange(8, 16)}
+    with pytest.raises(common.UserError, match="the train subset is empty"):
+        train.fit(train.build_models(HEIGHT, WIDTH, chosen), pixels, empty, chosen)
+
+
+def test_an_image_too_small_for_the_blocks_is_a_clear_error(params: dict[str, Any]) -> None:
+    chosen = settings(params, filters=[8, 8, 8, 8, 8])
+    with pytest.raises(common.UserError, match="too small for 5 pooling blocks"):
+        train.build_models(HEIGHT, WIDTH, chosen)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("model", "gan", "train.model = 'gan' is not allowed; allowed: simple_conv"),
+        ("loss", "l1", "train.loss = 'l1' is not allowed; allowed: bce, mse"),
+        ("filters", [64, 0], "train.filters = [64, 0] is not allowed"),
+        ("filters", 64, "expected a list of positive integers"),
+        ("epochs", 0, "train.epochs = 0 is not allowed; expected an integer >= 1"),
+        ("learning_rate", "fast", "train.learning_rate = 'fast' is not allowed"),
+        ("encoder", "pretrained", "a pretrained encoder needs a local weights file"),
+    ],
+)
+def test_bad_params_give_one_line_naming_the_key(
+    params: dict[str, Any], key: str, value: Any, words: str
+) -> None:
+    params["train"][key] = value
+    with pytest.raises(common.UserError) as error:
+        train.TrainParams.from_params(params)
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_an_unknown_pretrained_network_is_refused(params: dict[str, Any]) -> None:
+    params["train"]["pretrained"]["name"] = "AlexNet"
+    with pytest.raises(common.UserError, match=re.escape("train.pretrained.name = 'AlexNet'")):
+        train.TrainParams.from_params(params)
+
+
+def test_batches_shuffle_reproducibly_and_cover_every_row(pixels: np.ndarray) -> None:
+    batches = train.PixelBatches(pixels, np.arange(10, 40), batch_size=8, seed=3)
+    again = train.PixelBatches(pixels, np.arange(10, 40), batch_size=8, seed=3)
+    first_epoch = [batches[index][0] for index in range(len(batches))]
+    assert sum(len(batch) for batch in first_epoch) == 30
+    np.testing.assert_array_equal(
+        np.concatenate(first_epoch),
+        np.concatenate([again[index][0] for index in range(len(again))]),
+    )
+    batches.on_epoch_end()
+    assert not np.array_equal(batches[0][0], first_epoch[0]), "a new order each epoch"
+    assert first_epoch[0].dtype == np.float32 and first_epoch[0].max() <= 1.0
