@@ -24,11 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# stages first: it sets TensorFlow's environment (oneDNN on) before keras loads it.
+from stages import embed, train  # noqa: E402, I001
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
-
-from stages import embed, train  # noqa: E402
 
 HEIGHT, WIDTH = 27, 48
 
