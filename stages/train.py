@@ -554,7 +554,8 @@ def preview_image(
     autoencoder: keras.Model | None, pixels: np.ndarray, rows: np.ndarray
 ) -> Image.Image:
     """A row of input images above their reconstructions (inputs only without a decoder)."""
-    chosen = np.sort(rows[:PREVIEW_IMAGES])
+    # Spread over the subset: rows follow file paths, so the first few are often alike.
+    chosen = rows[np.linspace(0, len(rows) - 1, min(PREVIEW_IMAGES, len(rows))).astype(int)]
     originals = pixels[chosen]
     strips = [np.concatenate(list(originals), axis=1)]
     if autoencoder is not None:
