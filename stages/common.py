@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -385,6 +386,7 @@ def read_embeddings(path: Path = EMBEDDINGS_FILE) -> tuple[list[str], np.ndarray
 # ----------------------------------------------------------------------------- running
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def get_logger(stage: str) -> logging.Logger:
@@ -410,6 +412,20 @@ def progress(items: Iterable[T], total: int, description: str) -> Iterable[T]:
         for item in items:
             yield item
             bar.update(1)
+
+
+def map_in_processes(
+    function: Callable[[T], R], tasks: list[T], workers: int, chunksize: int = 1
+) -> Iterator[R]:
+    """Yield function(task) for each task, in order, computed on `workers` forked processes.
+
+    With one worker or one task it runs in this process, with no pool to start.
+    """
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(function, tasks)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(function, tasks, chunksize=chunksize)
 
 
 def worker_count() -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import time
 import uuid
 from collections.abc import Iterator
@@ -129,15 +128,10 @@ def decode_rows(task: DecodeTask) -> int:
 
 
 def run_decode_tasks(tasks: list[DecodeTask], workers: int, total: int) -> None:
-    """Run decoding tasks on `workers` processes (in this one when there is little to do)."""
+    """Run decoding tasks on `workers` processes, with progress."""
     with common.progress_bar(total, STAGE) as bar:
-        if workers <= 1 or len(tasks) < 2:
-            for task in tasks:
-                bar.update(decode_rows(task))
-            return
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            for count in pool.imap_unordered(decode_rows, tasks):
-                bar.update(count)
+        for count in common.map_in_processes(decode_rows, tasks, workers):
+            bar.update(count)
 
 
 # ----------------------------------------------------------------------------- the cache

@@ -19,7 +19,6 @@ source is only ever read.
 from __future__ import annotations
 
 import io
-import multiprocessing
 import os
 import time
 from collections import Counter
@@ -610,14 +609,9 @@ def sync_collection(
 
 
 def run_tasks(tasks: list[tuple[Any, ...]], workers: int) -> list[FileOutcome]:
-    """Run file tasks on `workers` processes (in this one when there are few), with progress."""
-    if not tasks:
-        return []
-    if workers <= 1 or len(tasks) < 64:
-        return [_run_task(task) for task in common.progress(tasks, len(tasks), STAGE)]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        results = pool.imap(_run_task, tasks, chunksize=16)
-        return list(common.progress(results, len(tasks), STAGE))
+    """Run file tasks on `workers` processes, with progress."""
+    results = common.map_in_processes(_run_task, tasks, workers, chunksize=16)
+    return list(common.progress(results, len(tasks), STAGE))
 
 
 def remove_temporary_files(collection: Path) -> None:
