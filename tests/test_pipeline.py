@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, pattern_image
+from PIL import Image
 
 from stages.common import read_embeddings
 
@@ -202,3 +203,49 @@ def test_a_missing_source_stops_sync_with_one_line(tmp_path: Path) -> None:
         f"error: sync.source: folder {tmp_path / 'holiday-photos'} does not exist"
     ]
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.parquet"))
+
+
+def write_iss_frames(folder: Path, count: int) -> list[str]:
+    """Synthetic 1280x720 JPEG frames named like the ISS ones, one blank, and a bad file."""
+    stems = [f"20170512-10{minute:02d}{second:02d}" for minute in range(60) for second in (0, 30)]
+    stems = stems[:count]
+    for index, stem in enumerate(stems):
+        image = pattern_image(1280, 720, seed=index)
+        if index == 3:  # the feed was off
+            image = Image.new("RGB", (1280, 720), (12, 30, 80))
+        image.save(folder / f"{stem}.jpg", format="JPEG", quality=90)
+    (folder / "20170512-115959.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut off")
+    return stems
+
+
+def test_an_iss_like_collection_runs_end_to_end(tmp_path: Path) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    stems = write_iss_frames(frames, 40)
+    history = tmp_path / "locations.txt"
+    history.write_text(
+        "".join(f"{10 + i};{-20 - i};{stem};Ocean {i}\n" for i, stem in enumerate(stems[:30]))
+        + "not;a;valid line\n"
+    )
+    project = clean_copy(tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["sync"].update({"source": str(frames), "history": str(history)})
+    params["image"] = {"height": 27, "width": 48, "fit": "squash"}
+    params["train"].update({"epochs": 2, "batch_size": 16})
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    dvc(["repro"], project)
+
+    manifest = pd.read_parquet(project / "data/raw/manifest.parquet").set_index("id")
+    assert len(manifest) == 40
+    assert manifest.loc[stems[0], "taken_at"] == pd.Timestamp("2017-05-12 10:00:00")
+    assert manifest.loc[stems[0], "place"] == "Ocean 0"
+    assert manifest["latitude"].notna().sum() == 30
+    assert manifest["blank"].sum() == 1 and bool(manifest.loc[stems[3], "blank"])
+    rejected = pd.read_csv(project / "data/raw/rejected.csv")
+    assert rejected["path"].tolist() == ["20170512-115959.jpg"]
+    assert np.load(project / "data/interim/pixels.npy", mmap_mode="r").shape == (40, 27, 48, 3)
+    assert np.load(project / "data/interim/thumbs.npy", mmap_mode="r").shape == (40, 54, 96, 3)
+    ids, embeddings = read_embeddings(project / "data/processed/embeddings.parquet")
+    assert embeddings.shape == (40, 288), "3x6x16, the original's latent"
+    assert sorted(ids) == sorted(stems)
