@@ -24,7 +24,7 @@ from stages import common
 
 STAGE = "embed"
 ENCODER_FILE = Path("models/autoencoder/encoder.keras")
-ROW_GROUP_ROWS = 65536  # embeddings gathered before a Parquet row group is written
+ROW_GROUP_ROWS = 65536  # images per Parquet row group: the most held in memory at once
 
 
 def embed_params(params: dict[str, Any]) -> int:
@@ -71,28 +71,18 @@ def write_embeddings(
     """Encode every image and write the embeddings table atomically; return its dimension."""
     dimension = int(math.prod(encoder.output_shape[1:]))
     schema = embeddings_table([], np.zeros((0, dimension), dtype=np.float32)).schema
-    pending: list[np.ndarray] = []
-    written = 0
-
-    def write_pending(writer: pq.ParquetWriter) -> None:
-        nonlocal pending, written
-        block = np.concatenate(pending)
-        writer.write_table(embeddings_table(ids[written : written + len(block)], block))
-        written += len(block)
-        pending = []
-
     with (
         common.atomic_output(path) as temporary,
         pq.ParquetWriter(temporary, schema) as writer,
         common.progress_bar(len(pixels), STAGE) as bar,
     ):
-        for codes in encode_batches(encoder, pixels, batch_size):
-            pending.append(codes)
-            bar.update(len(codes))
-            if sum(len(block) for block in pending) >= ROW_GROUP_ROWS:
-                write_pending(writer)
-        if pending:
-            write_pending(writer)
+        for start in range(0, len(pixels), ROW_GROUP_ROWS):
+            stop = min(len(pixels), start + ROW_GROUP_ROWS)
+            blocks = []
+            for codes in encode_batches(encoder, pixels[start:stop], batch_size):
+                blocks.append(codes)
+                bar.update(len(codes))
+            writer.write_table(embeddings_table(ids[start:stop], np.concatenate(blocks)))
     return dimension
 
 
