@@ -1,0 +1,544 @@
+"""cluster: group the images by their latent vectors and place every image on a 2-D map.
+
+Params (params.yaml):
+  cluster.method          n2d (UMAP, then kmeans or gmm) | classical (PCA, KMeans, merged
+                          by agglomerative clustering) | hdbscan (UMAP, then HDBSCAN)
+  cluster.n_clusters      an integer, or auto: chosen over auto.min..auto.max by
+                          auto.criterion (silhouette | calinski_harabasz | davies_bouldin);
+                          hdbscan finds its own number and ignores it
+  cluster.assign          n2d only: kmeans | gmm (a Gaussian mixture)
+  cluster.umap.*          n_neighbors, min_dist, n_components, metric
+  cluster.classical.*     pca_components, kmeans_clusters, linkage
+  cluster.hdbscan.*       min_cluster_size, min_samples
+  cluster.fit_sample      fit on at most this many images; the rest are assigned
+  cluster.random_state    seeds the sample, UMAP and the clustering
+Inputs:  data/processed/embeddings.parquet
+Outputs: data/processed/clusters.parquet (id, cluster, x, y), models/cluster.joblib (the
+         fitted ClusterModel: `predict` and `map_coordinates` take new latent vectors),
+         reports/cluster/map.png, metrics/cluster/k_curve.csv (k, score: the
+         criterion of each k tried)
+
+Clusters are numbered by size, largest first; hdbscan's noise is cluster -1. The fit runs
+on a seeded sample, then the other images go through the fitted transform and predict,
+as the original project did, so a million images never need a million-point UMAP fit.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pandas as pd
+
+from stages import common
+
+STAGE = "cluster"
+CLUSTERS_FILE = common.PROCESSED_DIR / "clusters.parquet"
+MODEL_FILE = Path("models/cluster.joblib")
+MAP_FILE = Path("reports/cluster/map.png")
+K_CURVE_FILE = common.METRICS_DIR / "cluster" / "k_curve.csv"
+
+METHODS = ("n2d", "classical", "hdbscan")
+ASSIGNERS = ("kmeans", "gmm")
+CRITERIA = ("silhouette", "calinski_harabasz", "davies_bouldin")
+LINKAGES = ("ward", "complete", "average", "single")
+UMAP_METRICS = ("euclidean", "cosine", "correlation", "manhattan", "chebyshev")
+NOISE = -1
+ASSIGN_BATCH = 65536  # images transformed at once when assigning the rest of the collection
+CRITERION_SAMPLE = 10000  # silhouette while choosing k is computed on at most this many points
+
+
+# ----------------------------------------------------------------------------- params
+
+
+@dataclass(frozen=True)
+class ClusterParams:
+    """The cluster section of params.yaml, checked."""
+
+    method: str
+    n_clusters: int | None  # None: auto
+    assign: str
+    auto_min: int
+    auto_max: int
+    criterion: str
+    n_neighbors: int
+    min_dist: float
+    n_components: int
+    metric: str
+    pca_components: int
+    kmeans_clusters: int
+    linkage: str
+    min_cluster_size: int
+    min_samples: int | None
+    fit_sample: int
+    random_state: int
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> ClusterParams:
+        """Read and check every cluster param; the first bad one raises a UserError."""
+        n_clusters = common.get_param(params, "cluster.n_clusters")
+        if n_clusters != "auto":
+            if not isinstance(n_clusters, int) or isinstance(n_clusters, bool):
+                raise common.param_error(
+                    "cluster.n_clusters", n_clusters, "expected an integer, or auto"
+                )
+            n_clusters = common.int_param(params, "cluster.n_clusters", minimum=1)
+        auto_min = common.int_param(params, "cluster.auto.min", minimum=2)
+        auto_max = common.int_param(params, "cluster.auto.max", minimum=2)
+        if auto_max < auto_min:
+            raise common.param_error(
+                "cluster.auto.max", auto_max, f"it must be at least cluster.auto.min ({auto_min})"
+            )
+        min_samples = common.get_param(params, "cluster.hdbscan.min_samples")
+        if min_samples is not None:
+            min_samples = common.int_param(params, "cluster.hdbscan.min_samples", minimum=1)
+        return cls(
+            method=common.choice_param(params, "cluster.method", METHODS),
+            n_clusters=None if n_clusters == "auto" else n_clusters,
+            assign=common.choice_param(params, "cluster.assign", ASSIGNERS),
+            auto_min=auto_min,
+            auto_max=auto_max,
+            criterion=common.choice_param(params, "cluster.auto.criterion", CRITERIA),
+            n_neighbors=common.int_param(params, "cluster.umap.n_neighbors", minimum=2),
+            min_dist=common.number_param(params, "cluster.umap.min_dist", minimum=0, maximum=1),
+            n_components=common.int_param(params, "cluster.umap.n_components", minimum=1),
+            metric=common.choice_param(params, "cluster.umap.metric", UMAP_METRICS),
+            pca_components=common.int_param(params, "cluster.classical.pca_components", minimum=1),
+            kmeans_clusters=common.int_param(
+                params, "cluster.classical.kmeans_clusters", minimum=1
+            ),
+            linkage=common.choice_param(params, "cluster.classical.linkage", LINKAGES),
+            min_cluster_size=common.int_param(
+                params, "cluster.hdbscan.min_cluster_size", minimum=2
+            ),
+            min_samples=min_samples,
+            fit_sample=common.int_param(params, "cluster.fit_sample", minimum=2),
+            random_state=common.int_param(params, "cluster.random_state", minimum=0),
+        )
+
+
+def check_sizes(params: ClusterParams, fit_images: int) -> None:
+    """Fail clearly when the params ask for more than `fit_images` images can give."""
+    if fit_images < 2:
+        raise common.UserError(f"clustering needs at least 2 images; there are {fit_images}")
+    where = f"the fit has {fit_images} images"
+    if (
+        params.n_clusters is not None
+        and params.n_clusters > fit_images
+        and params.method != "hdbscan"
+    ):
+        raise common.param_error(
+            "cluster.n_clusters", params.n_clusters, f"{where}; ask for at most that many"
+        )
+    if params.n_clusters is None and params.auto_min >= fit_images:
+        raise common.param_error(
+            "cluster.auto.min", params.auto_min, f"{where}; it must be below that"
+        )
+    if params.method != "classical" and params.n_neighbors >= fit_images:
+        raise common.param_error(
+            "cluster.umap.n_neighbors", params.n_neighbors, f"{where}; it must be below that"
+        )
+    merged = params.method == "classical" and params.n_clusters is not None
+    if merged and params.kmeans_clusters < params.n_clusters:
+        raise common.param_error(
+            "cluster.classical.kmeans_clusters",
+            params.kmeans_clusters,
+            f"the KMeans centers are merged into cluster.n_clusters ({params.n_clusters}) "
+            "groups, so there must be at least that many",
+        )
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class ClusterModel:
+    """A fitted clustering, reusable on new latent vectors (pickled to models/cluster.joblib).
+
+    reducer:  vectors -> the space the clusters live in (UMAP or PCA)
+    assigner: that space -> raw labels (KMeans, a Gaussian mixture, or for HDBSCAN a
+              nearest-neighbour vote among the fitted points)
+    merge:    classical only: KMeans center -> merged group
+    order:    raw label -> cluster number (by size, largest first); noise stays -1
+    mapper:   vectors -> 2-D map; None when the reducer is already 2-D
+    """
+
+    method: str
+    reducer: Any
+    assigner: Any
+    merge: np.ndarray | None
+    order: dict[int, int]
+    mapper: Any
+
+    def reduce(self, vectors: np.ndarray) -> np.ndarray:
+        """Vectors in the space the clusters were found in."""
+        return np.asarray(self.reducer.transform(vectors), dtype=np.float32)
+
+    def predict(self, vectors: np.ndarray) -> np.ndarray:
+        """The cluster number of each latent vector."""
+        return self.clusters_of(self.reduce(vectors))
+
+    def clusters_of(self, points: np.ndarray) -> np.ndarray:
+        """The cluster number of each point of the reduced space."""
+        raw = self.assigner.predict(points)
+        if self.merge is not None:
+            raw = self.merge[raw]
+        return renumber(raw, self.order)
+
+    def map_coordinates(self, vectors: np.ndarray) -> np.ndarray:
+        """(x, y) of each latent vector on the 2-D map."""
+        return self.predict_with_map(vectors)[1]
+
+    def predict_with_map(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cluster numbers and (x, y) map positions, transforming each vector only once
+        when the clusters live on the map itself."""
+        points = self.reduce(vectors)
+        if self.mapper is None:
+            return self.clusters_of(points), points
+        mapped = np.asarray(self.mapper.transform(vectors), dtype=np.float32)
+        return self.clusters_of(points), mapped
+
+
+def renumber(raw: np.ndarray, order: dict[int, int]) -> np.ndarray:
+    """Map raw labels to cluster numbers; labels the order does not know become noise."""
+    return np.array([order.get(int(label), NOISE) for label in raw], dtype=np.int32)
+
+
+def size_order(raw: np.ndarray) -> dict[int, int]:
+    """Raw label -> cluster number, largest cluster first (ties: smaller raw label first).
+
+    Noise keeps -1, so numbers depend only on the grouping, not on a library's label order.
+    """
+    labels, counts = np.unique(raw[raw != NOISE], return_counts=True)
+    ranked = sorted(zip(labels.tolist(), counts.tolist()), key=lambda pair: (-pair[1], pair[0]))
+    order = {label: number for number, (label, _) in enumerate(ranked)}
+    order[NOISE] = NOISE
+    return order
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def fit_umap(vectors: np.ndarray, params: ClusterParams, components: int) -> Any:
+    """A UMAP fitted on `vectors` (seeded, so single-threaded and reproducible)."""
+    import umap  # imported here: it loads numba, slow to import, needed only for UMAP
+
+    reducer = umap.UMAP(
+        n_neighbors=params.n_neighbors,
+        min_dist=params.min_dist,
+        n_components=components,
+        metric=params.metric,
+        random_state=params.random_state,
+        transform_seed=params.random_state,
+    )
+    with warnings.catch_warnings():
+        # UMAP warns on every seeded run that it stays on one thread: that is the price
+        # of reproducible results, not something for the user to act on.
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        reducer.fit(vectors)
+    return reducer
+
+
+def criterion_score(points: np.ndarray, labels: np.ndarray, criterion: str, seed: int) -> float:
+    """How good a grouping of `points` is by `criterion` (silhouette on a seeded sample)."""
+    from sklearn import metrics
+
+    if criterion == "silhouette":
+        sample = min(len(points), CRITERION_SAMPLE)
+        return float(
+            metrics.silhouette_score(points, labels, sample_size=sample, random_state=seed)
+        )
+    if criterion == "calinski_harabasz":
+        return float(metrics.calinski_harabasz_score(points, labels))
+    return float(metrics.davies_bouldin_score(points, labels))
+
+
+def choose_k(
+    candidates: list[int],
+    labels_for_k: Callable[[int], np.ndarray],
+    points: np.ndarray,
+    criterion: str,
+    seed: int,
+) -> tuple[int, pd.DataFrame]:
+    """The best k by `criterion` and the curve (k, score) of every candidate.
+
+    Silhouette and Calinski-Harabasz are better higher, Davies-Bouldin lower; a tie goes
+    to the smaller k.
+    """
+    scores = []
+    for k in candidates:
+        labels = labels_for_k(k)
+        valid = len(np.unique(labels)) >= 2
+        scores.append(criterion_score(points, labels, criterion, seed) if valid else np.nan)
+    curve = pd.DataFrame({"k": candidates, "score": scores})
+    sign = -1.0 if criterion == "davies_bouldin" else 1.0
+    ranked = np.nan_to_num(sign * np.array(scores, dtype=float), nan=-np.inf)
+    return candidates[int(np.argmax(ranked))], curve
+
+
+def k_candidates(params: ClusterParams, fit_images: int) -> list[int]:
+    """The k values to try: the fixed n_clusters, or auto.min..auto.max below the image count."""
+    if params.n_clusters is not None:
+        return [params.n_clusters]
+    return list(range(params.auto_min, min(params.auto_max, fit_images - 1) + 1))
+
+
+def fit_assigner(points: np.ndarray, k: int, assign: str, seed: int) -> Any:
+    """KMeans or a Gaussian mixture with k groups, fitted on `points`."""
+    from sklearn.cluster import KMeans
+    from sklearn.mixture import GaussianMixture
+
+    if assign == "gmm":
+        return GaussianMixture(n_components=k, n_init=3, random_state=seed).fit(points)
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit(points)
+
+
+@dataclass
+class Fit:
+    """A fitted model, the fitted images' clusters and map positions, and the k curve."""
+
+    model: ClusterModel
+    clusters: np.ndarray
+    coordinates: np.ndarray
+    curve: pd.DataFrame
+
+
+def fit_n2d(vectors: np.ndarray, params: ClusterParams) -> tuple[ClusterModel, np.ndarray, Any]:
+    """UMAP, then KMeans or a Gaussian mixture; returns the model, raw labels, the embedding."""
+    reducer = fit_umap(vectors, params, params.n_components)
+    points = reducer.embedding_.astype(np.float32)
+    seed = params.random_state
+
+    def labels_for_k(k: int) -> np.ndarray:
+        return fit_assigner(points, k, params.assign, seed).predict(points)
+
+    k, curve = choose_k(
+        k_candidates(params, len(points)), labels_for_k, points, params.criterion, seed
+    )
+    assigner = fit_assigner(points, k, params.assign, seed)
+    raw = assigner.predict(points)
+    model = ClusterModel("n2d", reducer, assigner, None, size_order(raw), None)
+    return model, raw, curve
+
+
+def fit_classical(
+    vectors: np.ndarray, params: ClusterParams
+) -> tuple[ClusterModel, np.ndarray, pd.DataFrame]:
+    """PCA, KMeans with many centers, then agglomerative merging of the centers.
+
+    As the original's ClassicalClustering: an image belongs to the merged group of its
+    KMeans center. Choosing k only re-cuts the merge tree, so auto costs little.
+    """
+    from sklearn.cluster import AgglomerativeClustering, KMeans
+    from sklearn.decomposition import PCA
+
+    seed = params.random_state
+    components = min(params.pca_components, vectors.shape[1], len(vectors))
+    reducer = PCA(n_components=components, random_state=seed).fit(vectors)
+    points = reducer.transform(vectors).astype(np.float32)
+    centers = min(params.kmeans_clusters, len(points))
+    kmeans = KMeans(n_clusters=centers, n_init=10, random_state=seed).fit(points)
+    center_of = kmeans.labels_
+
+    def merge_for_k(k: int) -> np.ndarray:
+        if k >= centers:
+            return np.arange(centers)
+        merger = AgglomerativeClustering(n_clusters=k, linkage=params.linkage)
+        return merger.fit_predict(kmeans.cluster_centers_)
+
+    k, curve = choose_k(
+        k_candidates(params, centers + 1),
+        lambda k: merge_for_k(k)[center_of],
+        points,
+        params.criterion,
+        seed,
+    )
+    merge = merge_for_k(k)
+    raw = merge[center_of]
+    model = ClusterModel("classical", reducer, kmeans, merge, size_order(raw), None)
+    return model, raw, curve
+
+
+def fit_hdbscan(
+    vectors: np.ndarray, params: ClusterParams
+) -> tuple[ClusterModel, np.ndarray, pd.DataFrame]:
+    """UMAP, then HDBSCAN (scikit-learn's); noise is -1.
+
+    HDBSCAN cannot predict, so new images take the label most common among their 5 nearest
+    fitted points in the UMAP space (noise included).
+    """
+    from sklearn.cluster import HDBSCAN
+    from sklearn.neighbors import KNeighborsClassifier
+
+    reducer = fit_umap(vectors, params, params.n_components)
+    points = reducer.embedding_.astype(np.float32)
+    raw = HDBSCAN(
+        min_cluster_size=params.min_cluster_size,
+        min_samples=params.min_samples,
+        copy=True,
+    ).fit_predict(points)
+    voter = KNeighborsClassifier(n_neighbors=min(5, len(points))).fit(points, raw)
+    found = len(np.unique(raw[raw != NOISE]))
+    curve = pd.DataFrame({"k": [found], "score": [np.nan]})
+    if found >= 2:
+        kept = raw != NOISE
+        score = criterion_score(points[kept], raw[kept], params.criterion, params.random_state)
+        curve["score"] = [score]
+    model = ClusterModel("hdbscan", reducer, voter, None, size_order(raw), None)
+    return model, raw, curve
+
+
+FITTERS = {"n2d": fit_n2d, "classical": fit_classical, "hdbscan": fit_hdbscan}
+
+
+def sample_rows(count: int, size: int, seed: int) -> np.ndarray:
+    """Sorted row numbers of a seeded sample of `size` out of `count` (all rows if fewer)."""
+    if count <= size:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
+
+
+def fit_clusters(vectors: np.ndarray, params: ClusterParams) -> Fit:
+    """Fit the chosen method on a sample, then cluster and map every image.
+
+    Fitted images keep the labels and positions of the fit itself; the others are assigned
+    with the fitted model in batches.
+    """
+    rows = sample_rows(len(vectors), params.fit_sample, params.random_state)
+    check_sizes(params, len(rows))
+    sample = vectors[rows]
+    model, raw, curve = FITTERS[params.method](sample, params)
+    if params.method == "classical" or params.n_components != 2:
+        model.mapper = fit_umap(sample, params, 2)
+        sample_xy = model.mapper.embedding_
+    else:
+        sample_xy = model.reducer.embedding_
+    clusters = np.full(len(vectors), NOISE, dtype=np.int32)
+    coordinates = np.zeros((len(vectors), 2), dtype=np.float32)
+    clusters[rows] = renumber(raw, model.order)
+    coordinates[rows] = sample_xy
+    rest = np.setdiff1d(np.arange(len(vectors)), rows)
+    for start in range(0, len(rest), ASSIGN_BATCH):
+        batch = rest[start : start + ASSIGN_BATCH]
+        clusters[batch], coordinates[batch] = model.predict_with_map(vectors[batch])
+    return Fit(model, clusters, coordinates, curve)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def clusters_table(ids: list[str], fit: Fit) -> pd.DataFrame:
+    """The (id, cluster, x, y) table in embeddings order."""
+    return pd.DataFrame(
+        {
+            "id": ids,
+            "cluster": fit.clusters,
+            "x": fit.coordinates[:, 0],
+            "y": fit.coordinates[:, 1],
+        }
+    )
+
+
+def cluster_colors(count: int) -> np.ndarray:
+    """`count` distinct RGB colors in 0..1: tab20 for up to 20 clusters, else evenly spaced hues."""
+    from matplotlib import colormaps
+
+    if count <= 20:
+        return colormaps["tab20"](np.arange(count))[:, :3]
+    return colormaps["hsv"](np.linspace(0, 1, count, endpoint=False))[:, :3]
+
+
+def write_map(table: pd.DataFrame, path: Path, title: str) -> None:
+    """A PNG scatter of the 2-D map, colored by cluster, each cluster labelled at its median."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    clustered = table[table["cluster"] != NOISE]
+    count = int(clustered["cluster"].max()) + 1 if len(clustered) else 0
+    colors = cluster_colors(max(count, 1))
+    size = max(1.0, min(12.0, 20000 / max(len(table), 1)))
+    figure, axes = pyplot.subplots(figsize=(9, 9), dpi=100)
+    noise = table[table["cluster"] == NOISE]
+    if len(noise):
+        axes.scatter(noise["x"], noise["y"], s=size, c="lightgray", label="noise", linewidths=0)
+    axes.scatter(
+        clustered["x"],
+        clustered["y"],
+        s=size,
+        c=colors[clustered["cluster"].to_numpy()],
+        linewidths=0,
+    )
+    for cluster, members in clustered.groupby("cluster"):
+        axes.annotate(
+            str(cluster),
+            (members["x"].median(), members["y"].median()),
+            ha="center",
+            va="center",
+            fontsize=9,
+            weight="bold",
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.7, "lw": 0},
+        )
+    axes.set_title(title)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    figure.tight_layout()
+    with common.atomic_output(path) as temporary:
+        # No software version or date in the file, so the same map gives the same bytes.
+        figure.savefig(temporary, format="png", metadata={"Software": None})
+    pyplot.close(figure)
+
+
+def write_model(model: ClusterModel, path: Path) -> None:
+    """Pickle the fitted model with joblib, atomically."""
+    with common.atomic_output(path) as temporary:
+        joblib.dump(model, temporary, compress=3)
+
+
+def load_model(path: Path = MODEL_FILE) -> ClusterModel:
+    """The fitted ClusterModel that the cluster stage saved."""
+    if not path.exists():
+        raise common.UserError(f"{path} is missing: run `dvc repro cluster` first")
+    return joblib.load(path)
+
+
+def write_curve(curve: pd.DataFrame, path: Path) -> None:
+    """The criterion per k tried, as CSV for `dvc plots`."""
+    with common.atomic_output(path) as temporary:
+        curve.to_csv(temporary, index=False, float_format="%.6g")
+
+
+def main() -> None:
+    """Read params and the embeddings; fit; write the clusters, the model, the map, the curve."""
+    started = time.perf_counter()
+    logger = common.get_logger(STAGE)
+    params = ClusterParams.from_params(common.load_params())
+    ids, vectors = common.read_embeddings()
+    fit = fit_clusters(vectors, params)
+    table = clusters_table(ids, fit)
+    common.write_parquet(table, CLUSTERS_FILE)
+    write_model(fit.model, MODEL_FILE)
+    write_curve(fit.curve, K_CURVE_FILE)
+    found = int((table["cluster"] != NOISE).any() and table["cluster"].max() + 1)
+    noise = int((table["cluster"] == NOISE).sum())
+    write_map(table, MAP_FILE, f"{params.method}: {found} clusters of {len(table)} images")
+    logger.info(
+        "%s: %d clusters of %d images (fit on %d, %d noise); %.1f s",
+        params.method,
+        found,
+        len(table),
+        min(len(table), params.fit_sample),
+        noise,
+        time.perf_counter() - started,
+    )
+
+
+if __name__ == "__main__":
+    common.run_stage(main)

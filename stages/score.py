@@ -1,0 +1,419 @@
+"""score: say how clean each cluster is, and show it.
+
+Params (params.yaml):
+  score.silhouette_sample  silhouettes are measured against at most this many images
+                           (seeded); exact when the collection is no larger
+  score.mosaic_side        a mosaic shows up to side x side thumbnails
+  score.outliers           how many lowest-silhouette images to list as outliers
+  score.seed               seeds the silhouette sample
+Inputs:  data/processed/embeddings.parquet, data/processed/clusters.parquet,
+         data/raw/manifest.parquet (labels, paths), data/interim/thumbs.npy + ids.parquet
+Outputs: metrics/cluster.json (flat: silhouette, Calinski-Harabasz, Davies-Bouldin, sizes,
+         noise share; accuracy, ARI and NMI where the manifest has labels),
+         metrics/silhouette.csv (per cluster, a `dvc plots` bar chart),
+         data/processed/scores.parquet (id, silhouette, center_distance),
+         reports/mosaics/ (cluster-NNN.png, overview.png), reports/outliers.csv,
+         reports/outliers.png
+
+Silhouettes are measured on the latent space, as in the original project, so methods
+that cluster in different spaces are compared on the same ground. Noise (-1) has none.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
+
+from stages import common
+
+STAGE = "score"
+CLUSTERS_FILE = common.PROCESSED_DIR / "clusters.parquet"
+SCORES_FILE = common.PROCESSED_DIR / "scores.parquet"
+CLUSTER_METRICS_FILE = common.METRICS_DIR / "cluster.json"
+SILHOUETTE_FILE = common.METRICS_DIR / "silhouette.csv"
+MOSAICS_DIR = Path("reports/mosaics")
+OUTLIERS_FILE = Path("reports/outliers.csv")
+OUTLIERS_MOSAIC_FILE = Path("reports/outliers.png")
+NOISE = -1
+DISTANCE_BLOCK = 2048  # images whose distances to the reference are held at once
+GUTTER = 2  # pixels between thumbnails in a mosaic
+OVERVIEW_THUMBS = 12  # thumbnails per cluster on the overview sheet
+OVERVIEW_LABEL_WIDTH = 150
+
+
+@dataclass(frozen=True)
+class ScoreParams:
+    """The score section of params.yaml, checked."""
+
+    silhouette_sample: int
+    mosaic_side: int
+    outliers: int
+    seed: int
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> ScoreParams:
+        """Read and check every score param."""
+        return cls(
+            silhouette_sample=common.int_param(params, "score.silhouette_sample", minimum=2),
+            mosaic_side=common.int_param(params, "score.mosaic_side", minimum=1),
+            outliers=common.int_param(params, "score.outliers", minimum=0),
+            seed=common.int_param(params, "score.seed", minimum=0),
+        )
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def silhouette_per_image(
+    vectors: np.ndarray, clusters: np.ndarray, reference_size: int, seed: int
+) -> np.ndarray:
+    """The silhouette of every image; NaN for noise and when there are fewer than 2 clusters.
+
+    a = mean distance to the other members of its cluster, b = the lowest mean distance to
+    the members of another cluster, s = (b - a) / max(a, b), and 0 for a cluster of one
+    (as scikit-learn). The means run over a seeded reference sample of at most
+    `reference_size` clustered images, so the cost is N x reference_size, not N x N; with
+    every image in the reference the result equals scikit-learn's silhouette_samples.
+    """
+    result = np.full(len(vectors), np.nan)
+    clustered = np.flatnonzero(clusters != NOISE)
+    labels, inverse = np.unique(clusters[clustered], return_inverse=True)
+    if len(labels) < 2:
+        return result
+    reference = clustered
+    if len(clustered) > reference_size:
+        picked = np.random.default_rng(seed).choice(len(clustered), reference_size, replace=False)
+        reference = clustered[np.sort(picked)]
+    position = np.full(len(vectors), -1)
+    position[clustered] = inverse
+    reference_label = position[reference]
+    members = np.zeros((len(reference), len(labels)))
+    members[np.arange(len(reference)), reference_label] = 1.0
+    counts = members.sum(axis=0)
+    in_reference = np.zeros(len(vectors), dtype=bool)
+    in_reference[reference] = True
+    reference_vectors = vectors[reference].astype(np.float64)
+    reference_norms = (reference_vectors**2).sum(axis=1)
+    for start in range(0, len(clustered), DISTANCE_BLOCK):
+        rows = clustered[start : start + DISTANCE_BLOCK]
+        block = vectors[rows].astype(np.float64)
+        squared = (block**2).sum(axis=1)[:, None] + reference_norms[None, :]
+        distances = np.sqrt(np.maximum(squared - 2.0 * block @ reference_vectors.T, 0.0))
+        # An image in the reference has distance 0 to itself; taking it out of its own
+        # cluster's count leaves the mean over the others.
+        sums = distances @ members
+        own = position[rows]
+        own_count = counts[own] - in_reference[rows]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = sums / counts[None, :]
+            a = sums[np.arange(len(rows)), own] / own_count
+        means[np.arange(len(rows)), own] = np.inf
+        means[:, counts == 0] = np.inf
+        b = means.min(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            s = (b - a) / np.maximum(a, b)
+        s[own_count <= 0] = 0.0
+        s[(a == 0) & (b == 0)] = 0.0
+        result[rows] = s
+    return result
+
+
+def cluster_centers(vectors: np.ndarray, clusters: np.ndarray) -> dict[int, np.ndarray]:
+    """The mean latent vector of each cluster (noise excluded)."""
+    return {
+        int(cluster): vectors[clusters == cluster].mean(axis=0)
+        for cluster in np.unique(clusters[clusters != NOISE])
+    }
+
+
+def center_distances(
+    vectors: np.ndarray, clusters: np.ndarray, centers: dict[int, np.ndarray]
+) -> np.ndarray:
+    """Each image's distance to its cluster's center; for noise, to the nearest center."""
+    if not centers:
+        return np.full(len(vectors), np.nan)
+    numbers = np.array(sorted(centers))
+    matrix = np.stack([centers[number] for number in numbers])
+    result = np.empty(len(vectors))
+    for start in range(0, len(vectors), DISTANCE_BLOCK):
+        block = vectors[start : start + DISTANCE_BLOCK].astype(np.float64)
+        distances = np.sqrt(((block[:, None, :] - matrix[None, :, :]) ** 2).sum(axis=2))
+        own = clusters[start : start + DISTANCE_BLOCK]
+        column = np.searchsorted(numbers, own)
+        noise = own == NOISE
+        picked = distances[np.arange(len(block)), np.minimum(column, len(numbers) - 1)]
+        result[start : start + len(block)] = np.where(noise, distances.min(axis=1), picked)
+    return result
+
+
+def hungarian_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """Accuracy under the best one-to-one matching of clusters to labels (Hungarian).
+
+    Clusters left without a label (more clusters than labels), and noise, count as wrong.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    true_codes, true_index = np.unique(truth, return_inverse=True)
+    predicted_codes, predicted_index = np.unique(predicted, return_inverse=True)
+    contingency = np.zeros((len(predicted_codes), len(true_codes)), dtype=np.int64)
+    np.add.at(contingency, (predicted_index, true_index), 1)
+    noise_row = np.flatnonzero(predicted_codes == NOISE)
+    contingency[noise_row] = 0
+    rows, columns = linear_sum_assignment(contingency, maximize=True)
+    return float(contingency[rows, columns].sum() / len(truth))
+
+
+def label_agreement(labels: pd.Series, clusters: np.ndarray) -> dict[str, float]:
+    """Accuracy (Hungarian), ARI and NMI against ground-truth labels, over labelled images."""
+    from sklearn import metrics
+
+    known = labels.notna().to_numpy()
+    if not known.any():
+        return {}
+    truth = labels[known].astype(str).to_numpy()
+    predicted = clusters[known]
+    return {
+        "accuracy": hungarian_accuracy(truth, predicted),
+        "ari": float(metrics.adjusted_rand_score(truth, predicted)),
+        "nmi": float(metrics.normalized_mutual_info_score(truth, predicted)),
+        "labelled_images": int(known.sum()),
+    }
+
+
+def silhouette_table(clusters: np.ndarray, silhouettes: np.ndarray) -> pd.DataFrame:
+    """Per cluster: size and mean silhouette, in cluster order (noise excluded)."""
+    frame = pd.DataFrame({"cluster": clusters, "silhouette": silhouettes})
+    frame = frame[frame["cluster"] != NOISE]
+    table = frame.groupby("cluster").agg(
+        size=("cluster", "size"), silhouette=("silhouette", "mean")
+    )
+    return table.reset_index()
+
+
+def cluster_metrics(
+    vectors: np.ndarray,
+    clusters: np.ndarray,
+    silhouettes: np.ndarray,
+    per_cluster: pd.DataFrame,
+    labels: pd.Series,
+) -> dict[str, Any]:
+    """The flat metrics of metrics/cluster.json (None where a score is undefined)."""
+    from sklearn import metrics
+
+    kept = clusters != NOISE
+    found = len(per_cluster)
+    values: dict[str, Any] = {
+        "images": len(clusters),
+        "n_clusters": found,
+        "noise_share": float(1.0 - kept.mean()) if len(clusters) else 0.0,
+        "size_min": int(per_cluster["size"].min()) if found else 0,
+        "size_median": float(per_cluster["size"].median()) if found else 0.0,
+        "size_max": int(per_cluster["size"].max()) if found else 0,
+        "silhouette": None,
+        "silhouette_cluster_min": None,
+        "calinski_harabasz": None,
+        "davies_bouldin": None,
+    }
+    if found >= 2:
+        values["silhouette"] = float(np.nanmean(silhouettes))
+        values["silhouette_cluster_min"] = float(per_cluster["silhouette"].min())
+        values["calinski_harabasz"] = float(
+            metrics.calinski_harabasz_score(vectors[kept], clusters[kept])
+        )
+        values["davies_bouldin"] = float(
+            metrics.davies_bouldin_score(vectors[kept], clusters[kept])
+        )
+    values.update(label_agreement(labels, clusters))
+    return {key: round_value(value) for key, value in values.items()}
+
+
+def round_value(value: Any) -> Any:
+    """Floats to 6 significant digits, so metrics diffs show changes, not noise."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    return value
+
+
+def outlier_table(scores: pd.DataFrame, count: int) -> pd.DataFrame:
+    """Noise first (farthest from any center first), then the `count` lowest silhouettes."""
+    noise = scores[scores["cluster"] == NOISE].sort_values(
+        ["center_distance", "id"], ascending=[False, True]
+    )
+    clustered = scores[scores["cluster"] != NOISE].dropna(subset=["silhouette"])
+    lowest = clustered.sort_values(["silhouette", "id"]).head(count)
+    table = pd.concat(
+        [noise.assign(reason="noise"), lowest.assign(reason="low silhouette")], ignore_index=True
+    )
+    return table[["id", "path", "cluster", "silhouette", "center_distance", "reason"]]
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def mosaic(thumbs: np.ndarray, columns: int) -> Image.Image:
+    """Thumbnails in rows of `columns`, left to right then down, on a dark background."""
+    count = max(len(thumbs), 1)
+    height, width = thumbs.shape[1:3]
+    rows = -(-count // columns)
+    used_columns = min(columns, count)
+    sheet = np.full(
+        (rows * (height + GUTTER) + GUTTER, used_columns * (width + GUTTER) + GUTTER, 3),
+        24,
+        dtype=np.uint8,
+    )
+    for index, thumb in enumerate(thumbs):
+        top = GUTTER + (index // columns) * (height + GUTTER)
+        left = GUTTER + (index % columns) * (width + GUTTER)
+        sheet[top : top + height, left : left + width] = thumb
+    return Image.fromarray(sheet)
+
+
+def overview_sheet(
+    thumbs: np.ndarray, rows_by_cluster: dict[int, np.ndarray], per_cluster: pd.DataFrame
+) -> Image.Image:
+    """One line per cluster: its number, size and silhouette, then its most central images."""
+    height, width = thumbs.shape[1:3]
+    line_height = height + GUTTER
+    sheet = Image.new(
+        "RGB",
+        (
+            OVERVIEW_LABEL_WIDTH + OVERVIEW_THUMBS * (width + GUTTER) + GUTTER,
+            max(1, len(rows_by_cluster)) * line_height + GUTTER,
+        ),
+        (24, 24, 24),
+    )
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=max(10, min(16, height // 3)))
+    silhouette_of = per_cluster.set_index("cluster")["silhouette"]
+    size_of = per_cluster.set_index("cluster")["size"]
+    for line, (cluster, rows) in enumerate(sorted(rows_by_cluster.items())):
+        top = GUTTER + line * line_height
+        text = f"{cluster}: {size_of[cluster]} img\nsil {silhouette_of[cluster]:.2f}"
+        draw.multiline_text((6, top + 2), text, fill=(235, 235, 235), font=font)
+        strip = mosaic(thumbs[rows[:OVERVIEW_THUMBS]], OVERVIEW_THUMBS)
+        sheet.paste(strip, (OVERVIEW_LABEL_WIDTH, top - GUTTER))
+    return sheet
+
+
+def central_rows(
+    clusters: np.ndarray, distances: np.ndarray, ids: list[str]
+) -> dict[int, np.ndarray]:
+    """Row numbers of each cluster's images, nearest its center first (ties by id)."""
+    order = np.lexsort((np.array(ids, dtype=object).astype(str), distances))
+    result: dict[int, list[int]] = {}
+    for row in order:
+        cluster = int(clusters[row])
+        if cluster != NOISE:
+            result.setdefault(cluster, []).append(int(row))
+    return {cluster: np.array(rows) for cluster, rows in result.items()}
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write a PNG atomically (Pillow writes no date, so the same image gives the same bytes)."""
+    with common.atomic_output(path) as temporary:
+        image.save(temporary, format="PNG", optimize=False)
+
+
+def write_mosaics(
+    thumbs: np.ndarray,
+    rows_by_cluster: dict[int, np.ndarray],
+    per_cluster: pd.DataFrame,
+    side: int,
+    directory: Path,
+) -> None:
+    """A mosaic per cluster and the overview sheet, replacing the folder as a whole."""
+    staging = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    digits = max(3, len(str(max(rows_by_cluster, default=0))))
+    for cluster, rows in rows_by_cluster.items():
+        image = mosaic(thumbs[rows[: side * side]], side)
+        image.save(staging / f"cluster-{cluster:0{digits}d}.png", format="PNG")
+    overview_sheet(thumbs, rows_by_cluster, per_cluster).save(staging / "overview.png")
+    shutil.rmtree(directory, ignore_errors=True)  # our own output of the last run
+    staging.rename(directory)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def aligned_thumbs(ids: list[str]) -> np.ndarray:
+    """The thumbnails in the order of `ids`, checked against prepare's ids."""
+    thumb_ids, thumbs = common.load_pixels(common.THUMBS_FILE)
+    if thumb_ids != ids:
+        raise common.UserError(
+            f"{common.THUMBS_FILE} and {common.EMBEDDINGS_FILE} list different images: "
+            "run `dvc repro`"
+        )
+    return thumbs
+
+
+def main() -> None:
+    """Read the embeddings and clusters; write the scores, metrics, mosaics and outliers."""
+    started = time.perf_counter()
+    logger = common.get_logger(STAGE)
+    params = ScoreParams.from_params(common.load_params())
+    ids, vectors = common.read_embeddings()
+    table = common.read_parquet(CLUSTERS_FILE, made_by="cluster")
+    if table["id"].tolist() != ids:
+        raise common.UserError(
+            f"{CLUSTERS_FILE} does not match {common.EMBEDDINGS_FILE}: run `dvc repro cluster`"
+        )
+    manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync").set_index("id")
+    clusters = table["cluster"].to_numpy()
+    silhouettes = silhouette_per_image(vectors, clusters, params.silhouette_sample, params.seed)
+    distances = center_distances(vectors, clusters, cluster_centers(vectors, clusters))
+    per_cluster = silhouette_table(clusters, silhouettes)
+    labels = manifest["label"].reindex(ids)
+    metrics = cluster_metrics(vectors, clusters, silhouettes, per_cluster, labels)
+    common.write_json(metrics, CLUSTER_METRICS_FILE)
+    with common.atomic_output(SILHOUETTE_FILE) as temporary:
+        per_cluster.to_csv(temporary, index=False, float_format="%.6g")
+    scores = pd.DataFrame(
+        {
+            "id": ids,
+            "path": manifest["path"].reindex(ids).to_numpy(),
+            "cluster": clusters,
+            "silhouette": silhouettes,
+            "center_distance": distances,
+        }
+    )
+    common.write_parquet(scores.drop(columns=["path"]), SCORES_FILE)
+    outliers = outlier_table(scores, params.outliers)
+    with common.atomic_output(OUTLIERS_FILE) as temporary:
+        outliers.to_csv(temporary, index=False, float_format="%.6g")
+    thumbs = aligned_thumbs(ids)
+    rows_by_cluster = central_rows(clusters, distances, ids)
+    write_mosaics(thumbs, rows_by_cluster, per_cluster, params.mosaic_side, MOSAICS_DIR)
+    row_of = {image_id: row for row, image_id in enumerate(ids)}
+    outlier_rows = np.array([row_of[i] for i in outliers["id"]][: params.mosaic_side**2], dtype=int)
+    save_png(mosaic(thumbs[outlier_rows], params.mosaic_side), OUTLIERS_MOSAIC_FILE)
+    agreement = ""
+    if "accuracy" in metrics:
+        agreement = (
+            f"; against labels: accuracy {metrics['accuracy']}, ARI {metrics['ari']}, "
+            f"NMI {metrics['nmi']}"
+        )
+    logger.info(
+        "%d images in %d clusters: silhouette %s, Calinski-Harabasz %s, Davies-Bouldin %s%s; "
+        "%d outliers listed; %.1f s",
+        len(ids),
+        metrics["n_clusters"],
+        metrics["silhouette"],
+        metrics["calinski_harabasz"],
+        metrics["davies_bouldin"],
+        agreement,
+        len(outliers),
+        time.perf_counter() - started,
+    )
+
+
+if __name__ == "__main__":
+    common.run_stage(main)

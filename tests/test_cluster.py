@@ -1,0 +1,194 @@
+"""cluster: each method recovers well-separated blobs; auto k; the saved model; errors.
+
+UMAP compiles for tens of seconds on its first call in a process, so the fits that need
+it are made once per session in fixtures and shared by the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.datasets import make_blobs
+from sklearn.metrics import adjusted_rand_score
+
+from stages import cluster, common
+
+BLOB_COUNT = 4
+
+
+@pytest.fixture(scope="session")
+def blobs() -> tuple[np.ndarray, np.ndarray]:
+    """240 points in 16 dimensions around 4 far-apart centers, and their true blob."""
+    vectors, truth = make_blobs(
+        n_samples=240, centers=BLOB_COUNT, n_features=16, cluster_std=0.6, random_state=3
+    )
+    return vectors.astype(np.float32), truth
+
+
+def blob_params(project_params: dict[str, Any], **changes: Any) -> cluster.ClusterParams:
+    """The committed cluster params with small-data settings and `changes` applied."""
+    params = copy.deepcopy(project_params)
+    section = params["cluster"]
+    section.update({"n_clusters": BLOB_COUNT, "fit_sample": 100000})
+    section["umap"].update({"n_neighbors": 10, "n_components": 2})
+    section["classical"].update({"pca_components": 8, "kmeans_clusters": 20})
+    section["hdbscan"].update({"min_cluster_size": 10, "min_samples": None})
+    for key, value in changes.items():
+        target = section
+        *path, last = key.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return cluster.ClusterParams.from_params(params)
+
+
+@pytest.fixture(scope="session")
+def fits(blobs, project_params) -> dict[str, cluster.Fit]:
+    """One fit per method and setting, shared (UMAP compiles once per process)."""
+    vectors, _ = blobs
+    settings = {
+        "n2d": {},
+        "n2d_gmm": {"assign": "gmm"},
+        "n2d_10d": {"umap.n_components": 5},
+        "classical": {"method": "classical"},
+        "hdbscan": {"method": "hdbscan"},
+        "n2d_auto": {"n_clusters": "auto", "auto.max": 8},
+        "classical_auto": {"method": "classical", "n_clusters": "auto", "auto.max": 8},
+        "n2d_sample": {"fit_sample": 120},
+        "n2d_again": {},
+    }
+    return {
+        name: cluster.fit_clusters(vectors, blob_params(project_params, **changes))
+        for name, changes in settings.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["n2d", "n2d_gmm", "n2d_10d", "classical", "hdbscan", "n2d_sample"]
+)
+def test_each_method_recovers_the_blobs(fits, blobs, name: str) -> None:
+    _, truth = blobs
+    found = fits[name].clusters
+    assert adjusted_rand_score(truth, found) == 1.0
+    assert sorted(np.unique(found)) == list(range(BLOB_COUNT))
+
+
+def test_clusters_are_numbered_by_size_largest_first(project_params) -> None:
+    vectors, truth = make_blobs(
+        n_samples=[90, 30, 60], n_features=5, cluster_std=0.3, random_state=1, center_box=(-50, 50)
+    )
+    params = blob_params(project_params, method="classical", n_clusters=3)
+    found = cluster.fit_clusters(vectors.astype(np.float32), params).clusters
+    assert np.bincount(found).tolist() == [90, 60, 30]
+    assert adjusted_rand_score(truth, found) == 1.0
+
+
+@pytest.mark.parametrize("name", ["n2d_auto", "classical_auto"])
+def test_auto_picks_the_number_of_blobs(fits, name: str) -> None:
+    fit = fits[name]
+    assert len(np.unique(fit.clusters)) == BLOB_COUNT
+    assert fit.curve["k"].tolist() == list(range(2, 9))
+    best = fit.curve.loc[fit.curve["score"].idxmax(), "k"]
+    assert best == BLOB_COUNT
+
+
+def test_davies_bouldin_is_minimised_when_choosing_k(blobs) -> None:
+    vectors, truth = blobs
+    noisy = np.random.default_rng(0).integers(0, 3, len(vectors))
+    candidates = {2: noisy, 4: truth, 6: noisy}
+    k, curve = cluster.choose_k([2, 4, 6], candidates.__getitem__, vectors, "davies_bouldin", 0)
+    assert k == 4
+    assert curve.loc[curve["k"] == 4, "score"].item() == curve["score"].min()
+
+
+def test_identical_runs_give_identical_labels_and_maps(fits) -> None:
+    np.testing.assert_array_equal(fits["n2d"].clusters, fits["n2d_again"].clusters)
+    np.testing.assert_array_equal(fits["n2d"].coordinates, fits["n2d_again"].coordinates)
+
+
+@pytest.mark.parametrize("name", ["n2d", "n2d_gmm", "n2d_10d", "classical", "hdbscan"])
+def test_saved_model_assigns_the_fitted_images_their_clusters(
+    fits, blobs, name: str, tmp_path: Path
+) -> None:
+    vectors, _ = blobs
+    cluster.write_model(fits[name].model, tmp_path / "cluster.joblib")
+    model = cluster.load_model(tmp_path / "cluster.joblib")
+    np.testing.assert_array_equal(model.predict(vectors), fits[name].clusters)
+    assert model.map_coordinates(vectors[:5]).shape == (5, 2)
+
+
+def test_the_rest_of_a_sample_fit_is_assigned_with_the_model(fits, blobs) -> None:
+    vectors, truth = blobs
+    fit = fits["n2d_sample"]
+    rows = cluster.sample_rows(len(vectors), 120, 42)
+    rest = np.setdiff1d(np.arange(len(vectors)), rows)
+    assert len(rest) == 120
+    assert adjusted_rand_score(truth[rest], fit.clusters[rest]) == 1.0
+    assert np.isfinite(fit.coordinates).all()
+
+
+def test_new_vectors_near_a_blob_join_its_cluster(fits, blobs) -> None:
+    vectors, _ = blobs
+    jitter = np.random.default_rng(5).normal(0, 0.05, vectors[:20].shape).astype(np.float32)
+    for name in ("n2d", "classical", "hdbscan"):
+        fit = fits[name]
+        predicted = fit.model.predict(vectors[:20] + jitter)
+        np.testing.assert_array_equal(predicted, fit.clusters[:20])
+
+
+def test_clusters_table_has_one_row_per_image(fits, blobs) -> None:
+    vectors, _ = blobs
+    ids = [f"image-{row}" for row in range(len(vectors))]
+    table = cluster.clusters_table(ids, fits["n2d"])
+    assert table.columns.tolist() == ["id", "cluster", "x", "y"]
+    assert table["id"].tolist() == ids
+
+
+def test_map_and_curve_are_written(fits, blobs, tmp_path: Path) -> None:
+    vectors, _ = blobs
+    table = cluster.clusters_table([str(row) for row in range(len(vectors))], fits["hdbscan"])
+    cluster.write_map(table, tmp_path / "map.png", "blobs")
+    cluster.write_map(table, tmp_path / "again.png", "blobs")
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "map.png").read_bytes() == (tmp_path / "again.png").read_bytes()
+    cluster.write_curve(fits["n2d_auto"].curve, tmp_path / "curve.csv")
+    assert pd.read_csv(tmp_path / "curve.csv").columns.tolist() == ["k", "score"]
+
+
+def test_more_clusters_than_images_is_a_clear_error(blobs, project_params) -> None:
+    vectors, _ = blobs
+    params = blob_params(project_params, method="classical", n_clusters=500)
+    with pytest.raises(common.UserError, match=r"cluster.n_clusters = 500 .* 240 images"):
+        cluster.fit_clusters(vectors, params)
+
+
+def test_too_many_neighbours_for_a_small_sample_is_a_clear_error(blobs, project_params) -> None:
+    vectors, _ = blobs
+    params = blob_params(project_params, fit_sample=8, n_clusters=2)
+    with pytest.raises(common.UserError, match=r"cluster.umap.n_neighbors = 10 .* 8 images"):
+        cluster.fit_clusters(vectors, params)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("method", "dbscan", "n2d, classical, hdbscan"),
+        ("n_clusters", "many", "an integer, or auto"),
+        ("n_clusters", 0, ">= 1"),
+        ("assign", "spectral", "kmeans, gmm"),
+        ("auto.criterion", "inertia", "silhouette"),
+        ("auto.max", 1, "cluster.auto.max = 1"),
+        ("umap.metric", "hamming", "cosine"),
+        ("umap.min_dist", 2, "cluster.umap.min_dist = 2"),
+        ("classical.linkage", "centroid", "ward"),
+        ("fit_sample", 1, "cluster.fit_sample = 1"),
+    ],
+)
+def test_bad_params_name_the_key(project_params, key: str, value: Any, words: str) -> None:
+    with pytest.raises(common.UserError, match=words):
+        blob_params(project_params, **{key: value})

@@ -1,0 +1,220 @@
+"""score: silhouettes (exact and sampled), label agreement, metrics, mosaics, outliers."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+from sklearn.datasets import make_blobs
+from sklearn.metrics import silhouette_samples
+
+from stages import common, embed, score
+
+
+@pytest.fixture(scope="module")
+def blobs() -> tuple[np.ndarray, np.ndarray]:
+    """300 points in 8 dimensions around 3 centers, with some overlap."""
+    vectors, truth = make_blobs(
+        n_samples=300, centers=3, n_features=8, cluster_std=2.5, random_state=7
+    )
+    return vectors.astype(np.float32), truth
+
+
+def test_silhouette_equals_scikit_learn_when_exact(blobs) -> None:
+    vectors, truth = blobs
+    ours = score.silhouette_per_image(vectors, truth, reference_size=10000, seed=0)
+    np.testing.assert_allclose(ours, silhouette_samples(vectors, truth), atol=1e-5)
+
+
+def test_sampled_silhouette_is_close_and_seeded(blobs) -> None:
+    vectors, truth = blobs
+    exact = silhouette_samples(vectors, truth)
+    sampled = score.silhouette_per_image(vectors, truth, reference_size=120, seed=1)
+    again = score.silhouette_per_image(vectors, truth, reference_size=120, seed=1)
+    other = score.silhouette_per_image(vectors, truth, reference_size=120, seed=2)
+    np.testing.assert_array_equal(sampled, again)
+    assert not np.array_equal(sampled, other)
+    assert np.isfinite(sampled).all()
+    assert abs(sampled.mean() - exact.mean()) < 0.02
+    assert np.abs(sampled - exact).max() < 0.15
+
+
+def test_noise_and_single_image_clusters(blobs) -> None:
+    vectors, truth = blobs
+    clusters = truth.copy()
+    clusters[:10] = score.NOISE
+    clusters[10] = 7  # a cluster of one image
+    ours = score.silhouette_per_image(vectors, clusters, reference_size=10000, seed=0)
+    assert np.isnan(ours[:10]).all()
+    assert ours[10] == 0.0
+    kept = clusters != score.NOISE
+    np.testing.assert_allclose(
+        ours[kept], silhouette_samples(vectors[kept], clusters[kept]), atol=1e-5
+    )
+    one_cluster = score.silhouette_per_image(vectors, np.zeros(300, int), 10000, 0)
+    assert np.isnan(one_cluster).all()
+
+
+def test_hungarian_accuracy_matches_clusters_to_labels() -> None:
+    truth = np.array(["a", "a", "a", "b", "b", "c", "c", "c"])
+    renamed = np.array([2, 2, 2, 0, 0, 1, 1, 1])
+    assert score.hungarian_accuracy(truth, renamed) == 1.0
+    one_wrong = np.array([2, 2, 0, 0, 0, 1, 1, 1])
+    assert score.hungarian_accuracy(truth, one_wrong) == 7 / 8
+    merged = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    assert score.hungarian_accuracy(truth, merged) == 6 / 8
+    noise = np.array([-1, -1, -1, 0, 0, 1, 1, 1])
+    assert score.hungarian_accuracy(truth, noise) == 5 / 8
+
+
+def test_metrics_are_flat_and_agree_with_labels(blobs) -> None:
+    vectors, truth = blobs
+    silhouettes = score.silhouette_per_image(vectors, truth, 10000, 0)
+    per_cluster = score.silhouette_table(truth, silhouettes)
+    labels = pd.Series([f"digit {value}" for value in truth])
+    metrics = score.cluster_metrics(vectors, truth, silhouettes, per_cluster, labels)
+    assert metrics["accuracy"] == metrics["ari"] == metrics["nmi"] == 1.0
+    assert metrics["n_clusters"] == 3
+    assert metrics["size_min"] + metrics["size_max"] + metrics["size_median"] == 300
+    assert metrics["silhouette"] == pytest.approx(silhouette_samples(vectors, truth).mean(), 1e-5)
+    assert metrics["calinski_harabasz"] > 0 and metrics["davies_bouldin"] > 0
+    assert all(not isinstance(value, dict | list) for value in metrics.values())
+
+
+def test_without_labels_there_is_no_agreement_metric(blobs) -> None:
+    vectors, truth = blobs
+    silhouettes = score.silhouette_per_image(vectors, truth, 10000, 0)
+    per_cluster = score.silhouette_table(truth, silhouettes)
+    unlabelled = pd.Series([None] * len(truth), dtype=object)
+    metrics = score.cluster_metrics(vectors, truth, silhouettes, per_cluster, unlabelled)
+    assert "accuracy" not in metrics and "ari" not in metrics
+
+
+def test_noise_share_and_undefined_scores_with_one_cluster(blobs) -> None:
+    vectors, _ = blobs
+    clusters = np.zeros(300, dtype=int)
+    clusters[:30] = score.NOISE
+    silhouettes = score.silhouette_per_image(vectors, clusters, 10000, 0)
+    per_cluster = score.silhouette_table(clusters, silhouettes)
+    metrics = score.cluster_metrics(
+        vectors, clusters, silhouettes, per_cluster, pd.Series([None] * 300)
+    )
+    assert metrics["noise_share"] == 0.1
+    assert metrics["n_clusters"] == 1
+    assert metrics["silhouette"] is None and metrics["davies_bouldin"] is None
+
+
+def test_outliers_are_noise_then_the_lowest_silhouettes() -> None:
+    scores = pd.DataFrame(
+        {
+            "id": ["a", "b", "c", "d", "e"],
+            "path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"],
+            "cluster": [0, -1, 1, -1, 0],
+            "silhouette": [0.5, np.nan, -0.2, np.nan, 0.1],
+            "center_distance": [1.0, 3.0, 2.0, 9.0, 1.5],
+        }
+    )
+    table = score.outlier_table(scores, count=2)
+    assert table["id"].tolist() == ["d", "b", "c", "e"]
+    assert table["reason"].tolist() == ["noise", "noise", "low silhouette", "low silhouette"]
+
+
+def test_central_rows_put_the_nearest_images_first() -> None:
+    clusters = np.array([0, 0, 1, 0, -1, 1])
+    distances = np.array([3.0, 1.0, 2.0, 2.0, 0.0, 0.5])
+    ids = ["a", "b", "c", "d", "e", "f"]
+    rows = score.central_rows(clusters, distances, ids)
+    assert rows[0].tolist() == [1, 3, 0]
+    assert rows[1].tolist() == [5, 2]
+    assert -1 not in rows
+
+
+def test_mosaics_show_each_cluster_in_a_grid(tmp_path: Path) -> None:
+    thumbs = np.stack([np.full((6, 10, 3), value, dtype=np.uint8) for value in range(30)])
+    clusters = np.array([0] * 25 + [1] * 5)
+    rows = score.central_rows(clusters, np.arange(30.0), [str(i) for i in range(30)])
+    per_cluster = pd.DataFrame({"cluster": [0, 1], "size": [25, 5], "silhouette": [0.4, 0.2]})
+    folder = tmp_path / "mosaics"
+    folder.mkdir()
+    (folder / "cluster-099.png").write_bytes(b"from an older run")
+    score.write_mosaics(thumbs, rows, per_cluster, side=4, directory=folder)
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "cluster-000.png",
+        "cluster-001.png",
+        "overview.png",
+    ]
+    full = np.asarray(Image.open(folder / "cluster-000.png"))
+    assert full.shape == (4 * 8 + 2, 4 * 12 + 2, 3)  # 4x4 of 16 shown, not 25
+    assert full[2, 2, 0] == 0 and full[2, 2 + 12, 0] == 1  # nearest the center first
+    small = np.asarray(Image.open(folder / "cluster-001.png"))
+    assert small.shape == (2 * 8 + 2, 4 * 12 + 2, 3)
+
+
+@pytest.fixture
+def score_project(tmp_path: Path, monkeypatch, project_params: dict[str, Any]) -> Path:
+    """A project folder with every input of score: 3 labelled blobs of 90 images."""
+    vectors, truth = make_blobs(n_samples=90, centers=3, n_features=6, random_state=2)
+    ids = [f"image-{row:03d}" for row in range(90)]
+    monkeypatch.chdir(tmp_path)
+    params = copy.deepcopy(project_params)
+    params["score"]["outliers"] = 5
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    codes = vectors.astype(np.float32)
+    common.EMBEDDINGS_FILE.parent.mkdir(parents=True)
+    pq.write_table(embed.embeddings_table(ids, codes), common.EMBEDDINGS_FILE)
+    common.write_parquet(
+        pd.DataFrame({"id": ids, "cluster": truth, "x": vectors[:, 0], "y": vectors[:, 1]}),
+        score.CLUSTERS_FILE,
+    )
+    manifest = pd.DataFrame(
+        {"id": ids, "path": [f"{i}.png" for i in ids], "label": [str(t) for t in truth]}
+    )
+    common.write_parquet(manifest, common.MANIFEST_FILE)
+    thumbs = np.random.default_rng(0).integers(0, 255, (90, 9, 16, 3), dtype=np.uint8)
+    common.INTERIM_DIR.mkdir(parents=True)
+    np.save(common.THUMBS_FILE, thumbs)
+    common.write_parquet(pd.DataFrame({"id": ids}), common.ARRAY_IDS_FILE)
+    return tmp_path
+
+
+def test_stage_writes_every_output(score_project: Path) -> None:
+    score.main()
+    metrics = json.loads(score.CLUSTER_METRICS_FILE.read_text())
+    assert metrics["accuracy"] == 1.0 and metrics["n_clusters"] == 3
+    table = pd.read_csv(score.SILHOUETTE_FILE)
+    assert table.columns.tolist() == ["cluster", "size", "silhouette"]
+    assert table["size"].sum() == 90
+    scores = pd.read_parquet(score.SCORES_FILE)
+    assert scores.columns.tolist() == ["id", "cluster", "silhouette", "center_distance"]
+    outliers = pd.read_csv(score.OUTLIERS_FILE)
+    assert len(outliers) == 5 and set(outliers["reason"]) == {"low silhouette"}
+    assert outliers["silhouette"].is_monotonic_increasing
+    assert outliers["path"].str.endswith(".png").all()
+    assert len(list(score.MOSAICS_DIR.glob("cluster-*.png"))) == 3
+    assert Image.open(score.OUTLIERS_MOSAIC_FILE).size[0] > 0
+
+
+def test_stage_refuses_clusters_of_other_images(score_project: Path) -> None:
+    table = pd.read_parquet(score.CLUSTERS_FILE)
+    common.write_parquet(table.iloc[1:], score.CLUSTERS_FILE)
+    with pytest.raises(common.UserError, match="does not match"):
+        score.main()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("silhouette_sample", 1), ("mosaic_side", 0), ("outliers", -1), ("seed", "x")],
+)
+def test_bad_params_name_the_key(project_params, key: str, value: Any) -> None:
+    params = copy.deepcopy(project_params)
+    params["score"][key] = value
+    with pytest.raises(common.UserError, match=f"score.{key} = "):
+        score.ScoreParams.from_params(params)
