@@ -40,6 +40,7 @@ format:
 bench: setup
 	$(RUN) $(BIN)/python bench/prepare.py
 	$(RUN) $(BIN)/python bench/embed.py
+	$(RUN) $(BIN)/python bench/cluster.py
 
 ## Regenerate requirements.txt (every pin) from requirements.in (the direct dependencies).
 lock:

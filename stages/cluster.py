@@ -242,6 +242,13 @@ def fit_umap(vectors: np.ndarray, params: ClusterParams, components: int) -> Any
         # of reproducible results, not something for the user to act on.
         warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
         reducer.fit(vectors)
+    unplaced = int((~np.isfinite(reducer.embedding_)).any(axis=1).sum())
+    if unplaced:
+        # UMAP leaves an image it could not connect to any neighbour at NaN.
+        raise common.UserError(
+            f"UMAP could not place {unplaced} of {len(vectors)} images (they share no "
+            "neighbour with the rest): raise cluster.umap.n_neighbors"
+        )
     return reducer
 
 

@@ -210,7 +210,6 @@ def cluster_metrics(
     kept = clusters != NOISE
     found = len(per_cluster)
     values: dict[str, Any] = {
-        "images": len(clusters),
         "n_clusters": found,
         "noise_share": float(1.0 - kept.mean()) if len(clusters) else 0.0,
         "size_min": int(per_cluster["size"].min()) if found else 0,
