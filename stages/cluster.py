@@ -25,6 +25,8 @@ as the original project did, so a million images never need a million-point UMAP
 
 from __future__ import annotations
 
+import copy
+import importlib
 import time
 import warnings
 from collections.abc import Callable
@@ -203,6 +205,101 @@ class ClusterModel:
             return self.clusters_of(points), points
         mapped = np.asarray(self.mapper.transform(vectors), dtype=np.float32)
         return self.clusters_of(points), mapped
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state to pickle, with numba-compiled functions saved by name.
+
+        Numba pickles a compiled function with an id drawn afresh in every process, so the
+        same fit would give different model files; a name gives the same bytes every time.
+        """
+        state = dict(vars(self))
+        state["reducer"] = functions_by_name(self.reducer)
+        state["mapper"] = functions_by_name(self.mapper)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickled model, looking its compiled functions up again."""
+        vars(self).update(state)
+        for estimator in (self.reducer, self.mapper):
+            if estimator is not None:
+                for key, value in vars(estimator).items():
+                    if isinstance(value, CompiledFunction | SearchIndexState):
+                        setattr(estimator, key, value.resolve())
+
+
+@dataclass(frozen=True)
+class CompiledFunction:
+    """A numba-compiled library function (such as umap.distances.euclidean), by name."""
+
+    module: str
+    name: str
+
+    @classmethod
+    def of(cls, function: Any) -> CompiledFunction | None:
+        """A compiled function by name, or None when it is not a module's own function
+        (compiled at run time, so nothing to look up)."""
+        module, name = function.py_func.__module__, function.py_func.__name__
+        if getattr(importlib.import_module(module), name, None) is not function:
+            return None
+        return cls(module, name)
+
+    def resolve(self) -> Any:
+        """The compiled function itself."""
+        return getattr(importlib.import_module(self.module), self.name)
+
+
+@dataclass
+class SearchIndexState:
+    """UMAP's nearest-neighbour index (pynndescent, fitted on more than 4,096 images), pickled
+    without the search function it compiles at run time: restoring the index compiles it
+    again, and its pickle would carry a random id."""
+
+    kind: type
+    state: dict[str, Any]
+
+    @classmethod
+    def of(cls, index: Any) -> SearchIndexState:
+        """The portable state of a fitted index: library functions by name, and without
+        the functions compiled at run time (unpickling the index compiles them again)."""
+        state = {}
+        for key, value in index.__getstate__().items():
+            if hasattr(value, "py_func"):
+                value = CompiledFunction.of(value)
+                if value is None:
+                    continue
+            state[key] = value
+        return cls(type(index), state)
+
+    def resolve(self) -> Any:
+        """The index, rebuilt through its own unpickling."""
+        state = {
+            key: value.resolve() if isinstance(value, CompiledFunction) else value
+            for key, value in self.state.items()
+        }
+        index = self.kind.__new__(self.kind)
+        index.__setstate__(state)
+        return index
+
+
+def functions_by_name(estimator: Any) -> Any:
+    """A shallow copy of `estimator` whose numba-compiled attributes are CompiledFunctions
+    and whose nearest-neighbour index, if any, is a SearchIndexState."""
+    if estimator is None:
+        return None
+    compiled: dict[str, Any] = {}
+    for key, value in vars(estimator).items():
+        if hasattr(value, "py_func"):  # numba dispatchers keep the Python function there
+            named = CompiledFunction.of(value)
+            if named is not None:  # else kept as it is: loadable, if not byte-stable
+                compiled[key] = named
+    index = getattr(estimator, "_knn_search_index", None)
+    if index is not None and hasattr(index, "__setstate__"):
+        compiled["_knn_search_index"] = SearchIndexState.of(index)
+    if not compiled:
+        return estimator
+    named = copy.copy(estimator)
+    vars(named).update(compiled)
+    return named
 
 
 def renumber(raw: np.ndarray, order: dict[int, int]) -> np.ndarray:
@@ -548,4 +645,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    common.run_stage(main)
+    # Run the importable module's main, so that the pickled model names its class
+    # stages.cluster.ClusterModel (loadable anywhere), not __main__.ClusterModel.
+    from stages import cluster
+
+    common.run_stage(cluster.main)

@@ -192,3 +192,19 @@ def test_too_many_neighbours_for_a_small_sample_is_a_clear_error(blobs, project_
 def test_bad_params_name_the_key(project_params, key: str, value: Any, words: str) -> None:
     with pytest.raises(common.UserError, match=words):
         blob_params(project_params, **{key: value})
+
+
+def test_a_model_fitted_on_many_images_pickles_its_search_index(project_params, tmp_path) -> None:
+    # Above 4,096 images UMAP keeps a pynndescent index for transform; it must survive the
+    # file and leave out what numba compiles at run time.
+    vectors, truth = make_blobs(
+        n_samples=4200, centers=3, n_features=8, cluster_std=0.5, random_state=4
+    )
+    params = blob_params(project_params, n_clusters=3)
+    fit = cluster.fit_clusters(vectors.astype(np.float32), params)
+    state = fit.model.__getstate__()
+    assert isinstance(vars(state["reducer"])["_knn_search_index"], cluster.SearchIndexState)
+    cluster.write_model(fit.model, tmp_path / "cluster.joblib")
+    model = cluster.load_model(tmp_path / "cluster.joblib")
+    np.testing.assert_array_equal(model.predict(vectors[:300]), fit.clusters[:300])
+    assert adjusted_rand_score(truth, fit.clusters) == 1.0

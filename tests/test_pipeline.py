@@ -169,6 +169,29 @@ def test_retraining_gives_a_byte_identical_model(demo: tuple[Path, str]) -> None
     assert "Stage 'embed' didn't change" in printed, "an identical model reruns nothing"
 
 
+def test_the_cluster_model_is_byte_stable_and_loads_in_a_fresh_process(
+    demo: tuple[Path, str],
+) -> None:
+    project, _ = demo
+    model = project / "models/cluster.joblib"
+    before = model.read_bytes()
+    assert "Running stage 'cluster'" in dvc(["repro", "--force", "cluster"], project)
+    assert model.read_bytes() == before, "numba's per-process ids must not reach the file"
+    assert "Stage 'score' didn't change" in dvc(["repro"], project)
+    script = (
+        "import joblib, pandas as pd\n"
+        "from stages.common import read_embeddings\n"
+        "ids, vectors = read_embeddings()\n"
+        "model = joblib.load('models/cluster.joblib')\n"
+        "fitted = pd.read_parquet('data/processed/clusters.parquet')\n"
+        "assert fitted['id'].tolist() == ids\n"
+        "print((model.predict(vectors) == fitted['cluster'].to_numpy()).mean())\n"
+    )
+    result = run([sys.executable, "-c", script], project)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip().splitlines()[-1]) == 1.0
+
+
 @pytest.mark.parametrize("method", ["classical", "hdbscan"])
 def test_other_methods_run_as_experiments_and_line_up_in_metrics_diff(
     demo: tuple[Path, str], method: str
