@@ -195,7 +195,8 @@ class ClusterModel:
 
     def map_coordinates(self, vectors: np.ndarray) -> np.ndarray:
         """(x, y) of each latent vector on the 2-D map."""
-        return self.predict_with_map(vectors)[1]
+        mapper = self.reducer if self.mapper is None else self.mapper
+        return np.asarray(mapper.transform(vectors), dtype=np.float32)
 
     def predict_with_map(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cluster numbers and (x, y) map positions, transforming each vector only once
@@ -419,13 +420,16 @@ def fit_n2d(vectors: np.ndarray, params: ClusterParams) -> tuple[ClusterModel, n
     points = reducer.embedding_.astype(np.float32)
     seed = params.random_state
 
+    assigners: dict[int, Any] = {}  # each k's fit, so the chosen one is not fitted again
+
     def labels_for_k(k: int) -> np.ndarray:
-        return fit_assigner(points, k, params.assign, seed).predict(points)
+        assigners[k] = fit_assigner(points, k, params.assign, seed)
+        return assigners[k].predict(points)
 
     k, curve = choose_k(
         k_candidates(params, len(points)), labels_for_k, points, params.criterion, seed
     )
-    assigner = fit_assigner(points, k, params.assign, seed)
+    assigner = assigners[k]
     raw = assigner.predict(points)
     model = ClusterModel("n2d", reducer, assigner, None, size_order(raw), None)
     return model, raw, curve
