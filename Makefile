@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Stage commands in dvc.yaml call `python`: the project's environment comes first on PATH.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH" TF_CPP_MIN_LOG_LEVEL=3
 
-.PHONY: setup demo test lint format bench lock clean-cache
+.PHONY: setup browser demo test lint format bench lock clean-cache
 
 setup: $(STAMP)
 
@@ -17,13 +17,22 @@ $(STAMP): requirements.txt
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+## Debian's chromium, for the explorer's browser tests and bench (as root, or with sudo).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  command -v apt-get >/dev/null || { echo "Install Debian's chromium at $(CHROMIUM) for the explorer tests" >&2; exit 1; }; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; \
+	fi
+
 ## Set up and run the whole pipeline on the built-in demo collection.
 demo: setup
 	$(RUN) $(BIN)/dvc repro
 	$(RUN) $(BIN)/dvc metrics show
 
 ## Set up, lint and run every test.
-test: setup
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(RUN) $(BIN)/python -m pytest
@@ -37,10 +46,11 @@ format:
 	$(BIN)/ruff format .
 
 ## Benchmarks print figures; they are not tests.
-bench: setup
+bench: setup browser
 	$(RUN) $(BIN)/python bench/prepare.py
 	$(RUN) $(BIN)/python bench/embed.py
 	$(RUN) $(BIN)/python bench/cluster.py
+	$(RUN) $(BIN)/python bench/explore.py
 
 ## Regenerate requirements.txt (every pin) from requirements.in (the direct dependencies).
 lock:

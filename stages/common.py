@@ -14,6 +14,7 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -297,6 +298,24 @@ def atomic_output(path: Path) -> Iterator[Path]:
             temporary.unlink()
 
 
+@contextlib.contextmanager
+def replace_folder(directory: Path) -> Iterator[Path]:
+    """Yield an empty staging folder that replaces `directory` as a whole if the block succeeds.
+
+    `directory` is a stage's own output (DVC removes it before a run anyway); a failed run
+    leaves the last good one in place.
+    """
+    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        shutil.rmtree(directory, ignore_errors=True)
+        staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_bytes_atomic(data: bytes, path: Path) -> None:
     """Write bytes to `path` atomically."""
     with atomic_output(path) as temporary:
@@ -371,6 +390,16 @@ def load_pixels(path: Path = PIXELS_FILE) -> tuple[list[str], np.ndarray]:
     if len(ids) != len(array):
         raise UserError(f"{path} has {len(array)} rows for {len(ids)} ids: run `dvc repro prepare`")
     return ids, array
+
+
+def load_thumbs(ids: list[str]) -> np.ndarray:
+    """prepare's display thumbnails (memory-mapped), checked to be in the order of `ids`."""
+    thumb_ids, thumbs = load_pixels(THUMBS_FILE)
+    if thumb_ids != ids:
+        raise UserError(
+            f"{THUMBS_FILE} and {EMBEDDINGS_FILE} list different images: run `dvc repro`"
+        )
+    return thumbs
 
 
 def read_embeddings(path: Path = EMBEDDINGS_FILE) -> tuple[list[str], np.ndarray]:

@@ -21,7 +21,6 @@ that cluster in different spaces are compared on the same ground. Noise (-1) has
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,30 +327,15 @@ def write_mosaics(
     directory: Path,
 ) -> None:
     """A mosaic per cluster and the overview sheet, replacing the folder as a whole."""
-    staging = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    digits = max(3, len(str(max(rows_by_cluster, default=0))))
-    for cluster, rows in rows_by_cluster.items():
-        image = mosaic(thumbs[rows[: side * side]], side)
-        image.save(staging / f"cluster-{cluster:0{digits}d}.png", format="PNG")
-    overview_sheet(thumbs, rows_by_cluster, per_cluster).save(staging / "overview.png")
-    shutil.rmtree(directory, ignore_errors=True)  # our own output of the last run
-    staging.rename(directory)
+    with common.replace_folder(directory) as staging:
+        digits = max(3, len(str(max(rows_by_cluster, default=0))))
+        for cluster, rows in rows_by_cluster.items():
+            image = mosaic(thumbs[rows[: side * side]], side)
+            image.save(staging / f"cluster-{cluster:0{digits}d}.png", format="PNG")
+        overview_sheet(thumbs, rows_by_cluster, per_cluster).save(staging / "overview.png")
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def aligned_thumbs(ids: list[str]) -> np.ndarray:
-    """The thumbnails in the order of `ids`, checked against prepare's ids."""
-    thumb_ids, thumbs = common.load_pixels(common.THUMBS_FILE)
-    if thumb_ids != ids:
-        raise common.UserError(
-            f"{common.THUMBS_FILE} and {common.EMBEDDINGS_FILE} list different images: "
-            "run `dvc repro`"
-        )
-    return thumbs
 
 
 def main() -> None:
@@ -388,7 +372,7 @@ def main() -> None:
     outliers = outlier_table(scores, params.outliers)
     with common.atomic_output(OUTLIERS_FILE) as temporary:
         outliers.to_csv(temporary, index=False, float_format="%.6g")
-    thumbs = aligned_thumbs(ids)
+    thumbs = common.load_thumbs(ids)
     rows_by_cluster = central_rows(clusters, distances, ids)
     write_mosaics(thumbs, rows_by_cluster, per_cluster, params.mosaic_side, MOSAICS_DIR)
     row_of = {image_id: row for row, image_id in enumerate(ids)}

@@ -26,8 +26,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -571,21 +569,17 @@ def write_outputs(
     models: Models, result: TrainResult, params: TrainParams, pixels: np.ndarray, rows: dict
 ) -> None:
     """Write the models, their spec, the metrics, the loss curve and the preview."""
-    staging = MODEL_DIR.with_name(f".{MODEL_DIR.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_model(models.encoder, staging / ENCODER_FILE.name)
-    if models.autoencoder is not None:
-        save_model(models.autoencoder, staging / AUTOENCODER_FILE.name)
-    spec = {
-        "encoder": params.encoder,
-        "model": params.model if params.encoder == "autoencoder" else params.pretrained.name,
-        "input_shape": list(models.encoder.input_shape[1:]),
-        "latent_dim": result.metrics["latent_dim"],
-    }
-    (staging / SPEC_FILE.name).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-    shutil.rmtree(MODEL_DIR, ignore_errors=True)
-    staging.rename(MODEL_DIR)
+    with common.replace_folder(MODEL_DIR) as staging:
+        save_model(models.encoder, staging / ENCODER_FILE.name)
+        if models.autoencoder is not None:
+            save_model(models.autoencoder, staging / AUTOENCODER_FILE.name)
+        spec = {
+            "encoder": params.encoder,
+            "model": params.model if params.encoder == "autoencoder" else params.pretrained.name,
+            "input_shape": list(models.encoder.input_shape[1:]),
+            "latent_dim": result.metrics["latent_dim"],
+        }
+        (staging / SPEC_FILE.name).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
 
     common.write_json(result.metrics, TRAIN_METRICS_FILE)
     curve = result.history.to_csv(index=False, float_format="%.6g")

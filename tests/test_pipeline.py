@@ -18,7 +18,7 @@ from PIL import Image
 
 from stages.common import read_embeddings
 
-STAGES = ("sync", "prepare", "split", "train", "embed", "cluster", "score")
+STAGES = ("sync", "prepare", "split", "train", "embed", "cluster", "score", "explore", "posters")
 DATA_STAGES = ("sync", "prepare", "split")  # integer work: bytes match on any machine
 
 
@@ -156,6 +156,50 @@ def test_a_thumbnail_setting_never_retrains_the_model(demo: tuple[Path, str]) ->
     finally:
         params_file.write_text(original)
         dvc(["repro"], project)
+
+
+def test_the_demo_explorer_and_posters_are_written(demo: tuple[Path, str]) -> None:
+    project, _ = demo
+    explorer = project / "reports/explorer"
+    prefix = "window.EXPLORER_DATA = "
+    data = json.loads((explorer / "data.js").read_text()[len(prefix) : -2])
+    clusters = pd.read_parquet(project / "data/processed/clusters.parquet")
+    assert data["count"] == 1797
+    assert data["columns"]["id"] == clusters["id"].tolist()
+    assert data["columns"]["cluster"] == clusters["cluster"].tolist()
+    assert data["collection"] == "../../data/raw/collections/"
+    for name in (*data["atlas"]["files"], "index.html", "explorer.js", "explorer.css"):
+        assert (explorer / name).stat().st_size > 0, name
+
+    posters = project / "reports/posters"
+    table = pd.read_csv(posters / "posters.csv")
+    templates = sorted(p.stem for p in (project / "templates/posters").glob("*.yaml"))
+    expected = {f"{name}-{index:02d}.jpg" for name in templates for index in (1, 2)}
+    assert set(table["poster"]) == expected
+    assert table.groupby("poster")["id"].apply(lambda ids: ids.is_unique).all()
+    for name in expected:
+        with Image.open(posters / name) as poster:
+            assert poster.format == "JPEG" and poster.info["dpi"][0] > 0
+    for name in templates:
+        assert (posters / f"{name}-preview.png").exists()
+
+
+def test_a_poster_setting_reruns_only_the_posters(demo: tuple[Path, str]) -> None:
+    project, _ = demo
+    params_file = project / "params.yaml"
+    original = params_file.read_text()
+    first = (project / "reports/posters/landscape-01.jpg").read_bytes()
+    try:
+        params = yaml.safe_load(original)
+        params["posters"]["seed"] += 1
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        printed = dvc(["repro"], project)
+        assert printed.count("Running stage") == 1 and "Running stage 'posters'" in printed
+        assert (project / "reports/posters/landscape-01.jpg").read_bytes() != first
+    finally:
+        params_file.write_text(original)
+        dvc(["repro"], project)
+    assert (project / "reports/posters/landscape-01.jpg").read_bytes() == first
 
 
 def test_retraining_gives_a_byte_identical_model(demo: tuple[Path, str]) -> None:

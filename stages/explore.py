@@ -1,0 +1,305 @@
+"""explore: an offline page to browse every image by cluster, like Facets Dive and Overview.
+
+Params (params.yaml):
+  explore.max_images     the page shows at most this many images (a seeded sample beyond);
+                         the overview still counts the whole collection
+  explore.sprite_height  thumbnail height in the sprite atlases, in px (the width keeps
+                         prepare's thumbnail aspect)
+  explore.atlas_quality  JPEG quality of the sprite atlases
+  explore.seed           seeds the sample
+Inputs:  data/processed/clusters.parquet (cluster, x, y), data/processed/scores.parquet
+         (silhouette), data/processed/split.parquet, data/raw/manifest.parquet,
+         data/raw/rejected.csv, data/interim/thumbs.npy + ids.parquet
+Outputs: reports/explorer/ (index.html, explorer.js, explorer.css, favicon.svg, data.js,
+         atlas-NNN.jpg)
+
+The page is self-contained: it loads only files of its own folder, so it opens from disk
+(file://) and over HTTP alike, offline. The detail panel links the full-size image by a
+relative path into data/raw/collections/. The page's own code is in stages/explorer_page/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from stages import common
+
+STAGE = "explore"
+CLUSTERS_FILE = common.PROCESSED_DIR / "clusters.parquet"
+SCORES_FILE = common.PROCESSED_DIR / "scores.parquet"
+EXPLORER_DIR = Path("reports/explorer")
+PAGE_FILES_DIR = Path(__file__).with_name("explorer_page")
+PAGE_FILES = ("index.html", "explorer.js", "explorer.css", "favicon.svg")
+DATA_SCRIPT = "data.js"
+MAX_ATLAS_SIDE = 8192  # px; larger images fail to decode or draw in some browsers
+TEXT_COLUMNS = ("id", "path", "subset", "place", "label", "taken_at", "month")
+NUMBER_COLUMNS = ("x", "y", "silhouette", "latitude", "longitude")
+FLAG_COLUMNS = ("blank", "duplicate")
+
+
+@dataclass(frozen=True)
+class ExploreParams:
+    """The explore section of params.yaml, checked."""
+
+    max_images: int
+    sprite_height: int
+    atlas_quality: int
+    seed: int
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> ExploreParams:
+        """Read and check every explore param."""
+        quality = common.int_param(params, "explore.atlas_quality", minimum=1)
+        if quality > 95:
+            raise common.param_error("explore.atlas_quality", quality, "expected 1 to 95")
+        height = common.int_param(params, "explore.sprite_height", minimum=8)
+        if height > 512:
+            raise common.param_error("explore.sprite_height", height, "expected 8 to 512 px")
+        return cls(
+            max_images=common.int_param(params, "explore.max_images", minimum=1),
+            sprite_height=height,
+            atlas_quality=quality,
+            seed=common.int_param(params, "explore.seed", minimum=0),
+        )
+
+
+@dataclass(frozen=True)
+class AtlasGrid:
+    """How sprites are packed: `columns` x `rows` sprites of `width` x `height` px per atlas."""
+
+    width: int
+    height: int
+    columns: int
+    rows: int
+
+    @property
+    def per_atlas(self) -> int:
+        """Sprites one atlas holds."""
+        return self.columns * self.rows
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def explorer_table(
+    clusters: pd.DataFrame, scores: pd.DataFrame, split: pd.DataFrame, manifest: pd.DataFrame
+) -> pd.DataFrame:
+    """One row per clustered image, in the clusters' order, with every field the page shows.
+
+    Columns: id, path, cluster, x, y, silhouette, subset, taken_at, month, place, latitude,
+    longitude, label, blank, duplicate.
+    """
+    table = clusters[["id", "cluster", "x", "y"]].copy()
+    table["silhouette"] = scores.set_index("id")["silhouette"].reindex(table["id"]).to_numpy()
+    table["subset"] = split.set_index("id")["subset"].reindex(table["id"]).to_numpy()
+    fields = ["path", "taken_at", "place", "latitude", "longitude", "label", "blank", "duplicate"]
+    details = manifest.set_index("id")[fields].reindex(table["id"])
+    for field in fields:
+        table[field] = details[field].to_numpy()
+    taken_at = pd.to_datetime(table["taken_at"])
+    table["month"] = taken_at.dt.strftime("%Y-%m")
+    table["taken_at"] = taken_at.dt.strftime("%Y-%m-%d %H:%M:%S")
+    return table
+
+
+def sample_rows(count: int, limit: int, seed: int) -> np.ndarray:
+    """All row numbers when count <= limit, else a seeded sample of `limit`, in order."""
+    if count <= limit:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
+
+
+def collection_summary(
+    manifest: pd.DataFrame, rejected_count: int, clustered: int, shown: int
+) -> dict[str, int]:
+    """Counts for the overview tab that the page's own rows cannot tell."""
+    return {
+        "collection_images": len(manifest),
+        "clustered_images": clustered,
+        "shown_images": shown,
+        "rejected_files": rejected_count,
+        "with_timestamp": int(manifest["taken_at"].notna().sum()),
+        "with_location": int((manifest["latitude"].notna() & manifest["longitude"].notna()).sum()),
+        "blank_images": int(manifest["blank"].sum()),
+        "duplicate_images": int(manifest["duplicate"].sum()),
+    }
+
+
+def json_column(values: pd.Series, kind: str) -> list[Any]:
+    """A column as JSON-ready values: NaN and missing become null, numbers are rounded."""
+    present = values.notna().to_numpy()
+    if kind == "text":
+        return [str(v) if ok else None for v, ok in zip(values.tolist(), present)]
+    if kind == "flag":
+        return [bool(v) if ok else False for v, ok in zip(values.tolist(), present)]
+    return [round(float(v), 5) if ok else None for v, ok in zip(values.tolist(), present)]
+
+
+def page_data(
+    table: pd.DataFrame, grid: AtlasGrid, atlas_files: list[str], summary: dict, collection: str
+) -> dict[str, Any]:
+    """Everything the page reads, as one JSON-ready dict (columns, not rows: smaller, faster)."""
+    columns: dict[str, list[Any]] = {"cluster": [int(v) for v in table["cluster"]]}
+    for name in TEXT_COLUMNS:
+        columns[name] = json_column(table[name], "text")
+    for name in NUMBER_COLUMNS:
+        columns[name] = json_column(table[name], "number")
+    for name in FLAG_COLUMNS:
+        columns[name] = json_column(table[name], "flag")
+    return {
+        "count": len(table),
+        "columns": columns,
+        "sprite": {"width": grid.width, "height": grid.height},
+        "atlas": {"columns": grid.columns, "rows": grid.rows, "files": atlas_files},
+        "collection": collection,
+        "summary": summary,
+    }
+
+
+def data_script(data: dict[str, Any]) -> str:
+    """The data as a script that sets window.EXPLORER_DATA.
+
+    A script, not a JSON file, because browsers refuse fetch() of files from file:// pages.
+    ASCII-only JSON with '<' escaped cannot end the script or be read as markup.
+    """
+    text = json.dumps(data, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    text = text.replace("<", "\\u003c")
+    return f"window.EXPLORER_DATA = {text};\n"
+
+
+# ----------------------------------------------------------------------------- atlases
+
+
+def atlas_grid(thumb_shape: tuple[int, int], sprite_height: int, count: int) -> AtlasGrid:
+    """Sprite size from the thumbnails' (height, width) and the grid of one atlas.
+
+    An atlas holds as many sprites as fit in MAX_ATLAS_SIDE on both sides, and no more
+    rows than `count` needs, so a small collection gets one small atlas.
+    """
+    thumb_height, thumb_width = thumb_shape
+    height = min(sprite_height, MAX_ATLAS_SIDE)
+    width = max(1, min(MAX_ATLAS_SIDE, round(height * thumb_width / thumb_height)))
+    columns = max(1, min(MAX_ATLAS_SIDE // width, math.ceil(math.sqrt(count * height / width))))
+    rows = max(1, min(MAX_ATLAS_SIDE // height, math.ceil(count / columns)))
+    return AtlasGrid(width=width, height=height, columns=columns, rows=rows)
+
+
+def sprite(thumb: np.ndarray, grid: AtlasGrid) -> Image.Image:
+    """One thumbnail at sprite size."""
+    image = Image.fromarray(np.asarray(thumb))
+    if image.size == (grid.width, grid.height):
+        return image
+    return image.resize((grid.width, grid.height), Image.Resampling.LANCZOS)
+
+
+def atlases(thumbs: np.ndarray, rows: np.ndarray, grid: AtlasGrid) -> Iterator[Image.Image]:
+    """The sprite atlases of thumbs[rows], in order: sprite i sits in atlas i // per_atlas,
+    at column (i % per_atlas) % columns and row (i % per_atlas) // columns."""
+    for start in range(0, len(rows), grid.per_atlas):
+        block = rows[start : start + grid.per_atlas]
+        used_rows = math.ceil(len(block) / grid.columns)
+        atlas = Image.new("RGB", (grid.columns * grid.width, used_rows * grid.height))
+        for index, row in enumerate(block):
+            column, line = index % grid.columns, index // grid.columns
+            atlas.paste(sprite(thumbs[row], grid), (column * grid.width, line * grid.height))
+        yield atlas
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def write_explorer(
+    directory: Path, data: dict[str, Any], atlas_images: Iterator[Image.Image], quality: int
+) -> list[str]:
+    """Write the page, its data script and atlases into `directory`, replacing it as a whole.
+
+    Returns the atlas file names, which must match data["atlas"]["files"].
+    """
+    names: list[str] = []
+    with common.replace_folder(directory) as staging:
+        for index, atlas in enumerate(atlas_images):
+            name = f"atlas-{index:03d}.jpg"
+            atlas.save(staging / name, format="JPEG", quality=quality)
+            names.append(name)
+        if names != data["atlas"]["files"]:
+            raise ValueError(f"atlases written {names} differ from the data's")
+        (staging / DATA_SCRIPT).write_text(data_script(data), encoding="ascii")
+        for name in PAGE_FILES:
+            shutil.copyfile(PAGE_FILES_DIR / name, staging / name)
+    return names
+
+
+def atlas_names(count: int, grid: AtlasGrid) -> list[str]:
+    """The atlas file names for `count` sprites."""
+    return [f"atlas-{index:03d}.jpg" for index in range(math.ceil(count / grid.per_atlas))]
+
+
+def read_rejected_count(path: Path = common.REJECTED_FILE) -> int:
+    """How many files sync rejected (0 when it has written no list)."""
+    if not path.exists():
+        return 0
+    return len(pd.read_csv(path, dtype=str, keep_default_na=False))
+
+
+def build_explorer(
+    table: pd.DataFrame,
+    thumbs: np.ndarray,
+    summary: dict[str, int],
+    params: ExploreParams,
+    directory: Path,
+    collection_dir: Path,
+) -> dict[str, Any]:
+    """Write the explorer of `table` (row-aligned with `thumbs`) into `directory`.
+
+    Returns the page data.
+    """
+    rows = sample_rows(len(table), params.max_images, params.seed)
+    shown = table.iloc[rows].reset_index(drop=True)
+    grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, len(rows))
+    collection = Path(os.path.relpath(collection_dir, directory)).as_posix() + "/"
+    summary = {**summary, "shown_images": len(rows)}
+    data = page_data(shown, grid, atlas_names(len(rows), grid), summary, collection)
+    write_explorer(directory, data, atlases(thumbs, rows, grid), params.atlas_quality)
+    return data
+
+
+def main() -> None:
+    """Read clusters, scores, split, manifest and thumbnails; write reports/explorer/."""
+    started = time.perf_counter()
+    logger = common.get_logger(STAGE)
+    params = ExploreParams.from_params(common.load_params())
+    clusters = common.read_parquet(CLUSTERS_FILE, made_by="cluster")
+    scores = common.read_parquet(SCORES_FILE, made_by="score")
+    split = common.read_parquet(common.SPLIT_FILE, made_by="split")
+    manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
+    ids = clusters["id"].tolist()
+    thumbs = common.load_thumbs(ids)
+    table = explorer_table(clusters, scores, split, manifest)
+    summary = collection_summary(manifest, read_rejected_count(), len(table), len(table))
+    data = build_explorer(table, thumbs, summary, params, EXPLORER_DIR, common.COLLECTION_DIR)
+    logger.info(
+        "%d of %d images on the page, %d atlas(es) of %dx%d sprites; open %s; %.1f s",
+        data["count"],
+        len(table),
+        len(data["atlas"]["files"]),
+        data["sprite"]["width"],
+        data["sprite"]["height"],
+        EXPLORER_DIR / "index.html",
+        time.perf_counter() - started,
+    )
+
+
+if __name__ == "__main__":
+    common.run_stage(main)

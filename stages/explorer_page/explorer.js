@@ -1,0 +1,748 @@
+// The explorer: every image as a thumbnail on one canvas, laid out on the 2-D map or
+// binned in a grid, colored, filtered, zoomable. Data comes from data.js (written by
+// stages/explore.py) as columns. Values from the data are only ever set as text
+// (textContent, fillText, attributes through properties), never parsed as markup.
+"use strict";
+
+(function () {
+  const data = window.EXPLORER_DATA;
+  const $ = (id) => document.getElementById(id);
+
+  if (!data) {
+    $("message").hidden = false;
+    $("message").textContent = "data.js is missing: run `dvc repro explore`.";
+    return;
+  }
+
+  const count = data.count;
+  const col = data.columns;
+  const spriteWidth = data.sprite.width;
+  const spriteHeight = data.sprite.height;
+  const perAtlas = data.atlas.columns * data.atlas.rows;
+  const NONE = "(none)";
+  const NOISE = -1;
+  const ZOOM_STEP = 1.5;
+  const CLICK_SLOP = 5; // px a press may move and still count as a click
+  const MIN_THUMB_PX = 4; // below this on screen, draw colored cells, not thumbnails
+
+  // ------------------------------------------------------------------ state
+
+  const state = {
+    layout: "map",
+    binBy: "cluster",
+    colorBy: "cluster",
+    filterCluster: "all",
+    silhouetteMin: null,
+    silhouetteMax: null,
+    text: "",
+    selected: -1,
+  };
+  const view = { scale: 1, x: 0, y: 0 }; // screen = world * scale + (x, y), CSS px
+  let visible = new Int32Array(0); // indices of the shown images, in drawing order
+  const worldX = new Float32Array(count);
+  const worldY = new Float32Array(count);
+  let groups = []; // grid layout: {label, count, x, y, width, height}
+  let bounds = { left: 0, top: 0, right: 1, bottom: 1 };
+  let palette = []; // CSS colors
+  let colorIndex = new Uint16Array(count); // per image, its color in the palette
+  let legendEntries = [];
+
+  const canvas = $("view");
+  const context = canvas.getContext("2d");
+  // Each atlas is decoded once into ImageBitmaps, full size and a quarter size for the
+  // zoomed-out view: drawing from a plain <img> of 8192 px may decode it again every frame.
+  const LOW_DETAIL = 4;
+  // Whole pixels per small sprite: fractional source rectangles draw slower and bleed.
+  const smallWidth = Math.max(1, Math.round(spriteWidth / LOW_DETAIL));
+  const smallHeight = Math.max(1, Math.round(spriteHeight / LOW_DETAIL));
+  const atlases = data.atlas.files.map((file) => {
+    const atlas = { full: null, small: null, failed: false };
+    const image = new Image();
+    image.onload = () => {
+      const small = {
+        resizeWidth: (image.naturalWidth / spriteWidth) * smallWidth,
+        resizeHeight: (image.naturalHeight / spriteHeight) * smallHeight,
+        resizeQuality: "medium",
+      };
+      Promise.all([createImageBitmap(image), createImageBitmap(image, small)]).then(
+        ([full, reduced]) => {
+          atlas.full = full;
+          atlas.small = reduced;
+          requestDraw();
+        },
+        () => {
+          atlas.failed = true;
+          showMessage("Could not decode " + file + ": run `dvc repro explore`.");
+        }
+      );
+    };
+    image.onerror = () => {
+      atlas.failed = true;
+      showMessage("Could not load " + file + ": run `dvc repro explore`.");
+    };
+    image.src = file;
+    return atlas;
+  });
+
+  function showMessage(text) {
+    $("message").hidden = false;
+    $("message").textContent = text;
+  }
+
+  // ------------------------------------------------------------------ values
+
+  function fieldValue(field, index) {
+    const value = col[field][index];
+    return value === null || value === undefined ? NONE : String(value);
+  }
+
+  function categoryOrder(field, values) {
+    // Clusters in numeric order (noise last), months in time order, others by size.
+    const counts = new Map();
+    for (const value of values) counts.set(value, (counts.get(value) || 0) + 1);
+    const keys = Array.from(counts.keys());
+    if (field === "cluster") {
+      keys.sort((a, b) => {
+        const na = Number(a), nb = Number(b);
+        return (na === NOISE) - (nb === NOISE) || na - nb;
+      });
+    } else if (field === "month") {
+      keys.sort((a, b) => (a === NONE) - (b === NONE) || (a < b ? -1 : a > b ? 1 : 0));
+    } else {
+      keys.sort((a, b) => counts.get(b) - counts.get(a) || (a < b ? -1 : a > b ? 1 : 0));
+    }
+    return keys.map((key) => ({ key, count: counts.get(key) }));
+  }
+
+  function categoryColor(position, key) {
+    if (key === NONE || key === String(NOISE)) return "#777777";
+    const hue = (position * 137.508) % 360; // golden angle: neighbours differ
+    return "hsl(" + hue.toFixed(1) + ", 70%, 55%)";
+  }
+
+  const SILHOUETTE_STOPS = [
+    [-1, [68, 1, 84]],
+    [-0.25, [59, 82, 139]],
+    [0.25, [33, 145, 140]],
+    [0.6, [94, 201, 98]],
+    [1, [253, 231, 37]],
+  ];
+
+  function silhouetteColor(value) {
+    if (value === null || value === undefined) return "#777777";
+    for (let i = 1; i < SILHOUETTE_STOPS.length; i += 1) {
+      const [high, highColor] = SILHOUETTE_STOPS[i];
+      if (value <= high || i === SILHOUETTE_STOPS.length - 1) {
+        const [low, lowColor] = SILHOUETTE_STOPS[i - 1];
+        const t = Math.min(1, Math.max(0, (value - low) / (high - low)));
+        const rgb = lowColor.map((c, k) => Math.round(c + t * (highColor[k] - c)));
+        return "rgb(" + rgb.join(",") + ")";
+      }
+    }
+    return "#777777";
+  }
+
+  const SILHOUETTE_STEPS = 40; // silhouettes are colored in steps of 0.05
+
+  function computeColors() {
+    colorIndex = new Uint16Array(count);
+    legendEntries = [];
+    if (state.colorBy === "silhouette") {
+      palette = [];
+      for (let step = 0; step <= SILHOUETTE_STEPS; step += 1) {
+        palette.push(silhouetteColor(-1 + (2 * step) / SILHOUETTE_STEPS));
+      }
+      palette.push("#777777"); // no silhouette: noise
+      for (let i = 0; i < count; i += 1) {
+        const value = col.silhouette[i];
+        colorIndex[i] = value === null
+          ? SILHOUETTE_STEPS + 1
+          : Math.round(((Math.max(-1, Math.min(1, value)) + 1) / 2) * SILHOUETTE_STEPS);
+      }
+      legendEntries = [
+        { gradient: true, label: "-1 \u2026 1" },
+        { color: "#777777", label: "none (noise)" },
+      ];
+      return;
+    }
+    const field = state.colorBy;
+    const values = [];
+    for (let i = 0; i < count; i += 1) values.push(fieldValue(field, i));
+    const order = categoryOrder(field, values);
+    const indexOf = new Map();
+    palette = order.map((entry, position) => {
+      const color = categoryColor(position, entry.key);
+      indexOf.set(entry.key, position);
+      legendEntries.push({ color, label: field + " " + entry.key, count: entry.count });
+      return color;
+    });
+    for (let i = 0; i < count; i += 1) colorIndex[i] = indexOf.get(values[i]);
+  }
+
+  // ------------------------------------------------------------------ filter and layout
+
+  function passes(i) {
+    if (state.filterCluster !== "all" && String(col.cluster[i]) !== state.filterCluster) {
+      return false;
+    }
+    const s = col.silhouette[i];
+    if (state.silhouetteMin !== null && (s === null || s < state.silhouetteMin)) return false;
+    if (state.silhouetteMax !== null && (s === null || s > state.silhouetteMax)) return false;
+    if (state.text) {
+      const id = col.id[i].toLowerCase();
+      const place = (col.place[i] || "").toLowerCase();
+      if (!id.includes(state.text) && !place.includes(state.text)) return false;
+    }
+    return true;
+  }
+
+  function applyFilter() {
+    const shown = [];
+    for (let i = 0; i < count; i += 1) if (passes(i)) shown.push(i);
+    visible = Int32Array.from(shown);
+    $("shown").textContent = visible.length.toLocaleString("en-US");
+    $("total").textContent = count.toLocaleString("en-US");
+    if (state.selected >= 0 && !passes(state.selected)) closeDetail();
+  }
+
+  function layoutMap() {
+    // The cluster stage's 2-D map, scaled to a square world about sqrt(n) cells wide.
+    let minX = Infinity, maxX = -Infinity, minY = Infinity, maxY = -Infinity;
+    for (let i = 0; i < count; i += 1) {
+      minX = Math.min(minX, col.x[i]); maxX = Math.max(maxX, col.x[i]);
+      minY = Math.min(minY, col.y[i]); maxY = Math.max(maxY, col.y[i]);
+    }
+    const side = Math.max(spriteWidth, spriteHeight) * Math.max(4, Math.sqrt(count) * 1.6);
+    const spanX = maxX - minX || 1, spanY = maxY - minY || 1;
+    for (let i = 0; i < count; i += 1) {
+      worldX[i] = ((col.x[i] - minX) / spanX) * side;
+      worldY[i] = (1 - (col.y[i] - minY) / spanY) * side; // y grows upwards on a map
+    }
+    groups = [];
+    bounds = { left: 0, top: 0, right: side + spriteWidth, bottom: side + spriteHeight };
+  }
+
+  function layoutGrid() {
+    // One block per value of the bin field, each about square; blocks flow in rows.
+    const field = state.binBy;
+    const members = new Map();
+    const values = [];
+    for (const i of visible) values.push(fieldValue(field, i));
+    for (const entry of categoryOrder(field, values)) members.set(entry.key, []);
+    visible.forEach((i, k) => members.get(values[k]).push(i));
+    const gap = spriteWidth;
+    const labelSpace = spriteHeight * 1.5;
+    const area = visible.length * spriteWidth * spriteHeight;
+    const rowWidth = Math.max(spriteWidth * 8, Math.sqrt(area) * 2);
+    groups = [];
+    let x = 0, y = labelSpace, lineHeight = 0, right = 0;
+    for (const [key, indices] of members) {
+      const columns = Math.max(1, Math.ceil(Math.sqrt(indices.length * spriteHeight / spriteWidth)));
+      const width = columns * spriteWidth;
+      const height = Math.ceil(indices.length / columns) * spriteHeight;
+      if (x > 0 && x + width > rowWidth) {
+        x = 0;
+        y += lineHeight + labelSpace + gap;
+        lineHeight = 0;
+      }
+      indices.forEach((i, k) => {
+        worldX[i] = x + (k % columns) * spriteWidth;
+        worldY[i] = y + Math.floor(k / columns) * spriteHeight;
+      });
+      groups.push({ key, label: field + " " + key, count: indices.length, x, y, width, height });
+      x += width + gap;
+      right = Math.max(right, x);
+      lineHeight = Math.max(lineHeight, height);
+    }
+    bounds = { left: 0, top: 0, right: Math.max(right, 1), bottom: y + lineHeight + gap };
+  }
+
+  function relayout(fit) {
+    applyFilter();
+    if (state.layout === "map") layoutMap();
+    else layoutGrid();
+    renderGroups();
+    if (fit) fitView();
+    requestDraw();
+  }
+
+  // ------------------------------------------------------------------ view
+
+  function canvasSize() {
+    return { width: canvas.clientWidth, height: canvas.clientHeight };
+  }
+
+  function fitView() {
+    const { width, height } = canvasSize();
+    const margin = 20;
+    const worldWidth = bounds.right - bounds.left, worldHeight = bounds.bottom - bounds.top;
+    view.scale = Math.max(
+      1e-4,
+      Math.min((width - 2 * margin) / worldWidth, (height - 2 * margin) / worldHeight)
+    );
+    view.x = (width - worldWidth * view.scale) / 2 - bounds.left * view.scale;
+    view.y = (height - worldHeight * view.scale) / 2 - bounds.top * view.scale;
+    requestDraw();
+  }
+
+  function zoomAt(factor, screenX, screenY) {
+    const scale = Math.min(64, Math.max(1e-4, view.scale * factor));
+    view.x = screenX - ((screenX - view.x) * scale) / view.scale;
+    view.y = screenY - ((screenY - view.y) * scale) / view.scale;
+    view.scale = scale;
+    requestViewDraw();
+  }
+
+  // Two kinds of frame. A full draw renders every image in view and keeps a snapshot of
+  // the result. While the user pans or zooms, frames only move and scale that snapshot
+  // (one blit, however many images), and a full draw follows once the view rests.
+  const snapshot = { canvas: document.createElement("canvas"), scale: 0, x: 0, y: 0 };
+  const REST_MS = 150;
+  let drawPending = false, viewOnly = true, restTimer = 0;
+
+  function requestDraw() {
+    viewOnly = false;
+    scheduleFrame();
+  }
+
+  function requestViewDraw() {
+    window.clearTimeout(restTimer);
+    restTimer = window.setTimeout(requestDraw, REST_MS);
+    scheduleFrame();
+  }
+
+  function scheduleFrame() {
+    if (drawPending) return;
+    drawPending = true;
+    window.requestAnimationFrame(() => {
+      drawPending = false;
+      if (viewOnly && snapshot.scale > 0) drawSnapshot();
+      else draw();
+      viewOnly = true;
+    });
+  }
+
+  function drawSnapshot() {
+    const ratio = window.devicePixelRatio || 1;
+    const zoom = view.scale / snapshot.scale;
+    context.setTransform(1, 0, 0, 1, 0, 0);
+    context.clearRect(0, 0, canvas.width, canvas.height);
+    context.setTransform(zoom, 0, 0, zoom, ratio * (view.x - snapshot.x * zoom), ratio * (view.y - snapshot.y * zoom));
+    context.drawImage(snapshot.canvas, 0, 0);
+  }
+
+  function keepSnapshot() {
+    if (snapshot.canvas.width !== canvas.width || snapshot.canvas.height !== canvas.height) {
+      snapshot.canvas.width = canvas.width;
+      snapshot.canvas.height = canvas.height;
+    }
+    const copy = snapshot.canvas.getContext("2d");
+    copy.clearRect(0, 0, canvas.width, canvas.height);
+    copy.drawImage(canvas, 0, 0);
+    Object.assign(snapshot, { scale: view.scale, x: view.x, y: view.y });
+  }
+
+  function resizeCanvas() {
+    const ratio = window.devicePixelRatio || 1;
+    const { width, height } = canvasSize();
+    canvas.width = Math.max(1, Math.round(width * ratio));
+    canvas.height = Math.max(1, Math.round(height * ratio));
+  }
+
+  let lastDrawMs = 0;
+  function draw() {
+    const started = performance.now();
+    const ratio = window.devicePixelRatio || 1;
+    const { width, height } = canvasSize();
+    if (canvas.width !== Math.round(width * ratio)) resizeCanvas();
+    context.setTransform(1, 0, 0, 1, 0, 0);
+    context.clearRect(0, 0, canvas.width, canvas.height);
+    context.setTransform(ratio * view.scale, 0, 0, ratio * view.scale, ratio * view.x, ratio * view.y);
+    // Cells in view only: the world rectangle the screen shows.
+    const left = -view.x / view.scale - spriteWidth, right = (width - view.x) / view.scale;
+    const top = -view.y / view.scale - spriteHeight, bottom = (height - view.y) / view.scale;
+    const drawThumbs = spriteWidth * view.scale >= MIN_THUMB_PX;
+    // Zoomed out, sprites come from the quarter-size atlas: less to filter per draw.
+    const reduced = spriteWidth * view.scale < spriteWidth / LOW_DETAIL;
+    const sourceWidth = reduced ? smallWidth : spriteWidth;
+    const sourceHeight = reduced ? smallHeight : spriteHeight;
+    const frame = Math.max(spriteWidth * 0.06, 1 / view.scale);
+    context.imageSmoothingEnabled = true;
+    // Colored cells first, one path per color (setting a fill style per image is slow),
+    // then the thumbnails on top, in drawing order.
+    const paths = palette.map(() => new Path2D());
+    const inView = [];
+    for (const i of visible) {
+      const x = worldX[i], y = worldY[i];
+      if (x < left || x > right || y < top || y > bottom) continue;
+      paths[colorIndex[i]].rect(x, y, spriteWidth, spriteHeight);
+      inView.push(i);
+    }
+    paths.forEach((path, k) => {
+      context.fillStyle = palette[k];
+      context.fill(path);
+    });
+    for (const i of drawThumbs ? inView : []) {
+      const x = worldX[i], y = worldY[i];
+      const atlas = atlases[Math.floor(i / perAtlas)];
+      const bitmap = reduced ? atlas.small : atlas.full;
+      if (!bitmap) continue;
+      const cell = i % perAtlas;
+      const sourceX = (cell % data.atlas.columns) * sourceWidth;
+      const sourceY = Math.floor(cell / data.atlas.columns) * sourceHeight;
+      context.drawImage(
+        bitmap, sourceX, sourceY, sourceWidth, sourceHeight,
+        x + frame, y + frame, spriteWidth - 2 * frame, spriteHeight - 2 * frame
+      );
+    }
+    if (state.selected >= 0 && passes(state.selected)) {
+      context.strokeStyle = "#ffffff";
+      context.lineWidth = 3 / view.scale;
+      context.strokeRect(worldX[state.selected], worldY[state.selected], spriteWidth, spriteHeight);
+    }
+    context.setTransform(ratio, 0, 0, ratio, 0, 0);
+    context.fillStyle = "#e6e6e6";
+    context.font = "12px system-ui, sans-serif";
+    context.textBaseline = "bottom";
+    for (const group of groups) {
+      const sx = group.x * view.scale + view.x, sy = group.y * view.scale + view.y - 3;
+      if (sx > width || sy < 0 || sy > height + 12) continue;
+      context.fillText(group.label + " (" + group.count + ")", sx, sy);
+    }
+    keepSnapshot();
+    lastDrawMs = performance.now() - started;
+  }
+
+  // ------------------------------------------------------------------ picking and detail
+
+  function imageAt(screenX, screenY) {
+    const x = (screenX - view.x) / view.scale, y = (screenY - view.y) / view.scale;
+    for (let k = visible.length - 1; k >= 0; k -= 1) {
+      const i = visible[k]; // drawn last = on top
+      if (x >= worldX[i] && x < worldX[i] + spriteWidth && y >= worldY[i] && y < worldY[i] + spriteHeight) {
+        return i;
+      }
+    }
+    return -1;
+  }
+
+  function collectionUrl(path) {
+    // Each segment percent-encoded: a name with '#', '?', '<' or spaces stays a file name.
+    return data.collection + path.split("/").map(encodeURIComponent).join("/");
+  }
+
+  function formatNumber(value, digits) {
+    return value === null || value === undefined ? "" : Number(value).toFixed(digits);
+  }
+
+  function openDetail(i) {
+    state.selected = i;
+    $("detail").hidden = false;
+    $("detail-id").textContent = col.id[i];
+    const url = collectionUrl(col.path[i]);
+    $("detail-link").href = url;
+    $("detail-image").src = url;
+    $("detail-image").onload = (event) => {
+      // Tiny originals (the demo's 32 px digits) are enlarged as pixels, not blurred.
+      event.target.classList.toggle("small", event.target.naturalWidth < 160);
+    };
+    $("detail-image").alt = col.id[i];
+    const rows = [
+      ["id", col.id[i]],
+      ["cluster", String(col.cluster[i])],
+      ["silhouette", formatNumber(col.silhouette[i], 3)],
+      ["taken at", col.taken_at[i] || ""],
+      ["place", col.place[i] || ""],
+      ["latitude", formatNumber(col.latitude[i], 4)],
+      ["longitude", formatNumber(col.longitude[i], 4)],
+      ["label", col.label[i] || ""],
+      ["subset", col.subset[i] || ""],
+      ["file", col.path[i]],
+    ];
+    if (col.blank[i]) rows.push(["flag", "blank frame"]);
+    if (col.duplicate[i]) rows.push(["flag", "duplicate"]);
+    const list = $("detail-fields");
+    list.replaceChildren();
+    for (const [name, value] of rows) {
+      const term = document.createElement("dt");
+      term.textContent = name;
+      const description = document.createElement("dd");
+      description.textContent = value === "" ? "\u2014" : value;
+      description.dataset.field = name;
+      list.append(term, description);
+    }
+    requestDraw();
+  }
+
+  function closeDetail() {
+    state.selected = -1;
+    $("detail").hidden = true;
+    $("detail-image").removeAttribute("src");
+    requestDraw();
+  }
+
+  // ------------------------------------------------------------------ side lists
+
+  function listItem(color, label, size, gradient) {
+    const item = document.createElement("li");
+    const swatch = document.createElement("span");
+    swatch.className = gradient ? "gradient" : "swatch";
+    if (gradient) {
+      swatch.style.background = "linear-gradient(to right, " +
+        SILHOUETTE_STOPS.map(([, rgb]) => "rgb(" + rgb.join(",") + ")").join(", ") + ")";
+    } else if (color) {
+      swatch.style.background = color;
+    }
+    const text = document.createElement("span");
+    text.textContent = label;
+    item.append(swatch, text);
+    if (size !== undefined) {
+      const number = document.createElement("span");
+      number.className = "size";
+      number.textContent = size.toLocaleString("en-US");
+      item.append(number);
+    }
+    return item;
+  }
+
+  function renderLegend() {
+    const list = $("legend");
+    list.replaceChildren();
+    $("legend-title").textContent = "Colors: " + state.colorBy;
+    for (const entry of legendEntries.slice(0, 100)) {
+      list.append(listItem(entry.color, entry.label, entry.count, entry.gradient));
+    }
+    if (legendEntries.length > 100) list.append(listItem(null, "\u2026 and " + (legendEntries.length - 100) + " more"));
+  }
+
+  function renderGroups() {
+    const list = $("groups");
+    list.replaceChildren();
+    for (const group of groups) {
+      const item = listItem(null, group.label, group.count);
+      item.dataset.key = group.key;
+      list.append(item);
+    }
+  }
+
+  function fillClusterFilter() {
+    const select = $("filter-cluster");
+    const values = [];
+    for (let i = 0; i < count; i += 1) values.push(String(col.cluster[i]));
+    for (const entry of categoryOrder("cluster", values)) {
+      const option = document.createElement("option");
+      option.value = entry.key;
+      option.textContent = (entry.key === String(NOISE) ? "noise" : "cluster " + entry.key) +
+        " (" + entry.count + ")";
+      select.append(option);
+    }
+  }
+
+  // ------------------------------------------------------------------ overview tab
+
+  function cell(row, value, className) {
+    const td = document.createElement("td");
+    td.textContent = value;
+    if (className) td.className = className;
+    row.append(td);
+    return td;
+  }
+
+  function barCell(row, share, negative) {
+    const td = cell(row, "", "bar-cell");
+    const bar = document.createElement("div");
+    bar.className = negative ? "bar bar-negative" : "bar";
+    bar.style.width = (Math.max(0, Math.min(1, share)) * 100).toFixed(1) + "%";
+    td.append(bar);
+  }
+
+  function renderOverview() {
+    const summary = data.summary;
+    const summaryRows = [
+      ["images in the collection", summary.collection_images],
+      ["images clustered", summary.clustered_images],
+      ["images on this page", summary.shown_images],
+      ["rejected files", summary.rejected_files],
+      ["with a timestamp", summary.with_timestamp],
+      ["with a location", summary.with_location],
+      ["blank frames", summary.blank_images],
+      ["duplicates", summary.duplicate_images],
+    ];
+    const table = $("summary");
+    table.replaceChildren();
+    for (const [name, value] of summaryRows) {
+      const row = document.createElement("tr");
+      cell(row, name);
+      cell(row, Number(value).toLocaleString("en-US"), "number");
+      row.dataset.key = name;
+      table.append(row);
+    }
+
+    const sizes = new Map(), sums = new Map(), scored = new Map();
+    for (let i = 0; i < count; i += 1) {
+      const key = String(col.cluster[i]);
+      sizes.set(key, (sizes.get(key) || 0) + 1);
+      if (col.silhouette[i] !== null) {
+        sums.set(key, (sums.get(key) || 0) + col.silhouette[i]);
+        scored.set(key, (scored.get(key) || 0) + 1);
+      }
+    }
+    const largest = Math.max(1, ...sizes.values());
+    const body = $("cluster-table").tBodies[0];
+    body.replaceChildren();
+    for (const { key } of categoryOrder("cluster", Array.from(sizes.keys()))) {
+      const row = document.createElement("tr");
+      row.dataset.cluster = key;
+      cell(row, key === String(NOISE) ? "noise" : key);
+      cell(row, sizes.get(key).toLocaleString("en-US"), "number");
+      barCell(row, sizes.get(key) / largest, false);
+      const mean = scored.get(key) ? sums.get(key) / scored.get(key) : null;
+      cell(row, mean === null ? "" : mean.toFixed(3), "number");
+      if (mean === null) cell(row, "");
+      else barCell(row, Math.abs(mean), mean < 0);
+      body.append(row);
+    }
+
+    const subsets = new Map();
+    for (let i = 0; i < count; i += 1) {
+      const key = fieldValue("subset", i);
+      subsets.set(key, (subsets.get(key) || 0) + 1);
+    }
+    const subsetTable = $("subset-table");
+    subsetTable.replaceChildren();
+    for (const [key, size] of subsets) {
+      const row = document.createElement("tr");
+      cell(row, key);
+      cell(row, size.toLocaleString("en-US"), "number");
+      subsetTable.append(row);
+    }
+  }
+
+  function showTab(name) {
+    const overview = name === "overview";
+    $("overview-view").hidden = !overview;
+    $("explorer-view").hidden = overview;
+    $("tab-overview").setAttribute("aria-selected", String(overview));
+    $("tab-explorer").setAttribute("aria-selected", String(!overview));
+    if (!overview) {
+      resizeCanvas();
+      requestDraw();
+    }
+  }
+
+  // ------------------------------------------------------------------ events
+
+  function readNumber(input) {
+    const value = input.value.trim();
+    if (value === "") return null;
+    const number = Number(value);
+    return Number.isFinite(number) ? number : null;
+  }
+
+  $("layout").addEventListener("change", (event) => {
+    state.layout = event.target.value;
+    relayout(true);
+  });
+  $("bin-by").addEventListener("change", (event) => {
+    state.binBy = event.target.value;
+    if (state.layout === "grid") relayout(true);
+  });
+  $("color-by").addEventListener("change", (event) => {
+    state.colorBy = event.target.value;
+    computeColors();
+    renderLegend();
+    requestDraw();
+  });
+  $("filter-cluster").addEventListener("change", (event) => {
+    state.filterCluster = event.target.value;
+    relayout(state.layout === "grid");
+  });
+  for (const id of ["silhouette-min", "silhouette-max"]) {
+    $(id).addEventListener("input", () => {
+      state.silhouetteMin = readNumber($("silhouette-min"));
+      state.silhouetteMax = readNumber($("silhouette-max"));
+      relayout(false);
+    });
+  }
+  $("filter-text").addEventListener("input", (event) => {
+    state.text = event.target.value.trim().toLowerCase();
+    relayout(false);
+  });
+  $("zoom-in").addEventListener("click", () => zoomAt(ZOOM_STEP, canvas.clientWidth / 2, canvas.clientHeight / 2));
+  $("zoom-out").addEventListener("click", () => zoomAt(1 / ZOOM_STEP, canvas.clientWidth / 2, canvas.clientHeight / 2));
+  $("zoom-fit").addEventListener("click", fitView);
+  $("detail-close").addEventListener("click", closeDetail);
+  $("tab-explorer").addEventListener("click", () => showTab("explorer"));
+  $("tab-overview").addEventListener("click", () => showTab("overview"));
+
+  canvas.addEventListener("wheel", (event) => {
+    event.preventDefault();
+    const box = canvas.getBoundingClientRect();
+    zoomAt(Math.exp(-event.deltaY * 0.0015), event.clientX - box.left, event.clientY - box.top);
+  }, { passive: false });
+
+  let press = null;
+  canvas.addEventListener("pointerdown", (event) => {
+    press = { x: event.clientX, y: event.clientY, viewX: view.x, viewY: view.y, moved: false };
+    canvas.setPointerCapture(event.pointerId);
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (!press) return;
+    const dx = event.clientX - press.x, dy = event.clientY - press.y;
+    if (!press.moved && Math.hypot(dx, dy) < CLICK_SLOP) return;
+    press.moved = true;
+    canvas.classList.add("dragging");
+    view.x = press.viewX + dx;
+    view.y = press.viewY + dy;
+    requestViewDraw();
+  });
+  canvas.addEventListener("pointerup", (event) => {
+    if (press && !press.moved) {
+      const box = canvas.getBoundingClientRect();
+      const i = imageAt(event.clientX - box.left, event.clientY - box.top);
+      if (i >= 0) openDetail(i);
+      else closeDetail();
+    }
+    press = null;
+    canvas.classList.remove("dragging");
+  });
+  window.addEventListener("keydown", (event) => {
+    if (event.target instanceof HTMLInputElement) return;
+    const middleX = canvas.clientWidth / 2, middleY = canvas.clientHeight / 2;
+    if (event.key === "+" || event.key === "=") zoomAt(ZOOM_STEP, middleX, middleY);
+    else if (event.key === "-") zoomAt(1 / ZOOM_STEP, middleX, middleY);
+    else if (event.key === "0") fitView();
+    else if (event.key === "Escape") closeDetail();
+  });
+  new ResizeObserver(() => {
+    resizeCanvas();
+    requestDraw();
+  }).observe(canvas);
+
+  // A small read-only handle for tests and the curious: where an image is on screen.
+  window.explorer = {
+    shownCount: () => visible.length,
+    groupLabels: () => groups.map((group) => group.label),
+    screenPointOf(id) {
+      const i = col.id.indexOf(id);
+      if (i < 0 || !passes(i)) return null;
+      const box = canvas.getBoundingClientRect();
+      return {
+        x: box.left + (worldX[i] + spriteWidth / 2) * view.scale + view.x,
+        y: box.top + (worldY[i] + spriteHeight / 2) * view.scale + view.y,
+      };
+    },
+    lastDrawMs: () => lastDrawMs,
+    atlasesLoaded: () => atlases.every((atlas) => atlas.full !== null && atlas.small !== null),
+    zoomAt,
+    fitView,
+    draw,
+  };
+
+  fillClusterFilter();
+  computeColors();
+  renderLegend();
+  renderOverview();
+  resizeCanvas();
+  relayout(true);
+})();
