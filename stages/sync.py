@@ -1,15 +1,24 @@
 """sync: bring images from a source into the collection and describe every one of them.
 
 Params (params.yaml, section sync):
-  source            a folder (searched recursively) or builtin:digits (the demo)
+  source            a folder (searched recursively), s3://bucket/prefix, a list of image
+                    URLs (an http(s) URL or a local .txt file, one URL per line), or
+                    builtin:digits (the demo)
   history           optional locations file of `lat;lon;id;place` lines, joined on id
   taken_at_pattern  strptime pattern matched against file names (ISS: %Y%m%d-%H%M%S)
   label_from        none | folder (the top-level sub-folder names the label)
   max_pixels        images with more pixels are rejected (decompression bombs)
   blank_max_std     frames whose gray levels vary less than this are flagged blank
   mirror            also remove collection files that the source no longer has
+  s3_endpoint_url   an S3-compatible server (MinIO, Ceph...), or null for AWS
+  timeout           seconds to connect to a remote source and to wait for each read
+  retries           further tries of a failed download, waiting retry_wait seconds
+  retry_wait        before the first retry, twice as long before each next one
+  max_bytes         larger files are refused (remote ones without being downloaded)
 Inputs:  the source; the history file when set
-Outputs: data/raw/collections/ (the images), data/raw/manifest.parquet, data/raw/rejected.csv
+Outputs: data/raw/collections/ (the images), data/raw/manifest.parquet, data/raw/rejected.csv,
+         data/raw/remote.parquet (path, url, etag, size, reason of each remote object seen,
+         so that the next run fetches only new or changed ones; empty for local sources)
 
 Every file is decoded before it is accepted; a bad file goes to rejected.csv with its
 reason and the rest goes on. A second run copies only new or changed files, and the
@@ -22,7 +31,7 @@ import io
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -31,11 +40,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from stages import common
+from stages import common, remote
 
 STAGE = "sync"
 BUILTIN_DIGITS = "builtin:digits"
-REMOTE_PREFIXES = ("s3://", "http://", "https://")
+REMOTE_STATE_FILE = common.RAW_DIR / "remote.parquet"
+REMOTE_STATE_COLUMNS = ["path", "url", "etag", "size", "reason"]
+REMOTE_WORKERS = 8  # downloads wait on the network: more of them than cores
 LABEL_SOURCES = ("none", "folder")
 EXIF_IFD_TAG = 0x8769
 EXIF_DATETIME_ORIGINAL_TAG = 36867
@@ -73,6 +84,7 @@ class SyncParams:
     max_pixels: int
     blank_max_std: float
     mirror: bool
+    remote: remote.RemoteSettings
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> SyncParams:
@@ -80,8 +92,16 @@ class SyncParams:
         source = common.optional_str_param(params, "sync.source")
         if source is None:
             raise common.param_error(
-                "sync.source", source, f"expected a folder path or {BUILTIN_DIGITS}"
+                "sync.source",
+                source,
+                f"expected a folder, s3://bucket/prefix, a URL list or {BUILTIN_DIGITS}",
             )
+        endpoint = common.optional_str_param(params, "sync.s3_endpoint_url")
+        if endpoint is not None and not endpoint.startswith(remote.HTTP_PREFIXES):
+            raise common.param_error(
+                "sync.s3_endpoint_url", endpoint, "expected http(s)://host:port, or null for AWS"
+            )
+        timeout = common.number_param(params, "sync.timeout", minimum=0.001)
         pattern = common.optional_str_param(params, "sync.taken_at_pattern")
         if pattern is not None and "%" not in pattern:
             raise common.param_error(
@@ -97,6 +117,13 @@ class SyncParams:
             max_pixels=common.int_param(params, "sync.max_pixels", minimum=1),
             blank_max_std=common.number_param(params, "sync.blank_max_std", minimum=0),
             mirror=common.bool_param(params, "sync.mirror"),
+            remote=remote.RemoteSettings(
+                endpoint_url=endpoint,
+                timeout=timeout,
+                retries=common.int_param(params, "sync.retries", minimum=0),
+                retry_wait=common.number_param(params, "sync.retry_wait", minimum=0),
+                max_bytes=common.int_param(params, "sync.max_bytes", minimum=1),
+            ),
         )
 
 
@@ -113,10 +140,12 @@ class SourceFile:
     local_path: Path | None = None  # set for files of a folder source
     content: bytes | None = None  # set for generated files (the built-in demo)
     label: str | None = None  # ground truth the source itself knows
+    remote: remote.RemoteObject | None = None  # set for files of an S3 or URL-list source
+    known: dict[str, Any] | None = None  # remote: what the last run saw (REMOTE_STATE_COLUMNS)
 
 
 def read_source_bytes(item: SourceFile) -> bytes:
-    """The bytes of a source file."""
+    """The bytes of a local or generated source file."""
     if item.content is not None:
         return item.content
     assert item.local_path is not None
@@ -195,8 +224,26 @@ def folder_source_files(folder: Path) -> tuple[list[SourceFile], int]:
     return files, hidden
 
 
+def remote_source_files(
+    source: str, settings: remote.RemoteSettings, state: dict[str, dict[str, Any]]
+) -> tuple[list[SourceFile], int, list[tuple[str, str]]]:
+    """The objects of an S3 or URL-list source, with what the last run saw of each; the
+    count of hidden ones skipped; and (name, reason) of those refused at listing."""
+    objects, refused, hidden = remote.list_remote(source, settings)
+    files = [
+        SourceFile(
+            item.relative_path,
+            item.size if item.size is not None else 0,
+            remote=item,
+            known=state.get(item.relative_path),
+        )
+        for item in objects
+    ]
+    return files, hidden, refused
+
+
 def list_source(source: str, collection: Path) -> tuple[list[SourceFile], int]:
-    """The files a source offers and the count of hidden files skipped.
+    """The files a local or built-in source offers and the count of hidden files skipped.
 
     Raises a UserError naming the source when it cannot be read.
     """
@@ -205,10 +252,6 @@ def list_source(source: str, collection: Path) -> tuple[list[SourceFile], int]:
     if source.startswith("builtin:"):
         raise common.param_error(
             "sync.source", source, f"the built-in collection is {BUILTIN_DIGITS}"
-        )
-    if source.startswith(REMOTE_PREFIXES):
-        raise common.param_error(
-            "sync.source", source, "S3 and HTTP sources are not supported yet; use a local folder"
         )
     folder = Path(source).expanduser()
     if not folder.exists():
@@ -306,6 +349,7 @@ class FileOutcome:
     reason: str | None = None
     copied: bool = False
     label: str | None = None
+    etag: str | None = None  # remote files: the version measured (or rejected)
 
 
 def bring_source_file(item: SourceFile, collection: Path, max_pixels: int) -> FileOutcome:
@@ -315,12 +359,47 @@ def bring_source_file(item: SourceFile, collection: Path, max_pixels: int) -> Fi
     never holds a partial file. A file the collection already has is only measured.
     """
     destination = collection / item.relative_path
+    if item.remote is not None:
+        return bring_remote_file(item, collection, max_pixels)
     if is_unchanged(item, destination):
         return measure_collection_file(item.relative_path, collection, max_pixels, item.label)
     try:
         data = read_source_bytes(item)
     except OSError as error:
         return FileOutcome(item.relative_path, None, f"cannot read: {error.strerror or error}")
+    return store_source_bytes(item, data, collection, max_pixels)
+
+
+def bring_remote_file(item: SourceFile, collection: Path, max_pixels: int) -> FileOutcome:
+    """Download a remote object (retried), measure it and store it like a local file.
+
+    A URL whose server answers that the copy we have is current (HTTP 304) is not
+    downloaded again: the collection's copy is measured, or its old rejection kept.
+    """
+    assert item.remote is not None
+    known = item.known or {}
+    destination = collection / item.relative_path
+    have_copy = destination.exists() or bool(known.get("reason"))
+    try:
+        fetched = remote.fetch(item.remote, known.get("etag") if have_copy else None)
+    except remote.TooLargeError as error:
+        return FileOutcome(item.relative_path, None, str(error), etag=error.etag)
+    except remote.FetchError as error:
+        return FileOutcome(item.relative_path, None, f"download failed: {error}")
+    if fetched.data is None:
+        if known.get("reason"):
+            return FileOutcome(item.relative_path, None, known["reason"], etag=fetched.etag)
+        outcome = measure_collection_file(item.relative_path, collection, max_pixels, item.label)
+        return replace(outcome, etag=fetched.etag)
+    outcome = store_source_bytes(item, fetched.data, collection, max_pixels)
+    return replace(outcome, etag=fetched.etag)
+
+
+def store_source_bytes(
+    item: SourceFile, data: bytes, collection: Path, max_pixels: int
+) -> FileOutcome:
+    """Measure a source file's bytes and, if they are a good image, put them in place."""
+    destination = collection / item.relative_path
     result = measure_image(data, max_pixels)
     if isinstance(result, str):
         return FileOutcome(item.relative_path, None, result, label=item.label)
@@ -546,34 +625,58 @@ class SyncSummary:
     hidden_skipped: int = 0
 
 
+@dataclass
+class SyncResult:
+    """What a sync run gives: the tables it writes and its counts."""
+
+    manifest: pd.DataFrame
+    rejected: pd.DataFrame  # path, reason
+    summary: SyncSummary
+    history: HistoryReport | None
+    remote_state: pd.DataFrame  # REMOTE_STATE_COLUMNS; empty for local sources
+
+
 def sync_collection(
     params: SyncParams,
     collection: Path,
     previous_manifest: pd.DataFrame | None,
     workers: int,
-) -> tuple[pd.DataFrame, pd.DataFrame, SyncSummary, HistoryReport | None]:
+    previous_remote: pd.DataFrame | None = None,
+) -> SyncResult:
     """Bring the source into `collection`; return the manifest, the rejected table and counts.
 
     Files the source lost stay in the collection and the manifest unless params.mirror is
-    set. Measurements are reused from `previous_manifest` for files that did not change.
+    set. Measurements are reused from `previous_manifest` for files that did not change;
+    remote objects whose ETag and size match `previous_remote` are not downloaded again.
     """
     history, history_report = (None, None)
     if params.history is not None:
         history, history_report = read_history(params.history)
-    source_files, hidden = list_source(params.source, collection)
-    summary = SyncSummary(offered=len(source_files), hidden_skipped=hidden)
+    refused: list[tuple[str, str]] = []
+    if remote.is_remote(params.source):
+        state = remote_state_rows(previous_remote)
+        source_files, hidden, refused = remote_source_files(params.source, params.remote, state)
+        workers = max(workers, REMOTE_WORKERS)
+    else:
+        source_files, hidden = list_source(params.source, collection)
+    summary = SyncSummary(offered=len(source_files) + len(refused), hidden_skipped=hidden)
     collection.mkdir(parents=True, exist_ok=True)
     remove_temporary_files(collection)
 
     previous_rows = reusable_rows(previous_manifest)
-    outcomes: list[FileOutcome] = []
+    outcomes: list[FileOutcome] = [FileOutcome(name, None, reason) for name, reason in refused]
     tasks: list[tuple[Any, ...]] = []
     for item in source_files:
         row = previous_rows.get(item.relative_path)
-        if row is not None and is_unchanged(item, collection / item.relative_path):
+        if item.remote is not None:
+            reused = reuse_remote_outcome(item, row, collection)
+            if reused is not None:
+                outcomes.append(reused)
+                continue
+        elif row is not None and is_unchanged(item, collection / item.relative_path):
             outcomes.append(outcome_from_row(row, item.label))
-        else:
-            tasks.append(("source", item, collection, params.max_pixels))
+            continue
+        tasks.append(("source", item, collection, params.max_pixels))
 
     offered_paths = {item.relative_path for item in source_files}
     leftovers = [path for path in collection_files(collection) if path not in offered_paths]
@@ -605,7 +708,64 @@ def sync_collection(
             f"sync.source: {params.source} gave no usable image"
             + (f" ({len(rejected)} rejected; see the reasons above)" if len(rejected) else "")
         )
-    return manifest, rejected, summary, history_report
+    remote_state = remote_state_table(source_files, outcomes)
+    return SyncResult(manifest, rejected, summary, history_report, remote_state)
+
+
+def remote_state_rows(previous: pd.DataFrame | None) -> dict[str, dict[str, Any]]:
+    """The last run's remote state by path (empty when there is none)."""
+    if previous is None or not set(REMOTE_STATE_COLUMNS) <= set(previous.columns):
+        return {}
+    rows = previous.astype(object).where(previous.notna(), None).to_dict("records")
+    return {str(row["path"]): row for row in rows}
+
+
+def reuse_remote_outcome(
+    item: SourceFile, row: dict[str, Any] | None, collection: Path
+) -> FileOutcome | None:
+    """The outcome of a remote object that has not changed since the last run (same ETag
+    and size, its copy in place or its rejection on record), without downloading it;
+    None when it must be fetched. URL lists tell no ETag: the server is asked instead."""
+    assert item.remote is not None
+    known = item.known
+    if known is None or item.remote.etag is None or known.get("etag") != item.remote.etag:
+        return None
+    if known.get("size") is None or int(known["size"]) != item.size:
+        return None
+    if known.get("reason"):
+        return FileOutcome(item.relative_path, None, str(known["reason"]), etag=item.remote.etag)
+    destination = collection / item.relative_path
+    if row is None or not destination.exists() or destination.stat().st_size != item.size:
+        return None
+    return replace(outcome_from_row(row, item.label), etag=item.remote.etag)
+
+
+def remote_state_table(source_files: list[SourceFile], outcomes: list[FileOutcome]) -> pd.DataFrame:
+    """What this run saw of each remote object, for the next run to compare against.
+
+    A failed download is recorded without an ETag, so the next run tries it again.
+    """
+    by_path = {outcome.relative_path: outcome for outcome in outcomes}
+    rows = []
+    for item in source_files:
+        outcome = by_path.get(item.relative_path)
+        if item.remote is None or outcome is None:
+            continue
+        failed = outcome.reason is not None and outcome.reason.startswith("download failed")
+        size = outcome.measurement.bytes if outcome.measurement is not None else item.size
+        rows.append(
+            {
+                "path": item.relative_path,
+                "url": item.remote.url,
+                "etag": None if failed else outcome.etag,
+                "size": None if failed else size,
+                "reason": outcome.reason,
+            }
+        )
+    table = pd.DataFrame(rows, columns=REMOTE_STATE_COLUMNS)
+    return table.astype(
+        {"path": str, "url": str, "etag": object, "size": "Int64", "reason": object}
+    )
 
 
 def run_tasks(tasks: list[tuple[Any, ...]], workers: int) -> list[FileOutcome]:
@@ -640,14 +800,18 @@ def main() -> None:
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     params = SyncParams.from_params(common.load_params())
-    manifest, rejected, summary, history_report = sync_collection(
+    result = sync_collection(
         params,
         common.COLLECTION_DIR,
         read_previous_manifest(common.MANIFEST_FILE),
         common.worker_count(),
+        read_previous_manifest(REMOTE_STATE_FILE),
     )
+    manifest, rejected, summary = result.manifest, result.rejected, result.summary
+    history_report = result.history
     common.write_parquet(manifest, common.MANIFEST_FILE)
     common.write_bytes_atomic(rejected.to_csv(index=False).encode("utf-8"), common.REJECTED_FILE)
+    common.write_parquet(result.remote_state, REMOTE_STATE_FILE)
 
     for path, reason in rejected.itertuples(index=False):
         logger.warning("rejected %s: %s", path, reason)

@@ -248,9 +248,9 @@ def test_every_mode_sync_accepts_is_prepared(
     for relative, data in good_image_files().items():
         write(source / relative, data)
     params["sync"]["source"] = str(source)
-    manifest, _, _, _ = sync.sync_collection(
+    manifest = sync.sync_collection(
         sync.SyncParams.from_params(params), tmp_path / "collection", None, workers=1
-    )
+    ).manifest
     run_prepare(manifest, tmp_path / "collection", settings, tmp_path / "out")
     pixels = np.load(tmp_path / "out/pixels.npy")
     assert pixels.shape == (len(good_image_files()), 27, 48, 3)

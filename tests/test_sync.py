@@ -37,7 +37,8 @@ def run_sync(
     settings: sync.SyncParams, collection: Path, previous: pd.DataFrame | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame, sync.SyncSummary]:
     """Run sync on one process (as the stage does with WORKERS=1)."""
-    manifest, rejected, summary, _ = sync.sync_collection(settings, collection, previous, workers=1)
+    result = sync.sync_collection(settings, collection, previous, workers=1)
+    manifest, rejected, summary = result.manifest, result.rejected, result.summary
     return manifest, rejected, summary
 
 
@@ -200,7 +201,8 @@ def test_history_lines_are_joined_on_id_and_bad_lines_counted(
         encoding="utf-8",
     )
     settings = sync_params(params, source, history=str(history))
-    manifest, _, _, report = sync.sync_collection(settings, tmp_path / "collection", None, 1)
+    result = sync.sync_collection(settings, tmp_path / "collection", None, 1)
+    manifest, report = result.manifest, result.history
     rows = manifest.set_index("id")
 
     assert report is not None and report.malformed_lines == [4, 5, 6]
@@ -296,8 +298,9 @@ def test_sync_runs_the_same_on_several_processes(params: dict[str, Any], tmp_pat
     for index in range(80):
         write(source / f"{index:03d}.jpg", image_bytes(pattern_image(48, 27, index), "JPEG"))
     settings = sync_params(params, source)
-    one, _, _, _ = sync.sync_collection(settings, tmp_path / "c1", None, workers=1)
-    two, _, summary, _ = sync.sync_collection(settings, tmp_path / "c2", None, workers=2)
+    one = sync.sync_collection(settings, tmp_path / "c1", None, workers=1).manifest
+    second = sync.sync_collection(settings, tmp_path / "c2", None, workers=2)
+    two, summary = second.manifest, second.summary
     pd.testing.assert_frame_equal(one, two)
     assert summary.copied == 80
 
