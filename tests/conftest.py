@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import io
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -123,3 +125,49 @@ def tree_snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
+
+
+# ----------------------------------------------------------------------------- projects
+
+
+def project_environment() -> dict[str, str]:
+    """The environment of a user who activated the project's virtual environment."""
+    environment = dict(os.environ)
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
+    environment["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    environment.pop("WORKERS", None)
+    return environment
+
+
+def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a command in the project copy and return what it printed."""
+    return subprocess.run(
+        command, cwd=cwd, env=project_environment(), capture_output=True, text=True, timeout=900
+    )
+
+
+def dvc(arguments: list[str], cwd: Path) -> str:
+    """Run a dvc command through this interpreter; fail the test with its output if it fails."""
+    result = run([sys.executable, "-m", "dvc", *arguments], cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def clean_copy(destination: Path) -> Path:
+    """Copy the project's tracked and unignored files into a fresh git repository."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for relative in filter(None, listed.split("\0")):
+        source = REPO_ROOT / relative
+        if source.is_file():
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
+        subprocess.run([*git, *command], cwd=destination, check=True, capture_output=True)
+    return destination

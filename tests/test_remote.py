@@ -8,6 +8,7 @@ import http.client
 import http.server
 import itertools
 import os
+import shutil
 import socket
 import threading
 import time
@@ -17,7 +18,8 @@ from typing import Any
 
 import boto3
 import pytest
-from conftest import good_image_files, image_bytes, pattern_image
+import yaml
+from conftest import clean_copy, dvc, good_image_files, image_bytes, pattern_image
 
 from stages import common, remote, sync
 
@@ -433,3 +435,46 @@ def test_a_url_list_on_a_server_that_is_down_gives_a_clear_error(
     with pytest.raises(common.UserError, match=f"cannot read the URL list {url}"):
         run(settings, tmp_path / "collections")
     assert time.perf_counter() - started < 10
+
+
+# ----------------------------------------------------------------------------- DVC remote
+
+FIRST_STAGES = ("sync", "prepare", "split")
+
+
+def stage_outputs(project: Path) -> dict[str, bytes]:
+    """Every file the first stages wrote, by path."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    files: dict[str, bytes] = {}
+    for stage in FIRST_STAGES:
+        for out in lock["stages"][stage]["outs"]:
+            path = project / out["path"]
+            paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            files.update({p.relative_to(project).as_posix(): p.read_bytes() for p in paths})
+    return files
+
+
+def test_dvc_push_and_pull_through_an_s3_remote(
+    moto_endpoint: str, bucket: Any, tmp_path: Path
+) -> None:
+    project = clean_copy(tmp_path / "project")
+    dvc(["repro", *FIRST_STAGES], project)
+    dvc(["remote", "add", "-d", "storage", f"s3://{BUCKET}/dvcstore"], project)
+    dvc(["remote", "modify", "storage", "endpointurl", moto_endpoint], project)
+    before = stage_outputs(project)
+    assert len(before) > 1797 and "data/interim/pixels.npy" in before
+    printed = dvc(["push", *FIRST_STAGES], project)
+    assert "pushed" in printed
+    stored = bucket.list_objects_v2(Bucket=BUCKET, Prefix="dvcstore/")["KeyCount"]
+    assert stored > 0
+
+    shutil.rmtree(project / ".dvc/cache")
+    for path in ("data/raw", "data/interim", "data/processed/split.parquet"):
+        target = project / path
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    assert not (project / "data/interim/pixels.npy").exists()
+    dvc(["pull", *FIRST_STAGES], project)
+    after = stage_outputs(project)
+    assert after.keys() == before.keys()
+    assert all(after[path] == before[path] for path in before), "every file byte-identical"
+    assert "Data and pipelines are up to date" in dvc(["status", *FIRST_STAGES], project)
