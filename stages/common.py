@@ -90,13 +90,17 @@ def param_error(key: str, value: Any, allowed: str) -> UserError:
     return UserError(f"params.yaml: {key} = {value!r} is not allowed; {allowed}")
 
 
-def int_param(params: dict[str, Any], key: str, minimum: int | None = None) -> int:
-    """An integer param, at least `minimum` when given."""
+def int_param(
+    params: dict[str, Any], key: str, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    """An integer param, at least `minimum` and at most `maximum` when given."""
     value = get_param(params, key)
     if isinstance(value, bool) or not isinstance(value, int):
         raise param_error(key, value, "expected an integer")
     if minimum is not None and value < minimum:
         raise param_error(key, value, f"expected an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise param_error(key, value, f"expected an integer <= {maximum}")
     return value
 
 

@@ -61,16 +61,10 @@ class ExploreParams:
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> ExploreParams:
         """Read and check every explore param."""
-        quality = common.int_param(params, "explore.atlas_quality", minimum=1)
-        if quality > 95:
-            raise common.param_error("explore.atlas_quality", quality, "expected 1 to 95")
-        height = common.int_param(params, "explore.sprite_height", minimum=8)
-        if height > 512:
-            raise common.param_error("explore.sprite_height", height, "expected 8 to 512 px")
         return cls(
             max_images=common.int_param(params, "explore.max_images", minimum=1),
-            sprite_height=height,
-            atlas_quality=quality,
+            sprite_height=common.int_param(params, "explore.sprite_height", minimum=8, maximum=512),
+            atlas_quality=common.int_param(params, "explore.atlas_quality", minimum=1, maximum=95),
             seed=common.int_param(params, "explore.seed", minimum=0),
         )
 

@@ -71,9 +71,6 @@ class PostersParams:
         folder = common.get_param(params, "posters.templates")
         if not isinstance(folder, str) or not folder.strip():
             raise common.param_error("posters.templates", folder, "expected a folder of templates")
-        quality = common.int_param(params, "posters.quality", minimum=1)
-        if quality > 95:
-            raise common.param_error("posters.quality", quality, "expected 1 to 95")
         share = common.number_param(params, "posters.top_share", minimum=0.0)
         if not 0.0 < share <= 1.0:
             raise common.param_error("posters.top_share", share, "expected a share in (0, 1]")
@@ -82,7 +79,7 @@ class PostersParams:
             count=common.int_param(params, "posters.count", minimum=1),
             best_clusters=common.int_param(params, "posters.best_clusters", minimum=1),
             top_share=share,
-            quality=quality,
+            quality=common.int_param(params, "posters.quality", minimum=1, maximum=95),
             seed=common.int_param(params, "posters.seed", minimum=0),
         )
 

@@ -457,12 +457,24 @@ def stage_outputs(project: Path) -> dict[str, bytes]:
 def test_dvc_push_and_pull_through_an_s3_remote(
     moto_endpoint: str, bucket: Any, tmp_path: Path
 ) -> None:
+    good = good_image_files()
+    upload(bucket, good)
+    upload(bucket, {"broken.jpg": b"\xff\xd8\xff not really", "../escape.jpg": good["gray.png"]})
     project = clean_copy(tmp_path / "project")
-    dvc(["repro", *FIRST_STAGES], project)
+    params_file = project / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["sync"].update(source=f"s3://{BUCKET}/frames", s3_endpoint_url=moto_endpoint)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    printed = dvc(["repro", *FIRST_STAGES], project)
+    assert f"{len(good)} images from {len(good) + 2} source files" in printed
+    rejected = (project / "data/raw/rejected.csv").read_text()
+    assert "broken.jpg" in rejected and "frames/../escape.jpg" in rejected
+
     dvc(["remote", "add", "-d", "storage", f"s3://{BUCKET}/dvcstore"], project)
     dvc(["remote", "modify", "storage", "endpointurl", moto_endpoint], project)
     before = stage_outputs(project)
-    assert len(before) > 1797 and "data/interim/pixels.npy" in before
+    assert "data/interim/pixels.npy" in before
+    assert {f"data/raw/collections/{name}" for name in good} <= before.keys()
     printed = dvc(["push", *FIRST_STAGES], project)
     assert "pushed" in printed
     stored = bucket.list_objects_v2(Bucket=BUCKET, Prefix="dvcstore/")["KeyCount"]
