@@ -35,7 +35,7 @@ demo: setup
 test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(RUN) $(BIN)/python -m pytest
+	$(RUN) $(BIN)/python -m pytest -n auto --dist loadfile  # one test file per worker: fixtures stay shared
 
 lint:
 	$(BIN)/ruff check .
