@@ -89,13 +89,9 @@ def safe_relative_path(name: str) -> str | None:
     (absolute, '..', a backslash, a control character) or names no file."""
     if not name or name.startswith("/") or "\\" in name or any(ord(c) < 32 for c in name):
         return None
-    parts = name.split("/")
-    if any(part in ("..", ".") for part in parts) or name.endswith("/"):
+    if any(part in ("..", ".") for part in name.split("/")) or name.endswith("/"):
         return None
-    cleaned = posixpath.normpath(name)
-    if cleaned.startswith("../") or cleaned == ".." or cleaned.startswith("/"):
-        return None
-    return cleaned
+    return posixpath.normpath(name)  # with no '..' or '.' left, this only folds 'a//b'
 
 
 def with_retries(action: Callable[[], T], settings: RemoteSettings, what: str) -> T:

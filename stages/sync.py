@@ -358,10 +358,9 @@ def bring_source_file(item: SourceFile, collection: Path, max_pixels: int) -> Fi
     The copy goes to a hidden temporary name and is renamed into place, so the collection
     never holds a partial file. A file the collection already has is only measured.
     """
-    destination = collection / item.relative_path
     if item.remote is not None:
         return bring_remote_file(item, collection, max_pixels)
-    if is_unchanged(item, destination):
+    if is_unchanged(item, collection / item.relative_path):
         return measure_collection_file(item.relative_path, collection, max_pixels, item.label)
     try:
         data = read_source_bytes(item)
@@ -743,7 +742,7 @@ def reuse_remote_outcome(
 def remote_state_table(source_files: list[SourceFile], outcomes: list[FileOutcome]) -> pd.DataFrame:
     """What this run saw of each remote object, for the next run to compare against.
 
-    A failed download is recorded without an ETag, so the next run tries it again.
+    A failed download has no ETag in its outcome, so the next run tries it again.
     """
     by_path = {outcome.relative_path: outcome for outcome in outcomes}
     rows = []
@@ -751,14 +750,13 @@ def remote_state_table(source_files: list[SourceFile], outcomes: list[FileOutcom
         outcome = by_path.get(item.relative_path)
         if item.remote is None or outcome is None:
             continue
-        failed = outcome.reason is not None and outcome.reason.startswith("download failed")
         size = outcome.measurement.bytes if outcome.measurement is not None else item.size
         rows.append(
             {
                 "path": item.relative_path,
                 "url": item.remote.url,
-                "etag": None if failed else outcome.etag,
-                "size": None if failed else size,
+                "etag": outcome.etag,
+                "size": size,
                 "reason": outcome.reason,
             }
         )
