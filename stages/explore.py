@@ -116,13 +116,13 @@ def sample_rows(count: int, limit: int, seed: int) -> np.ndarray:
 
 
 def collection_summary(
-    manifest: pd.DataFrame, rejected_count: int, clustered: int, shown: int
+    manifest: pd.DataFrame, rejected_count: int, clustered: int
 ) -> dict[str, int]:
-    """Counts for the overview tab that the page's own rows cannot tell."""
+    """Counts for the overview tab that the page's own rows cannot tell (build_explorer
+    adds how many images the page shows)."""
     return {
         "collection_images": len(manifest),
         "clustered_images": clustered,
-        "shown_images": shown,
         "rejected_files": rejected_count,
         "with_timestamp": int(manifest["taken_at"].notna().sum()),
         "with_location": int((manifest["latitude"].notna() & manifest["longitude"].notna()).sum()),
@@ -216,23 +216,17 @@ def atlases(thumbs: np.ndarray, rows: np.ndarray, grid: AtlasGrid) -> Iterator[I
 
 def write_explorer(
     directory: Path, data: dict[str, Any], atlas_images: Iterator[Image.Image], quality: int
-) -> list[str]:
+) -> None:
     """Write the page, its data script and atlases into `directory`, replacing it as a whole.
 
-    Returns the atlas file names, which must match data["atlas"]["files"].
+    Each atlas is saved under its name in data["atlas"]["files"]; the counts must agree.
     """
-    names: list[str] = []
     with common.replace_folder(directory) as staging:
-        for index, atlas in enumerate(atlas_images):
-            name = f"atlas-{index:03d}.jpg"
+        for name, atlas in zip(data["atlas"]["files"], atlas_images, strict=True):
             atlas.save(staging / name, format="JPEG", quality=quality)
-            names.append(name)
-        if names != data["atlas"]["files"]:
-            raise ValueError(f"atlases written {names} differ from the data's")
         (staging / DATA_SCRIPT).write_text(data_script(data), encoding="ascii")
         for name in PAGE_FILES:
             shutil.copyfile(PAGE_FILES_DIR / name, staging / name)
-    return names
 
 
 def atlas_names(count: int, grid: AtlasGrid) -> list[str]:
@@ -281,7 +275,7 @@ def main() -> None:
     ids = clusters["id"].tolist()
     thumbs = common.load_thumbs(ids)
     table = explorer_table(clusters, scores, split, manifest)
-    summary = collection_summary(manifest, read_rejected_count(), len(table), len(table))
+    summary = collection_summary(manifest, read_rejected_count(), len(table))
     data = build_explorer(table, thumbs, summary, params, EXPLORER_DIR, common.COLLECTION_DIR)
     logger.info(
         "%d of %d images on the page, %d atlas(es) of %dx%d sprites; open %s; %.1f s",

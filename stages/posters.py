@@ -29,6 +29,7 @@ and duplicate images are skipped unless named by id.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import zlib
@@ -332,12 +333,19 @@ def choose_images(
     a region that could have taken something else. Each region draws at random among its
     best unused candidates: the top `top_share` of its pool, at least one.
     """
-    pools = {region.name: region_pool(region, template, pool) for region in template.regions}
+    pool_of_fill: dict[Fill, list[str]] = {}  # regions that fill alike share one pool
+    for region in template.regions:
+        if region.fill not in pool_of_fill:
+            pool_of_fill[region.fill] = region_pool(region, template, pool)
+    pools = {region.name: pool_of_fill[region.fill] for region in template.regions}
     order = sorted(template.regions, key=lambda region: (len(pools[region.name]), region.name))
     used: set[str] = set(exclude)
     chosen: dict[str, str] = {}
     for region in order:
-        candidates_left = [i for i in pools[region.name] if i not in used]
+        window = max(1, math.ceil(top_share * len(pools[region.name])))
+        # Only the first `window` unused candidates can be drawn: stop scanning there.
+        unused = (i for i in pools[region.name] if i not in used)
+        candidates_left = list(itertools.islice(unused, window))
         if not candidates_left:
             raise TemplateError(
                 f"template {template.name}, region {region.name} asks for an image of "
@@ -345,8 +353,7 @@ def choose_images(
                 "image(s), all taken by other regions of the poster: ask for fewer images "
                 "of them, or more clusters"
             )
-        window = max(1, math.ceil(top_share * len(pools[region.name])))
-        choice = candidates_left[int(rng.integers(min(window, len(candidates_left))))]
+        choice = candidates_left[int(rng.integers(len(candidates_left)))]
         chosen[region.name] = choice
         used.add(choice)
     return chosen
