@@ -135,7 +135,11 @@ def cluster_centers(vectors: np.ndarray, clusters: np.ndarray) -> dict[int, np.n
 def center_distances(
     vectors: np.ndarray, clusters: np.ndarray, centers: dict[int, np.ndarray]
 ) -> np.ndarray:
-    """Each image's distance to its cluster's center; for noise, to the nearest center."""
+    """Each image's distance to its cluster's center; for noise, to the nearest center.
+
+    Works a block of images at a time and one center at a time for noise, so memory stays
+    at a block of vectors whatever the number of clusters.
+    """
     if not centers:
         return np.full(len(vectors), np.nan)
     numbers = np.array(sorted(centers))
@@ -143,12 +147,16 @@ def center_distances(
     result = np.empty(len(vectors))
     for start in range(0, len(vectors), DISTANCE_BLOCK):
         block = vectors[start : start + DISTANCE_BLOCK].astype(np.float64)
-        distances = np.sqrt(((block[:, None, :] - matrix[None, :, :]) ** 2).sum(axis=2))
         own = clusters[start : start + DISTANCE_BLOCK]
-        column = np.searchsorted(numbers, own)
         noise = own == NOISE
-        picked = distances[np.arange(len(block)), np.minimum(column, len(numbers) - 1)]
-        result[start : start + len(block)] = np.where(noise, distances.min(axis=1), picked)
+        column = np.minimum(np.searchsorted(numbers, own), len(numbers) - 1)
+        distances = np.sqrt(((block - matrix[column]) ** 2).sum(axis=1))
+        if noise.any():
+            nearest = np.full(int(noise.sum()), np.inf)
+            for center in matrix:
+                nearest = np.minimum(nearest, np.sqrt(((block[noise] - center) ** 2).sum(axis=1)))
+            distances[noise] = nearest
+        result[start : start + len(block)] = distances
     return result
 
 

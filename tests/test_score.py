@@ -63,6 +63,24 @@ def test_noise_and_single_image_clusters(blobs) -> None:
     assert np.isnan(one_cluster).all()
 
 
+def test_center_distances_across_blocks_and_for_noise(blobs, monkeypatch) -> None:
+    vectors, truth = blobs
+    clusters = truth.copy()
+    clusters[::7] = score.NOISE
+    monkeypatch.setattr(score, "DISTANCE_BLOCK", 64)  # several blocks, some noise in each
+    centers = score.cluster_centers(vectors, clusters)
+    distances = score.center_distances(vectors, clusters, centers)
+    matrix = np.stack([centers[number] for number in sorted(centers)])
+    everyone = np.linalg.norm(vectors[:, None, :].astype(np.float64) - matrix[None], axis=2)
+    expected = np.where(
+        clusters == score.NOISE,
+        everyone.min(axis=1),
+        everyone[np.arange(len(vectors)), np.maximum(clusters, 0)],
+    )
+    np.testing.assert_allclose(distances, expected, rtol=1e-12)
+    assert (distances[clusters == score.NOISE] <= everyone[clusters == score.NOISE].T).all()
+
+
 def test_hungarian_accuracy_matches_clusters_to_labels() -> None:
     truth = np.array(["a", "a", "a", "b", "b", "c", "c", "c"])
     renamed = np.array([2, 2, 2, 0, 0, 1, 1, 1])
