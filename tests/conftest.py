@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(REPO_ROOT))
+# The stages package sets TensorFlow's options (oneDNN on) before TensorFlow loads; tests
+# import Keras themselves, so it comes first here, or tests would run other kernels than
+# the pipeline does.
+import stages  # noqa: E402, F401
 
 
 def pattern_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -151,6 +156,28 @@ def dvc(arguments: list[str], cwd: Path) -> str:
     result = run([sys.executable, "-m", "dvc", *arguments], cwd)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout + result.stderr
+
+
+def in_fresh_process(inputs: dict[str, Any], code: str, folder: Path) -> None:
+    """Pickle `inputs` into `folder` and run `code` in a new interpreter there, where they
+    are the dict `inputs` and the stages package imports; fail the test if it fails.
+
+    What one process leaks into its results (memory addresses, per-process ids, global
+    counters) shows only when a result made in another process is compared with it.
+    """
+    (folder / "inputs.pickle").write_bytes(pickle.dumps(inputs))
+    script = "import pickle\ninputs = pickle.loads(open('inputs.pickle', 'rb').read())\n" + code
+    environment = project_environment()
+    environment["PYTHONPATH"] = str(REPO_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=folder,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def clean_copy(destination: Path) -> Path:

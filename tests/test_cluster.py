@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import in_fresh_process
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
@@ -109,6 +110,24 @@ def test_davies_bouldin_is_minimised_when_choosing_k(blobs) -> None:
 def test_identical_runs_give_identical_labels_and_maps(fits) -> None:
     np.testing.assert_array_equal(fits["n2d"].clusters, fits["n2d_again"].clusters)
     np.testing.assert_array_equal(fits["n2d"].coordinates, fits["n2d_again"].coordinates)
+
+
+def test_a_fit_in_another_process_writes_the_same_model_file(
+    fits, blobs, project_params, tmp_path: Path
+) -> None:
+    # Numba gives compiled functions new ids in every process; none may reach the file,
+    # or a forced `dvc repro cluster` would change the model and rerun score.
+    vectors, _ = blobs
+    cluster.write_model(fits["n2d_10d"].model, tmp_path / "here.joblib")  # reducer and mapper
+    code = """
+from pathlib import Path
+from stages import cluster
+fit = cluster.fit_clusters(inputs["vectors"], inputs["params"])
+cluster.write_model(fit.model, Path("there.joblib"))
+"""
+    params = blob_params(project_params, **{"umap.n_components": 5})
+    in_fresh_process({"vectors": vectors, "params": params}, code, tmp_path)
+    assert (tmp_path / "here.joblib").read_bytes() == (tmp_path / "there.joblib").read_bytes()
 
 
 @pytest.mark.parametrize("name", ["n2d", "n2d_gmm", "n2d_10d", "classical", "hdbscan"])
