@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +89,9 @@ def mixed_clusters(grouping: np.ndarray, labels: np.ndarray) -> dict[int, tuple[
     return mixed
 
 
-def graph_weights(graph, grouping: np.ndarray, labels: np.ndarray, group: int, label: str):
+def graph_weights(
+    graph: Any, grouping: np.ndarray, labels: np.ndarray, group: int, label: str
+) -> tuple[float, float]:
     """Total UMAP-graph weight from one group to the rest of its label and to other labels."""
     edges = graph.tocoo()
     inside = grouping[edges.row] == group
@@ -99,7 +102,9 @@ def graph_weights(graph, grouping: np.ndarray, labels: np.ndarray, group: int, l
     return float(weights[same].sum()), float(weights[~same].sum())
 
 
-def report(name: str, vectors: np.ndarray, labels: np.ndarray, params) -> None:
+def report(
+    name: str, vectors: np.ndarray, labels: np.ndarray, params: cluster.ClusterParams
+) -> None:
     """Print the figures for one feature space."""
     started = time.perf_counter()
     reducer = cluster.fit_umap(vectors, params, params.n_components)

@@ -158,6 +158,23 @@ def dvc(arguments: list[str], cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
+def run_with_stages(
+    arguments: list[str], folder: Path, timeout: int
+) -> subprocess.CompletedProcess[str]:
+    """Run this interpreter with `arguments` in `folder` (outside the project), where the
+    stages package still imports."""
+    environment = project_environment()
+    environment["PYTHONPATH"] = str(REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, *arguments],
+        cwd=folder,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def in_fresh_process(inputs: dict[str, Any], code: str, folder: Path) -> None:
     """Pickle `inputs` into `folder` and run `code` in a new interpreter there, where they
     are the dict `inputs` and the stages package imports; fail the test if it fails.
@@ -167,16 +184,7 @@ def in_fresh_process(inputs: dict[str, Any], code: str, folder: Path) -> None:
     """
     (folder / "inputs.pickle").write_bytes(pickle.dumps(inputs))
     script = "import pickle\ninputs = pickle.loads(open('inputs.pickle', 'rb').read())\n" + code
-    environment = project_environment()
-    environment["PYTHONPATH"] = str(REPO_ROOT)
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=folder,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_with_stages(["-c", script], folder, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

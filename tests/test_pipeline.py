@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO_ROOT, clean_copy, dvc, project_environment, run
+from conftest import REPO_ROOT, clean_copy, dvc, run, run_with_stages
 from PIL import Image
 
 from stages.common import read_embeddings
@@ -208,16 +208,7 @@ def test_other_methods_run_as_experiments_and_line_up_in_metrics_diff(
 def stage_error(stage: str, params_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     """Run one stage in an empty folder with the given params.yaml."""
     (tmp_path / "params.yaml").write_text(params_text)
-    environment = project_environment()
-    environment["PYTHONPATH"] = str(REPO_ROOT)
-    return subprocess.run(
-        [sys.executable, "-m", f"stages.{stage}"],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_with_stages(["-m", f"stages.{stage}"], tmp_path, timeout=300)
 
 
 def test_a_bad_param_stops_a_stage_with_one_line_and_no_traceback(tmp_path: Path) -> None:
