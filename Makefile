@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Stage commands in dvc.yaml call `python`: the project's environment comes first on PATH.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH" TF_CPP_MIN_LOG_LEVEL=3
 
-.PHONY: setup browser demo test lint format bench lock clean-cache
+.PHONY: setup browser demo test lint format params-doc bench lock clean-cache
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ lint:
 format:
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+## Write the README's params table from the params models in stages/.
+params-doc: setup
+	$(RUN) $(BIN)/python -m tools.params_doc
 
 ## Benchmarks print figures; they are not tests.
 bench: setup browser

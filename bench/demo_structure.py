@@ -32,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stages import cluster, common, score  # noqa: E402, I001
+from stages import cluster, common, score, settings  # noqa: E402, I001
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn import metrics  # noqa: E402
@@ -141,7 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, help="cluster.random_state (default: params.yaml)")
     arguments = parser.parse_args()
-    params = cluster.ClusterParams.from_params(common.load_params())
+    params = cluster.ClusterParams.from_params(settings.load_params())
     if arguments.seed is not None:
         params = dataclasses.replace(params, random_state=arguments.seed)
     labels, latent, gray = labelled_data()

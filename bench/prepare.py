@@ -29,11 +29,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stages import common, prepare  # noqa: E402
+from stages import common, images, prepare  # noqa: E402
 
 FRAME_WIDTH, FRAME_HEIGHT = 1280, 720
-MODEL_SIZE = common.ImageSize(27, 48, "squash")
-THUMB_SIZE = common.ImageSize(54, 96, "squash")
+MODEL_SIZE = images.ImageSize(27, 48, "squash")
+THUMB_SIZE = images.ImageSize(54, 96, "squash")
 REPEATS = 3  # each figure is the best of this many runs: the machine is shared and noisy
 
 
@@ -102,7 +102,7 @@ def write_manifest(paths: list[Path], path: Path) -> None:
         {
             "id": [frame.stem for frame in paths],
             "path": [frame.name for frame in paths],
-            "sha256": [common.sha256_hex(frame.read_bytes()) for frame in paths],
+            "sha256": [images.sha256_hex(frame.read_bytes()) for frame in paths],
         }
     )
     common.write_parquet(manifest, path)
@@ -116,7 +116,7 @@ def run_prepare(count: int, folder: Path, workers: int, cache: Path) -> dict:
     frames = folder / "frames"
     folder = folder / f"run-{count}"
     folder.mkdir(parents=True, exist_ok=True)
-    params = prepare.PrepareParams(model_size=MODEL_SIZE, thumb_size=THUMB_SIZE)
+    params = prepare.DecodeSizes(model_size=MODEL_SIZE, thumb_size=THUMB_SIZE)
     cpu_before = os.times()
     started = time.perf_counter()
     summary = prepare.prepare_arrays(

@@ -1,17 +1,6 @@
 """cluster: group the images by their latent vectors and place every image on a 2-D map.
 
-Params (params.yaml):
-  cluster.method          n2d (UMAP, then kmeans or gmm) | classical (PCA, KMeans, merged
-                          by agglomerative clustering) | hdbscan (UMAP, then HDBSCAN)
-  cluster.n_clusters      an integer, or auto: chosen over auto.min..auto.max by
-                          auto.criterion (silhouette | calinski_harabasz | davies_bouldin);
-                          hdbscan finds its own number and ignores it
-  cluster.assign          n2d only: kmeans | gmm (a Gaussian mixture)
-  cluster.umap.*          n_neighbors, min_dist, n_components, metric
-  cluster.classical.*     pca_components, kmeans_clusters, linkage
-  cluster.hdbscan.*       min_cluster_size, min_samples
-  cluster.fit_sample      fit on at most this many images; the rest are assigned
-  cluster.random_state    seeds the sample, UMAP and the clustering
+Params:  ClusterParams below (params.yaml, section cluster)
 Inputs:  data/processed/embeddings.parquet
 Outputs: data/processed/clusters.parquet (id, cluster, x, y), models/cluster.joblib (the
          fitted ClusterModel: `predict` and `map_coordinates` take new latent vectors),
@@ -27,31 +16,25 @@ from __future__ import annotations
 
 import copy
 import importlib
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import joblib
 import numpy as np
 import pandas as pd
+from pydantic import Field, field_validator, model_validator
 
-from stages import common
+from stages import common, settings
 
 STAGE = "cluster"
-CLUSTERS_FILE = common.PROCESSED_DIR / "clusters.parquet"
-MODEL_FILE = Path("models/cluster.joblib")
 MAP_FILE = Path("reports/cluster/map.png")
 K_CURVE_FILE = common.METRICS_DIR / "cluster" / "k_curve.csv"
 
-METHODS = ("n2d", "classical", "hdbscan")
-ASSIGNERS = ("kmeans", "gmm")
-CRITERIA = ("silhouette", "calinski_harabasz", "davies_bouldin")
-LINKAGES = ("ward", "complete", "average", "single")
-UMAP_METRICS = ("euclidean", "cosine", "correlation", "manhattan", "chebyshev")
-NOISE = -1
 ASSIGN_BATCH = 65536  # images transformed at once when assigning the rest of the collection
 CRITERION_SAMPLE = 10000  # silhouette while choosing k is computed on at most this many points
 
@@ -59,70 +42,103 @@ CRITERION_SAMPLE = 10000  # silhouette while choosing k is computed on at most t
 # ----------------------------------------------------------------------------- params
 
 
-@dataclass(frozen=True)
-class ClusterParams:
-    """The cluster section of params.yaml, checked."""
+class AutoParams(settings.Section):
+    """cluster.auto: how n_clusters: auto picks the number of clusters."""
 
-    method: str
-    n_clusters: int | None  # None: auto
-    assign: str
-    auto_min: int
-    auto_max: int
-    criterion: str
-    n_neighbors: int
-    min_dist: float
-    n_components: int
-    metric: str
-    pca_components: int
-    kmeans_clusters: int
-    linkage: str
-    min_cluster_size: int
-    min_samples: int | None
-    fit_sample: int
-    random_state: int
+    min: int = Field(2, ge=2, description="the fewest clusters auto tries")
+    max: int = Field(20, ge=2, description="the most clusters auto tries")
+    criterion: Literal["silhouette", "calinski_harabasz", "davies_bouldin"] = Field(
+        "silhouette", description="how auto judges each number of clusters"
+    )
 
+
+class UmapParams(settings.Section):
+    """cluster.umap: UMAP's settings (n2d, hdbscan, and the 2-D map)."""
+
+    n_neighbors: int = Field(15, ge=2, description="neighbours each image's graph links")
+    min_dist: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="0 packs clusters tightly: better for clustering than for looks",
+    )
+    n_components: int = Field(
+        10, ge=1, description="the space the clusters are found in; the map is always 2-D"
+    )
+    metric: Literal["euclidean", "cosine", "correlation", "manhattan", "chebyshev"] = Field(
+        "euclidean", description="distance between latent vectors"
+    )
+
+
+class ClassicalParams(settings.Section):
+    """cluster.classical: PCA, KMeans, then the centers merged by agglomerative clustering."""
+
+    pca_components: int = Field(50, ge=1, description="PCA size")
+    kmeans_clusters: int = Field(100, ge=1, description="KMeans centers, merged into n_clusters")
+    linkage: Literal["ward", "complete", "average", "single"] = Field(
+        "ward", description="how the centers merge"
+    )
+
+
+class HdbscanParams(settings.Section):
+    """cluster.hdbscan: HDBSCAN's settings."""
+
+    min_cluster_size: int = Field(15, ge=2, description="the smallest group that is a cluster")
+    min_samples: int | None = Field(
+        None, ge=1, description="how conservative the clustering is; null: min_cluster_size"
+    )
+
+
+class ClusterParams(settings.Section):
+    """params.yaml, section cluster."""
+
+    SECTION: ClassVar[str] = "cluster"
+    method: Literal["n2d", "classical", "hdbscan"] = Field(
+        "n2d",
+        description="n2d: UMAP then kmeans or gmm; classical: PCA, KMeans, merged; "
+        "hdbscan: UMAP then HDBSCAN (finds its own number, ignores n_clusters)",
+    )
+    n_clusters: int | Literal["auto"] = Field(
+        10,
+        description="the number of clusters, or auto: the best of auto.min..auto.max",
+        json_schema_extra={"allowed": "expected an integer, or auto"},
+    )
+    assign: Literal["kmeans", "gmm"] = Field(
+        "kmeans", description="n2d only: kmeans, or gmm (a Gaussian mixture)"
+    )
+    auto: AutoParams = Field(default_factory=AutoParams)
+    umap: UmapParams = Field(default_factory=UmapParams)
+    classical: ClassicalParams = Field(default_factory=ClassicalParams)
+    hdbscan: HdbscanParams = Field(default_factory=HdbscanParams)
+    fit_sample: int = Field(
+        100000, ge=2, description="fit on at most this many images (seeded); the rest are assigned"
+    )
+    random_state: int = Field(42, ge=0, description="seed of the sample, UMAP and the clustering")
+
+    @field_validator("n_clusters")
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> ClusterParams:
-        """Read and check every cluster param; the first bad one raises a UserError."""
-        n_clusters = common.get_param(params, "cluster.n_clusters")
-        if n_clusters != "auto":
-            if not isinstance(n_clusters, int) or isinstance(n_clusters, bool):
-                raise common.param_error(
-                    "cluster.n_clusters", n_clusters, "expected an integer, or auto"
-                )
-            n_clusters = common.int_param(params, "cluster.n_clusters", minimum=1)
-        auto_min = common.int_param(params, "cluster.auto.min", minimum=2)
-        auto_max = common.int_param(params, "cluster.auto.max", minimum=2)
-        if auto_max < auto_min:
-            raise common.param_error(
-                "cluster.auto.max", auto_max, f"it must be at least cluster.auto.min ({auto_min})"
+    def at_least_one(cls, value: int | str) -> int | str:
+        """A fixed number of clusters is at least 1."""
+        if isinstance(value, int) and value < 1:
+            raise ValueError("expected an integer >= 1, or auto")
+        return value
+
+    @model_validator(mode="after")
+    def auto_range(self) -> ClusterParams:
+        """auto.max may not be below auto.min."""
+        if self.auto.max < self.auto.min:
+            raise settings.param_error(
+                "cluster.auto.max",
+                self.auto.max,
+                f"it must be at least cluster.auto.min ({self.auto.min})",
             )
-        min_samples = common.get_param(params, "cluster.hdbscan.min_samples")
-        if min_samples is not None:
-            min_samples = common.int_param(params, "cluster.hdbscan.min_samples", minimum=1)
-        return cls(
-            method=common.choice_param(params, "cluster.method", METHODS),
-            n_clusters=None if n_clusters == "auto" else n_clusters,
-            assign=common.choice_param(params, "cluster.assign", ASSIGNERS),
-            auto_min=auto_min,
-            auto_max=auto_max,
-            criterion=common.choice_param(params, "cluster.auto.criterion", CRITERIA),
-            n_neighbors=common.int_param(params, "cluster.umap.n_neighbors", minimum=2),
-            min_dist=common.number_param(params, "cluster.umap.min_dist", minimum=0, maximum=1),
-            n_components=common.int_param(params, "cluster.umap.n_components", minimum=1),
-            metric=common.choice_param(params, "cluster.umap.metric", UMAP_METRICS),
-            pca_components=common.int_param(params, "cluster.classical.pca_components", minimum=1),
-            kmeans_clusters=common.int_param(
-                params, "cluster.classical.kmeans_clusters", minimum=1
-            ),
-            linkage=common.choice_param(params, "cluster.classical.linkage", LINKAGES),
-            min_cluster_size=common.int_param(
-                params, "cluster.hdbscan.min_cluster_size", minimum=2
-            ),
-            min_samples=min_samples,
-            fit_sample=common.int_param(params, "cluster.fit_sample", minimum=2),
-            random_state=common.int_param(params, "cluster.random_state", minimum=0),
-        )
+        return self
+
+    @property
+    def fixed_clusters(self) -> int | None:
+        """n_clusters as a number; None for auto."""
+        return None if self.n_clusters == "auto" else int(self.n_clusters)
 
 
 def check_sizes(params: ClusterParams, fit_images: int) -> None:
@@ -131,27 +147,27 @@ def check_sizes(params: ClusterParams, fit_images: int) -> None:
         raise common.UserError(f"clustering needs at least 2 images; there are {fit_images}")
     where = f"the fit has {fit_images} images"
     if (
-        params.n_clusters is not None
-        and params.n_clusters > fit_images
+        params.fixed_clusters is not None
+        and params.fixed_clusters > fit_images
         and params.method != "hdbscan"
     ):
-        raise common.param_error(
-            "cluster.n_clusters", params.n_clusters, f"{where}; ask for at most that many"
+        raise settings.param_error(
+            "cluster.n_clusters", params.fixed_clusters, f"{where}; ask for at most that many"
         )
-    if params.n_clusters is None and params.auto_min >= fit_images:
-        raise common.param_error(
-            "cluster.auto.min", params.auto_min, f"{where}; it must be below that"
+    if params.fixed_clusters is None and params.auto.min >= fit_images:
+        raise settings.param_error(
+            "cluster.auto.min", params.auto.min, f"{where}; it must be below that"
         )
-    if params.method != "classical" and params.n_neighbors >= fit_images:
-        raise common.param_error(
-            "cluster.umap.n_neighbors", params.n_neighbors, f"{where}; it must be below that"
+    if params.method != "classical" and params.umap.n_neighbors >= fit_images:
+        raise settings.param_error(
+            "cluster.umap.n_neighbors", params.umap.n_neighbors, f"{where}; it must be below that"
         )
-    merged = params.method == "classical" and params.n_clusters is not None
-    if merged and params.kmeans_clusters < params.n_clusters:
-        raise common.param_error(
+    merged = params.method == "classical" and params.fixed_clusters is not None
+    if merged and params.classical.kmeans_clusters < params.fixed_clusters:
+        raise settings.param_error(
             "cluster.classical.kmeans_clusters",
-            params.kmeans_clusters,
-            f"the KMeans centers are merged into cluster.n_clusters ({params.n_clusters}) "
+            params.classical.kmeans_clusters,
+            f"the KMeans centers are merged into cluster.n_clusters ({params.fixed_clusters}) "
             "groups, so there must be at least that many",
         )
 
@@ -305,7 +321,7 @@ def functions_by_name(estimator: Any) -> Any:
 
 def renumber(raw: np.ndarray, order: dict[int, int]) -> np.ndarray:
     """Map raw labels to cluster numbers; labels the order does not know become noise."""
-    return np.array([order.get(int(label), NOISE) for label in raw], dtype=np.int32)
+    return np.array([order.get(int(label), common.NOISE) for label in raw], dtype=np.int32)
 
 
 def size_order(raw: np.ndarray) -> dict[int, int]:
@@ -313,25 +329,43 @@ def size_order(raw: np.ndarray) -> dict[int, int]:
 
     Noise keeps -1, so numbers depend only on the grouping, not on a library's label order.
     """
-    labels, counts = np.unique(raw[raw != NOISE], return_counts=True)
+    labels, counts = np.unique(raw[raw != common.NOISE], return_counts=True)
     ranked = sorted(zip(labels.tolist(), counts.tolist()), key=lambda pair: (-pair[1], pair[0]))
     order = {label: number for number, (label, _) in enumerate(ranked)}
-    order[NOISE] = NOISE
+    order[common.NOISE] = common.NOISE
     return order
 
 
 # ----------------------------------------------------------------------------- fitting
 
 
+def import_umap() -> Any:
+    """The umap package, loaded without TensorFlow.
+
+    umap's package imports TensorFlow for ParametricUMAP, which this stage never uses:
+    that costs seconds and TensorFlow's start-up log lines in every cluster run. Marking
+    the submodule absent makes umap skip it, as it does where TensorFlow is not installed.
+    Imported here, not at the top: numba is slow to load and only UMAP needs it.
+    """
+    if "umap" not in sys.modules:
+        sys.modules.setdefault("umap.parametric_umap", None)  # type: ignore[assignment]
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Tensorflow not installed", category=ImportWarning
+        )
+        import umap
+    return umap
+
+
 def fit_umap(vectors: np.ndarray, params: ClusterParams, components: int) -> Any:
     """A UMAP fitted on `vectors` (seeded, so single-threaded and reproducible)."""
-    import umap  # imported here: it loads numba, slow to import, needed only for UMAP
-
-    reducer = umap.UMAP(
-        n_neighbors=params.n_neighbors,
-        min_dist=params.min_dist,
+    reducer = import_umap().UMAP(
+        n_neighbors=params.umap.n_neighbors,
+        min_dist=params.umap.min_dist,
         n_components=components,
-        metric=params.metric,
+        # Interned: the file must not depend on whether this text is the same object as
+        # UMAP's own "euclidean" (pickle writes a shared object once), which varies by process.
+        metric=sys.intern(params.umap.metric),
         random_state=params.random_state,
         transform_seed=params.random_state,
     )
@@ -389,9 +423,9 @@ def choose_k(
 
 def k_candidates(params: ClusterParams, fit_images: int) -> list[int]:
     """The k values to try: the fixed n_clusters, or auto.min..auto.max below the image count."""
-    if params.n_clusters is not None:
-        return [params.n_clusters]
-    return list(range(params.auto_min, min(params.auto_max, fit_images - 1) + 1))
+    if params.fixed_clusters is not None:
+        return [params.fixed_clusters]
+    return list(range(params.auto.min, min(params.auto.max, fit_images - 1) + 1))
 
 
 def fit_assigner(points: np.ndarray, k: int, assign: str, seed: int) -> Any:
@@ -416,7 +450,7 @@ class Fit:
 
 def fit_n2d(vectors: np.ndarray, params: ClusterParams) -> tuple[ClusterModel, np.ndarray, Any]:
     """UMAP, then KMeans or a Gaussian mixture; returns the model, raw labels, the embedding."""
-    reducer = fit_umap(vectors, params, params.n_components)
+    reducer = fit_umap(vectors, params, params.umap.n_components)
     points = reducer.embedding_.astype(np.float32)
     seed = params.random_state
 
@@ -427,7 +461,7 @@ def fit_n2d(vectors: np.ndarray, params: ClusterParams) -> tuple[ClusterModel, n
         return assigners[k].predict(points)
 
     k, curve = choose_k(
-        k_candidates(params, len(points)), labels_for_k, points, params.criterion, seed
+        k_candidates(params, len(points)), labels_for_k, points, params.auto.criterion, seed
     )
     assigner = assigners[k]
     raw = assigner.predict(points)
@@ -447,24 +481,24 @@ def fit_classical(
     from sklearn.decomposition import PCA
 
     seed = params.random_state
-    components = min(params.pca_components, vectors.shape[1], len(vectors))
+    components = min(params.classical.pca_components, vectors.shape[1], len(vectors))
     reducer = PCA(n_components=components, random_state=seed).fit(vectors)
     points = reducer.transform(vectors).astype(np.float32)
-    centers = min(params.kmeans_clusters, len(points))
+    centers = min(params.classical.kmeans_clusters, len(points))
     kmeans = KMeans(n_clusters=centers, n_init=10, random_state=seed).fit(points)
     center_of = kmeans.labels_
 
     def merge_for_k(k: int) -> np.ndarray:
         if k >= centers:
             return np.arange(centers)
-        merger = AgglomerativeClustering(n_clusters=k, linkage=params.linkage)
+        merger = AgglomerativeClustering(n_clusters=k, linkage=params.classical.linkage)
         return merger.fit_predict(kmeans.cluster_centers_)
 
     k, curve = choose_k(
         k_candidates(params, centers + 1),
         lambda k: merge_for_k(k)[center_of],
         points,
-        params.criterion,
+        params.auto.criterion,
         seed,
     )
     merge = merge_for_k(k)
@@ -484,19 +518,19 @@ def fit_hdbscan(
     from sklearn.cluster import HDBSCAN
     from sklearn.neighbors import KNeighborsClassifier
 
-    reducer = fit_umap(vectors, params, params.n_components)
+    reducer = fit_umap(vectors, params, params.umap.n_components)
     points = reducer.embedding_.astype(np.float32)
     raw = HDBSCAN(
-        min_cluster_size=params.min_cluster_size,
-        min_samples=params.min_samples,
+        min_cluster_size=params.hdbscan.min_cluster_size,
+        min_samples=params.hdbscan.min_samples,
         copy=True,
     ).fit_predict(points)
     voter = KNeighborsClassifier(n_neighbors=min(5, len(points))).fit(points, raw)
-    found = len(np.unique(raw[raw != NOISE]))
+    found = len(np.unique(raw[raw != common.NOISE]))
     curve = pd.DataFrame({"k": [found], "score": [np.nan]})
     if found >= 2:
-        kept = raw != NOISE
-        score = criterion_score(points[kept], raw[kept], params.criterion, params.random_state)
+        kept = raw != common.NOISE
+        score = criterion_score(points[kept], raw[kept], params.auto.criterion, params.random_state)
         curve["score"] = [score]
     model = ClusterModel("hdbscan", reducer, voter, None, size_order(raw), None)
     return model, raw, curve
@@ -505,29 +539,22 @@ def fit_hdbscan(
 FITTERS = {"n2d": fit_n2d, "classical": fit_classical, "hdbscan": fit_hdbscan}
 
 
-def sample_rows(count: int, size: int, seed: int) -> np.ndarray:
-    """Sorted row numbers of a seeded sample of `size` out of `count` (all rows if fewer)."""
-    if count <= size:
-        return np.arange(count)
-    return np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
-
-
 def fit_clusters(vectors: np.ndarray, params: ClusterParams) -> Fit:
     """Fit the chosen method on a sample, then cluster and map every image.
 
     Fitted images keep the labels and positions of the fit itself; the others are assigned
     with the fitted model in batches.
     """
-    rows = sample_rows(len(vectors), params.fit_sample, params.random_state)
+    rows = common.sample_rows(len(vectors), params.fit_sample, params.random_state)
     check_sizes(params, len(rows))
     sample = vectors[rows]
     model, raw, curve = FITTERS[params.method](sample, params)
-    if params.method == "classical" or params.n_components != 2:
+    if params.method == "classical" or params.umap.n_components != 2:
         model.mapper = fit_umap(sample, params, 2)
         sample_xy = model.mapper.embedding_
     else:
         sample_xy = model.reducer.embedding_
-    clusters = np.full(len(vectors), NOISE, dtype=np.int32)
+    clusters = np.full(len(vectors), common.NOISE, dtype=np.int32)
     coordinates = np.zeros((len(vectors), 2), dtype=np.float32)
     clusters[rows] = renumber(raw, model.order)
     coordinates[rows] = sample_xy
@@ -569,12 +596,12 @@ def write_map(table: pd.DataFrame, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    clustered = table[table["cluster"] != NOISE]
+    clustered = table[table["cluster"] != common.NOISE]
     count = int(clustered["cluster"].max()) + 1 if len(clustered) else 0
     colors = cluster_colors(max(count, 1))
     size = max(1.0, min(12.0, 20000 / max(len(table), 1)))
     figure, axes = pyplot.subplots(figsize=(9, 9), dpi=100)
-    noise = table[table["cluster"] == NOISE]
+    noise = table[table["cluster"] == common.NOISE]
     if len(noise):
         axes.scatter(noise["x"], noise["y"], s=size, c="lightgray", label="noise", linewidths=0)
     axes.scatter(
@@ -610,7 +637,7 @@ def write_model(model: ClusterModel, path: Path) -> None:
         joblib.dump(model, temporary, compress=3)
 
 
-def load_model(path: Path = MODEL_FILE) -> ClusterModel:
+def load_model(path: Path = common.CLUSTER_MODEL_FILE) -> ClusterModel:
     """The fitted ClusterModel that the cluster stage saved."""
     if not path.exists():
         raise common.UserError(f"{path} is missing: run `dvc repro cluster` first")
@@ -627,15 +654,15 @@ def main() -> None:
     """Read params and the embeddings; fit; write the clusters, the model, the map, the curve."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
-    params = ClusterParams.from_params(common.load_params())
+    params = ClusterParams.from_params(settings.load_params())
     ids, vectors = common.read_embeddings()
     fit = fit_clusters(vectors, params)
     table = clusters_table(ids, fit)
-    common.write_parquet(table, CLUSTERS_FILE)
-    write_model(fit.model, MODEL_FILE)
+    common.write_parquet(table, common.CLUSTERS_FILE)
+    write_model(fit.model, common.CLUSTER_MODEL_FILE)
     write_curve(fit.curve, K_CURVE_FILE)
-    found = int((table["cluster"] != NOISE).any() and table["cluster"].max() + 1)
-    noise = int((table["cluster"] == NOISE).sum())
+    found = int((table["cluster"] != common.NOISE).any() and table["cluster"].max() + 1)
+    noise = int((table["cluster"] == common.NOISE).sum())
     write_map(table, MAP_FILE, f"{params.method}: {found} clusters of {len(table)} images")
     logger.info(
         "%s: %d clusters of %d images (fit on %d, %d noise); %.1f s",

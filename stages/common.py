@@ -1,31 +1,27 @@
-"""What every stage shares: project paths, params, image decoding, table and array I/O,
-atomic writes, logging and the stage entry point.
+"""What every stage shares: the names of the project's artifacts, errors, table and array
+I/O, atomic writes, sampling, logging and the stage entry point.
 
-A stage never imports another stage; it imports this module.
+A stage never imports another stage; it imports this module (and `images`, `settings`).
+Every artifact path is named here once, so that the stage that writes a file and the
+stages that read it cannot disagree.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import logging
-import math
 import multiprocessing
 import os
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-import yaml
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
 # Project paths, relative to the repository root (DVC runs every stage from there).
@@ -34,6 +30,7 @@ RAW_DIR = Path("data/raw")
 COLLECTION_DIR = RAW_DIR / "collections"
 MANIFEST_FILE = RAW_DIR / "manifest.parquet"
 REJECTED_FILE = RAW_DIR / "rejected.csv"
+REMOTE_STATE_FILE = RAW_DIR / "remote.parquet"
 INTERIM_DIR = Path("data/interim")
 PIXELS_FILE = INTERIM_DIR / "pixels.npy"
 THUMBS_FILE = INTERIM_DIR / "thumbs.npy"
@@ -41,246 +38,21 @@ ARRAY_IDS_FILE = INTERIM_DIR / "ids.parquet"
 PROCESSED_DIR = Path("data/processed")
 SPLIT_FILE = PROCESSED_DIR / "split.parquet"
 EMBEDDINGS_FILE = PROCESSED_DIR / "embeddings.parquet"
+CLUSTERS_FILE = PROCESSED_DIR / "clusters.parquet"
+SCORES_FILE = PROCESSED_DIR / "scores.parquet"
 CACHE_DIR = Path("data/cache")
+AUTOENCODER_DIR = Path("models/autoencoder")
+ENCODER_FILE = AUTOENCODER_DIR / "encoder.keras"
+CLUSTER_MODEL_FILE = Path("models/cluster.joblib")
 METRICS_DIR = Path("metrics")
 DATA_METRICS_FILE = METRICS_DIR / "data.json"
+REPORTS_DIR = Path("reports")
 
-# We check the pixel count ourselves (sync.max_pixels) and reject with a clear reason;
-# Pillow's own guard would raise or warn from deep inside a decoder instead.
-Image.MAX_IMAGE_PIXELS = None
-
-FIT_MODES = ("squash", "crop", "pad")
-EXIF_ORIENTATION_TAG = 0x0112
-ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+NOISE = -1  # the cluster of images that hdbscan leaves in no cluster
 
 
 class UserError(Exception):
     """A problem the user can fix (a bad param, a missing input): shown as one line."""
-
-
-# ----------------------------------------------------------------------------- params
-
-
-def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
-    """Read params.yaml into a dict; a missing or unreadable file is a UserError."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            params = yaml.safe_load(file)
-    except FileNotFoundError:
-        raise UserError(f"{path} not found: run the stage from the project root") from None
-    except yaml.YAMLError as error:
-        raise UserError(f"{path} is not valid YAML: {error}".replace("\n", " ")) from None
-    if not isinstance(params, dict):
-        raise UserError(f"{path} must hold a mapping of sections, found {type(params).__name__}")
-    return params
-
-
-def get_param(params: dict[str, Any], key: str) -> Any:
-    """Return the value at a dotted key such as 'split.seed', or fail naming the key."""
-    value: Any = params
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise UserError(f"params.yaml: {key} is missing")
-        value = value[part]
-    return value
-
-
-def param_error(key: str, value: Any, allowed: str) -> UserError:
-    """The one-line error for a param value that is not allowed."""
-    return UserError(f"params.yaml: {key} = {value!r} is not allowed; {allowed}")
-
-
-def int_param(
-    params: dict[str, Any], key: str, minimum: int | None = None, maximum: int | None = None
-) -> int:
-    """An integer param, at least `minimum` and at most `maximum` when given."""
-    value = get_param(params, key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise param_error(key, value, "expected an integer")
-    if minimum is not None and value < minimum:
-        raise param_error(key, value, f"expected an integer >= {minimum}")
-    if maximum is not None and value > maximum:
-        raise param_error(key, value, f"expected an integer <= {maximum}")
-    return value
-
-
-def number_param(
-    params: dict[str, Any], key: str, minimum: float | None = None, maximum: float | None = None
-) -> float:
-    """A finite number param within [minimum, maximum] when given."""
-    value = get_param(params, key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise param_error(key, value, "expected a number")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        low = "-inf" if minimum is None else minimum
-        high = "inf" if maximum is None else maximum
-        raise param_error(key, value, f"expected a number in [{low}, {high}]")
-    return float(value)
-
-
-def choice_param(params: dict[str, Any], key: str, choices: Iterable[str]) -> str:
-    """A param that must be one of `choices`."""
-    value = get_param(params, key)
-    allowed = tuple(choices)
-    if value not in allowed:
-        raise param_error(key, value, "allowed: " + ", ".join(allowed))
-    return value
-
-
-def bool_param(params: dict[str, Any], key: str) -> bool:
-    """A true/false param."""
-    value = get_param(params, key)
-    if not isinstance(value, bool):
-        raise param_error(key, value, "expected true or false")
-    return value
-
-
-def optional_str_param(params: dict[str, Any], key: str) -> str | None:
-    """A string param that may be null or empty (both mean: not set)."""
-    value = get_param(params, key)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise param_error(key, value, "expected a string or null")
-    return value
-
-
-# ----------------------------------------------------------------------------- images
-
-
-@dataclass(frozen=True)
-class ImageSize:
-    """A target size in pixels, and how a different aspect ratio is reconciled."""
-
-    height: int
-    width: int
-    fit: str = "squash"
-
-
-def image_size_param(params: dict[str, Any], height_key: str, width_key: str) -> tuple[int, int]:
-    """Read and check a (height, width) pair of params."""
-    height = int_param(params, height_key, minimum=1)
-    width = int_param(params, width_key, minimum=1)
-    for key, value in ((height_key, height), (width_key, width)):
-        if value > 4096:
-            raise param_error(key, value, "expected at most 4096 pixels")
-    return height, width
-
-
-def exif_orientation(image: Image.Image) -> int:
-    """The EXIF orientation (1 = upright) of an opened image; 1 when absent or unreadable."""
-    try:
-        value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
-    except Exception:  # a broken EXIF block must not make a good image unreadable
-        return 1
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
-
-
-def upright_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) of an opened image once its EXIF orientation is applied."""
-    width, height = image.size
-    if exif_orientation(image) in ROTATED_ORIENTATIONS:
-        return height, width
-    return width, height
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB.
-
-    16-bit and 32-bit integer images are scaled down from the 16-bit range (a plain
-    convert would clip them to white); transparent images are laid on black.
-    """
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I;16") or mode == "I":
-        levels = np.asarray(image).astype(np.int64)
-        gray = np.clip(levels >> 8, 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if mode == "F":
-        gray = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float32)), 0, 255)
-        return Image.fromarray(gray.astype(np.uint8), mode="L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _scaled_size(width: int, height: int, target: ImageSize) -> tuple[int, int]:
-    """The size the whole image is scaled to before cropping or padding to `target`."""
-    if target.fit == "squash":
-        return target.width, target.height
-    scale_x, scale_y = target.width / width, target.height / height
-    scale = max(scale_x, scale_y) if target.fit == "crop" else min(scale_x, scale_y)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def draft_request(
-    stored_size: tuple[int, int], orientation: int, targets: Iterable[ImageSize]
-) -> tuple[int, int]:
-    """The smallest (width, height) a JPEG may be DCT-scaled to and still serve every target.
-
-    `stored_size` and the answer are in the file's stored orientation, which is what
-    `Image.draft` works in; the targets are upright.
-    """
-    rotated = orientation in ROTATED_ORIENTATIONS
-    width, height = stored_size[::-1] if rotated else stored_size
-    needed_width = needed_height = 1
-    for target in targets:
-        scaled_width, scaled_height = _scaled_size(width, height, target)
-        needed_width = max(needed_width, scaled_width)
-        needed_height = max(needed_height, scaled_height)
-    return (needed_height, needed_width) if rotated else (needed_width, needed_height)
-
-
-def fit_image(image: Image.Image, target: ImageSize) -> np.ndarray:
-    """Resize an RGB image to target.height x target.width x 3 uint8 with a box filter.
-
-    squash stretches to the target; crop scales to cover it and cuts the center;
-    pad scales to fit inside it and centers the image on black.
-    """
-    width, height = image.size
-    size = (target.width, target.height)
-    if target.fit == "squash":
-        resized = image.resize(size, Image.Resampling.BOX)
-    elif target.fit == "crop":
-        target_aspect = target.width / target.height
-        if width / height > target_aspect:
-            crop_width = height * target_aspect
-            box = ((width - crop_width) / 2, 0.0, (width + crop_width) / 2, float(height))
-        else:
-            crop_height = width / target_aspect
-            box = (0.0, (height - crop_height) / 2, float(width), (height + crop_height) / 2)
-        resized = image.resize(size, Image.Resampling.BOX, box=box)
-    elif target.fit == "pad":
-        inner = _scaled_size(width, height, target)
-        inner = (min(inner[0], target.width), min(inner[1], target.height))
-        resized = Image.new("RGB", size, (0, 0, 0))
-        offset = ((target.width - inner[0]) // 2, (target.height - inner[1]) // 2)
-        resized.paste(image.resize(inner, Image.Resampling.BOX), offset)
-    else:
-        raise ValueError(f"unknown fit {target.fit!r}; allowed: {', '.join(FIT_MODES)}")
-    return np.asarray(resized, dtype=np.uint8)
-
-
-def decode_for_targets(data: bytes, targets: list[ImageSize]) -> list[np.ndarray]:
-    """Decode image bytes once, upright and RGB, and return one array per target size.
-
-    JPEGs are decoded with DCT scaling (`Image.draft`) to the smallest size that still
-    serves every target, which is several times faster than a full-size decode.
-    """
-    with Image.open(io.BytesIO(data)) as image:
-        orientation = exif_orientation(image)
-        image.draft("RGB", draft_request(image.size, orientation, targets))
-        upright = image if orientation == 1 else ImageOps.exif_transpose(image)
-        rgb = to_rgb(upright)
-        return [fit_image(rgb, target) for target in targets]
-
-
-def sha256_hex(data: bytes) -> str:
-    """Hex sha256 of some bytes: the content key of every image."""
-    return hashlib.sha256(data).hexdigest()
 
 
 # ----------------------------------------------------------------------------- I/O
@@ -488,3 +260,10 @@ def run_stage(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def sample_rows(count: int, limit: int, seed: int) -> np.ndarray:
+    """All row numbers when count <= limit, else a seeded sample of `limit`, in order."""
+    if count <= limit:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))

@@ -1,6 +1,6 @@
 """embed: encode every image (not a sample) into its latent vector.
 
-Params (params.yaml): embed.batch_size
+Params:  EmbedParams below (params.yaml, section embed)
 Inputs:  models/autoencoder/encoder.keras, data/interim/pixels.npy, data/interim/ids.parquet
 Outputs: data/processed/embeddings.parquet (id, embedding: a fixed-size list of float32)
 
@@ -13,23 +13,25 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import keras
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 
-from stages import common
+from stages import common, settings
+from stages.quiet_start import keras
 
 STAGE = "embed"
-ENCODER_FILE = Path("models/autoencoder/encoder.keras")
 ROW_GROUP_ROWS = 65536  # images per Parquet row group: the most held in memory at once
 
 
-def embed_params(params: dict[str, Any]) -> int:
-    """The checked embed.batch_size."""
-    return common.int_param(params, "embed.batch_size", minimum=1)
+class EmbedParams(settings.Section):
+    """params.yaml, section embed."""
+
+    SECTION: ClassVar[str] = "embed"
+    batch_size: int = Field(512, ge=1, description="images encoded per step")
 
 
 def load_encoder(path: Path, image_shape: tuple[int, ...]) -> keras.Model:
@@ -90,9 +92,9 @@ def main() -> None:
     """Read params, the encoder and the pixels; write the embeddings."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
-    batch_size = embed_params(common.load_params())
+    batch_size = EmbedParams.from_params(settings.load_params()).batch_size
     ids, pixels = common.load_pixels(common.PIXELS_FILE)
-    encoder = load_encoder(ENCODER_FILE, pixels.shape[1:])
+    encoder = load_encoder(common.ENCODER_FILE, pixels.shape[1:])
     dimension = write_embeddings(encoder, pixels, ids, common.EMBEDDINGS_FILE, batch_size)
     seconds = time.perf_counter() - started
     logger.info(

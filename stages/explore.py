@@ -1,12 +1,6 @@
 """explore: an offline page to browse every image by cluster, like Facets Dive and Overview.
 
-Params (params.yaml):
-  explore.max_images     the page shows at most this many images (a seeded sample beyond);
-                         the overview still counts the whole collection
-  explore.sprite_height  thumbnail height in the sprite atlases, in px (the width keeps
-                         prepare's thumbnail aspect)
-  explore.atlas_quality  JPEG quality of the sprite atlases
-  explore.seed           seeds the sample
+Params:  ExploreParams below (params.yaml, section explore)
 Inputs:  data/processed/clusters.parquet (cluster, x, y), data/processed/scores.parquet
          (silhouette), data/processed/split.parquet, data/raw/manifest.parquet,
          data/raw/rejected.csv, data/interim/thumbs.npy + ids.parquet
@@ -28,17 +22,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 from PIL import Image
+from pydantic import Field
 
-from stages import common
+from stages import common, settings
 
 STAGE = "explore"
-CLUSTERS_FILE = common.PROCESSED_DIR / "clusters.parquet"
-SCORES_FILE = common.PROCESSED_DIR / "scores.parquet"
 EXPLORER_DIR = Path("reports/explorer")
 PAGE_FILES_DIR = Path(__file__).with_name("explorer_page")
 PAGE_FILES = ("index.html", "explorer.js", "explorer.css", "favicon.svg")
@@ -49,24 +42,25 @@ NUMBER_COLUMNS = ("x", "y", "silhouette", "latitude", "longitude")
 FLAG_COLUMNS = ("blank", "duplicate")
 
 
-@dataclass(frozen=True)
-class ExploreParams:
-    """The explore section of params.yaml, checked."""
+class ExploreParams(settings.Section):
+    """params.yaml, section explore."""
 
-    max_images: int
-    sprite_height: int
-    atlas_quality: int
-    seed: int
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> ExploreParams:
-        """Read and check every explore param."""
-        return cls(
-            max_images=common.int_param(params, "explore.max_images", minimum=1),
-            sprite_height=common.int_param(params, "explore.sprite_height", minimum=8, maximum=512),
-            atlas_quality=common.int_param(params, "explore.atlas_quality", minimum=1, maximum=95),
-            seed=common.int_param(params, "explore.seed", minimum=0),
-        )
+    SECTION: ClassVar[str] = "explore"
+    max_images: int = Field(
+        100000,
+        ge=1,
+        description="the page shows at most this many images (a seeded sample beyond); "
+        "the overview still counts the whole collection",
+    )
+    sprite_height: int = Field(
+        54,
+        ge=8,
+        le=512,
+        description="thumbnail height in the sprite atlases, px (the width keeps the "
+        "thumbnails' aspect)",
+    )
+    atlas_quality: int = Field(85, ge=1, le=95, description="JPEG quality of the sprite atlases")
+    seed: int = Field(42, ge=0, description="seed of the sample")
 
 
 @dataclass(frozen=True)
@@ -106,13 +100,6 @@ def explorer_table(
     table["month"] = taken_at.dt.strftime("%Y-%m")
     table["taken_at"] = taken_at.dt.strftime("%Y-%m-%d %H:%M:%S")
     return table
-
-
-def sample_rows(count: int, limit: int, seed: int) -> np.ndarray:
-    """All row numbers when count <= limit, else a seeded sample of `limit`, in order."""
-    if count <= limit:
-        return np.arange(count)
-    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
 
 
 def collection_summary(
@@ -253,7 +240,7 @@ def build_explorer(
 
     Returns the page data.
     """
-    rows = sample_rows(len(table), params.max_images, params.seed)
+    rows = common.sample_rows(len(table), params.max_images, params.seed)
     shown = table.iloc[rows].reset_index(drop=True)
     grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, len(rows))
     collection = Path(os.path.relpath(collection_dir, directory)).as_posix() + "/"
@@ -267,9 +254,9 @@ def main() -> None:
     """Read clusters, scores, split, manifest and thumbnails; write reports/explorer/."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
-    params = ExploreParams.from_params(common.load_params())
-    clusters = common.read_parquet(CLUSTERS_FILE, made_by="cluster")
-    scores = common.read_parquet(SCORES_FILE, made_by="score")
+    params = ExploreParams.from_params(settings.load_params())
+    clusters = common.read_parquet(common.CLUSTERS_FILE, made_by="cluster")
+    scores = common.read_parquet(common.SCORES_FILE, made_by="score")
     split = common.read_parquet(common.SPLIT_FILE, made_by="split")
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     ids = clusters["id"].tolist()

@@ -1,7 +1,6 @@
 """prepare: decode every accepted image once into model-size pixels and display thumbnails.
 
-Params (params.yaml): image.height, image.width, image.fit (squash | crop | pad),
-  prepare.thumb_height, prepare.thumb_width
+Params:  ImageParams and PrepareParams below (params.yaml, sections image and prepare)
 Inputs:  data/raw/manifest.parquet, data/raw/collections/
 Outputs: data/interim/pixels.npy  (N x image.height x image.width x 3, uint8)
          data/interim/thumbs.npy  (N x thumb_height x thumb_width x 3, uint8)
@@ -20,49 +19,71 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
-from stages import common
+from stages import common, images, settings
 
 STAGE = "prepare"
 COPY_BLOCK_ROWS = 1024  # rows copied from the cache per step, to bound memory
 DECODE_TASK_FILES = 64  # the most files one worker decodes per task
 
 
-@dataclass(frozen=True)
-class PrepareParams:
-    """The image and prepare sections of params.yaml, checked."""
+Side = Annotated[int, Field(ge=1, le=4096)]
 
-    model_size: common.ImageSize
-    thumb_size: common.ImageSize
+
+class ImageParams(settings.Section):
+    """params.yaml, section image: the model's input size."""
+
+    SECTION: ClassVar[str] = "image"
+    height: Side = Field(32, description="model input height, px (ISS: 27)")
+    width: Side = Field(32, description="model input width, px (ISS: 48)")
+    fit: images.FitMode = Field(
+        "pad",
+        description="how another aspect ratio is fitted: squash (stretch, the original's "
+        "way), crop (the center) or pad (black borders)",
+    )
+
+
+class PrepareParams(settings.Section):
+    """params.yaml, section prepare: the display thumbnails of mosaics and the explorer."""
+
+    SECTION: ClassVar[str] = "prepare"
+    thumb_height: Side = Field(54, description="display thumbnail height, px")
+    thumb_width: Side = Field(96, description="display thumbnail width, px")
+
+
+@dataclass(frozen=True)
+class DecodeSizes:
+    """The two sizes every image is decoded to, from the image and prepare params."""
+
+    model_size: images.ImageSize
+    thumb_size: images.ImageSize
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> PrepareParams:
-        """Read and check the params prepare uses."""
-        height, width = common.image_size_param(params, "image.height", "image.width")
-        fit = common.choice_param(params, "image.fit", common.FIT_MODES)
-        thumb_height, thumb_width = common.image_size_param(
-            params, "prepare.thumb_height", "prepare.thumb_width"
-        )
+    def from_params(cls, params: dict[str, Any]) -> DecodeSizes:
+        """Check the image and prepare sections and give the sizes they ask for."""
+        image = ImageParams.from_params(params)
+        thumbs = PrepareParams.from_params(params)
         return cls(
-            model_size=common.ImageSize(height, width, fit),
-            thumb_size=common.ImageSize(thumb_height, thumb_width, fit),
+            model_size=images.ImageSize(image.height, image.width, image.fit),
+            thumb_size=images.ImageSize(thumbs.thumb_height, thumbs.thumb_width, image.fit),
         )
 
     @property
-    def targets(self) -> list[common.ImageSize]:
+    def targets(self) -> list[images.ImageSize]:
         """The two sizes every image is decoded to: model input, then thumbnail."""
         return [self.model_size, self.thumb_size]
 
 
-def cache_key(params: PrepareParams) -> str:
+def cache_key(params: DecodeSizes) -> str:
     """A key that changes when the settings or the decoding code change."""
-    code = b"".join(Path(module).read_bytes() for module in (__file__, common.__file__))
-    settings = json.dumps(asdict(params), sort_keys=True).encode("utf-8")
-    return hashlib.sha256(settings + hashlib.sha256(code).digest()).hexdigest()[:16]
+    code = b"".join(Path(module).read_bytes() for module in (__file__, images.__file__))
+    sizes = json.dumps(asdict(params), sort_keys=True).encode("utf-8")
+    return hashlib.sha256(sizes + hashlib.sha256(code).digest()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -70,11 +91,11 @@ def cache_key(params: PrepareParams) -> str:
 # One decoding task: the segment's two array files with the byte offset of their first
 # row, the first row to fill, the files to decode into that row and the next ones (path and
 # expected sha256), and the target sizes (one per array file).
-DecodeTask = tuple[list[tuple[Path, int]], int, list[tuple[Path, str]], list[common.ImageSize]]
+DecodeTask = tuple[list[tuple[Path, int]], int, list[tuple[Path, str]], list[images.ImageSize]]
 
 
 def decode_file(
-    path: Path, expected_sha256: str, targets: list[common.ImageSize]
+    path: Path, expected_sha256: str, targets: list[images.ImageSize]
 ) -> list[np.ndarray]:
     """Read one collection file, check it is the file the manifest describes, decode it.
 
@@ -84,12 +105,12 @@ def decode_file(
         data = path.read_bytes()
     except OSError as error:
         raise common.UserError(f"cannot read {path}: {error.strerror}") from None
-    if common.sha256_hex(data) != expected_sha256:
+    if images.sha256_hex(data) != expected_sha256:
         raise common.UserError(
             f"{path} changed after sync (its sha256 is not the manifest's): run `dvc repro -f sync`"
         )
     try:
-        return common.decode_for_targets(data, targets)
+        return images.decode_for_targets(data, targets)
     except Exception as error:  # sync accepted it, so this is a changed or unusual file
         raise common.UserError(f"cannot decode {path}: {error}") from None
 
@@ -168,7 +189,7 @@ class DecodedCache:
         return [self.folder / f"{segment}.{name}.npy" for name in ("pixels", "thumbs")]
 
     def add_segment(
-        self, files: list[tuple[Path, str]], targets: list[common.ImageSize], workers: int
+        self, files: list[tuple[Path, str]], targets: list[images.ImageSize], workers: int
     ) -> None:
         """Decode files (path, sha256) into a new segment and add it to the index."""
         segment = f"segment-{uuid.uuid4().hex[:12]}"
@@ -229,7 +250,7 @@ class PrepareSummary:
 def prepare_arrays(
     manifest: pd.DataFrame,
     collection: Path,
-    params: PrepareParams,
+    params: DecodeSizes,
     cache_folder: Path,
     pixels_path: Path,
     thumbs_path: Path,
@@ -262,7 +283,7 @@ def main() -> None:
     """Read params and the manifest, write the arrays."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
-    params = PrepareParams.from_params(common.load_params())
+    params = DecodeSizes.from_params(settings.load_params())
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     summary = prepare_arrays(
         manifest,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from stages import common
+from stages import common, settings
 
 S3_PREFIX = "s3://"
 HTTP_PREFIXES = ("http://", "https://")
@@ -117,7 +117,7 @@ def parse_s3_url(source: str) -> tuple[str, str]:
     """(bucket, prefix) of s3://bucket/prefix; the prefix ends with '/' unless empty."""
     bucket, _, prefix = source[len(S3_PREFIX) :].partition("/")
     if not bucket:
-        raise common.param_error(
+        raise settings.param_error(
             "sync.source", source, "expected s3://bucket or s3://bucket/prefix"
         )
     prefix = prefix.strip("/")

@@ -1,11 +1,6 @@
 """score: say how clean each cluster is, and show it.
 
-Params (params.yaml):
-  score.silhouette_sample  silhouettes are measured against at most this many images
-                           (seeded); exact when the collection is no larger
-  score.mosaic_side        a mosaic shows up to side x side thumbnails
-  score.outliers           how many lowest-silhouette images to list as outliers
-  score.seed               seeds the silhouette sample
+Params:  ScoreParams below (params.yaml, section score)
 Inputs:  data/processed/embeddings.parquet, data/processed/clusters.parquet,
          data/raw/manifest.parquet (labels, paths), data/interim/thumbs.npy + ids.parquet
 Outputs: metrics/cluster.json (flat: silhouette, Calinski-Harabasz, Davies-Bouldin, sizes,
@@ -24,47 +19,42 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
+from pydantic import Field
 
-from stages import common
+from stages import common, settings
 
 STAGE = "score"
-CLUSTERS_FILE = common.PROCESSED_DIR / "clusters.parquet"
-SCORES_FILE = common.PROCESSED_DIR / "scores.parquet"
 CLUSTER_METRICS_FILE = common.METRICS_DIR / "cluster.json"
 SILHOUETTE_FILE = common.METRICS_DIR / "silhouette.csv"
 MOSAICS_DIR = Path("reports/mosaics")
 OUTLIERS_FILE = Path("reports/outliers.csv")
 OUTLIERS_MOSAIC_FILE = Path("reports/outliers.png")
-NOISE = -1
 DISTANCE_BLOCK = 2048  # images whose distances to the reference are held at once
 GUTTER = 2  # pixels between thumbnails in a mosaic
 OVERVIEW_THUMBS = 12  # thumbnails per cluster on the overview sheet
 OVERVIEW_LABEL_WIDTH = 150
 
 
-@dataclass(frozen=True)
-class ScoreParams:
-    """The score section of params.yaml, checked."""
+class ScoreParams(settings.Section):
+    """params.yaml, section score."""
 
-    silhouette_sample: int
-    mosaic_side: int
-    outliers: int
-    seed: int
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> ScoreParams:
-        """Read and check every score param."""
-        return cls(
-            silhouette_sample=common.int_param(params, "score.silhouette_sample", minimum=2),
-            mosaic_side=common.int_param(params, "score.mosaic_side", minimum=1),
-            outliers=common.int_param(params, "score.outliers", minimum=0),
-            seed=common.int_param(params, "score.seed", minimum=0),
-        )
+    SECTION: ClassVar[str] = "score"
+    silhouette_sample: int = Field(
+        20000,
+        ge=2,
+        description="silhouettes are measured against at most this many images (seeded); "
+        "exact when the collection is no larger",
+    )
+    mosaic_side: int = Field(10, ge=1, description="a mosaic shows up to side x side thumbnails")
+    outliers: int = Field(
+        100, ge=0, description="how many lowest-silhouette images reports/outliers.csv lists"
+    )
+    seed: int = Field(42, ge=0, description="seed of the silhouette sample")
 
 
 # ----------------------------------------------------------------------------- scores
@@ -82,7 +72,7 @@ def silhouette_per_image(
     every image in the reference the result equals scikit-learn's silhouette_samples.
     """
     result = np.full(len(vectors), np.nan)
-    clustered = np.flatnonzero(clusters != NOISE)
+    clustered = np.flatnonzero(clusters != common.NOISE)
     labels, inverse = np.unique(clusters[clustered], return_inverse=True)
     if len(labels) < 2:
         return result
@@ -128,7 +118,7 @@ def cluster_centers(vectors: np.ndarray, clusters: np.ndarray) -> dict[int, np.n
     """The mean latent vector of each cluster (noise excluded)."""
     return {
         int(cluster): vectors[clusters == cluster].mean(axis=0)
-        for cluster in np.unique(clusters[clusters != NOISE])
+        for cluster in np.unique(clusters[clusters != common.NOISE])
     }
 
 
@@ -148,7 +138,7 @@ def center_distances(
     for start in range(0, len(vectors), DISTANCE_BLOCK):
         block = vectors[start : start + DISTANCE_BLOCK].astype(np.float64)
         own = clusters[start : start + DISTANCE_BLOCK]
-        noise = own == NOISE
+        noise = own == common.NOISE
         column = np.minimum(np.searchsorted(numbers, own), len(numbers) - 1)
         distances = np.sqrt(((block - matrix[column]) ** 2).sum(axis=1))
         if noise.any():
@@ -171,7 +161,7 @@ def hungarian_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
     predicted_codes, predicted_index = np.unique(predicted, return_inverse=True)
     contingency = np.zeros((len(predicted_codes), len(true_codes)), dtype=np.int64)
     np.add.at(contingency, (predicted_index, true_index), 1)
-    noise_row = np.flatnonzero(predicted_codes == NOISE)
+    noise_row = np.flatnonzero(predicted_codes == common.NOISE)
     contingency[noise_row] = 0
     rows, columns = linear_sum_assignment(contingency, maximize=True)
     return float(contingency[rows, columns].sum() / len(truth))
@@ -197,7 +187,7 @@ def label_agreement(labels: pd.Series, clusters: np.ndarray) -> dict[str, float]
 def silhouette_table(clusters: np.ndarray, silhouettes: np.ndarray) -> pd.DataFrame:
     """Per cluster: size and mean silhouette, in cluster order (noise excluded)."""
     frame = pd.DataFrame({"cluster": clusters, "silhouette": silhouettes})
-    frame = frame[frame["cluster"] != NOISE]
+    frame = frame[frame["cluster"] != common.NOISE]
     table = frame.groupby("cluster").agg(
         size=("cluster", "size"), silhouette=("silhouette", "mean")
     )
@@ -214,7 +204,7 @@ def cluster_metrics(
     """The flat metrics of metrics/cluster.json (None where a score is undefined)."""
     from sklearn import metrics
 
-    kept = clusters != NOISE
+    kept = clusters != common.NOISE
     found = len(per_cluster)
     values: dict[str, Any] = {
         "n_clusters": found,
@@ -249,10 +239,10 @@ def round_value(value: Any) -> Any:
 
 def outlier_table(scores: pd.DataFrame, count: int) -> pd.DataFrame:
     """Noise first (farthest from any center first), then the `count` lowest silhouettes."""
-    noise = scores[scores["cluster"] == NOISE].sort_values(
+    noise = scores[scores["cluster"] == common.NOISE].sort_values(
         ["center_distance", "id"], ascending=[False, True]
     )
-    clustered = scores[scores["cluster"] != NOISE].dropna(subset=["silhouette"])
+    clustered = scores[scores["cluster"] != common.NOISE].dropna(subset=["silhouette"])
     lowest = clustered.sort_values(["silhouette", "id"]).head(count)
     table = pd.concat(
         [noise.assign(reason="noise"), lowest.assign(reason="low silhouette")], ignore_index=True
@@ -316,7 +306,7 @@ def central_rows(
     result: dict[int, list[int]] = {}
     for row in order:
         cluster = int(clusters[row])
-        if cluster != NOISE:
+        if cluster != common.NOISE:
             result.setdefault(cluster, []).append(int(row))
     return {cluster: np.array(rows) for cluster, rows in result.items()}
 
@@ -346,27 +336,34 @@ def write_mosaics(
 # ----------------------------------------------------------------------------- main
 
 
-def main() -> None:
-    """Read the embeddings and clusters; write the scores, metrics, mosaics and outliers."""
-    started = time.perf_counter()
-    logger = common.get_logger(STAGE)
-    params = ScoreParams.from_params(common.load_params())
-    ids, vectors = common.read_embeddings()
-    table = common.read_parquet(CLUSTERS_FILE, made_by="cluster")
-    if table["id"].tolist() != ids:
-        raise common.UserError(
-            f"{CLUSTERS_FILE} does not match {common.EMBEDDINGS_FILE}: run `dvc repro cluster`"
-        )
-    manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync").set_index("id")
-    clusters = table["cluster"].to_numpy()
+@dataclass
+class ScoreResult:
+    """What score computes, and main writes."""
+
+    metrics: dict[str, Any]  # flat, for metrics/cluster.json
+    per_cluster: pd.DataFrame  # cluster, size, silhouette: metrics/silhouette.csv
+    scores: pd.DataFrame  # id, cluster, silhouette, center_distance
+    outliers: pd.DataFrame  # the lowest-silhouette images (reports/outliers.csv)
+    mosaic_rows: dict[int, np.ndarray]  # rows of each cluster's mosaic, most central first
+    outlier_rows: np.ndarray  # rows of the outliers mosaic
+
+
+def score_clusters(
+    ids: list[str],
+    vectors: np.ndarray,
+    clusters: np.ndarray,
+    manifest: pd.DataFrame,
+    params: ScoreParams,
+) -> ScoreResult:
+    """Silhouettes, center distances, metrics, outliers and mosaic choices of a clustering.
+
+    `manifest` is indexed by id and gives each image's path and label.
+    """
     silhouettes = silhouette_per_image(vectors, clusters, params.silhouette_sample, params.seed)
     distances = center_distances(vectors, clusters, cluster_centers(vectors, clusters))
     per_cluster = silhouette_table(clusters, silhouettes)
     labels = manifest["label"].reindex(ids)
     metrics = cluster_metrics(vectors, clusters, silhouettes, per_cluster, labels)
-    common.write_json(metrics, CLUSTER_METRICS_FILE)
-    with common.atomic_output(SILHOUETTE_FILE) as temporary:
-        per_cluster.to_csv(temporary, index=False, float_format="%.6g")
     scores = pd.DataFrame(
         {
             "id": ids,
@@ -376,16 +373,47 @@ def main() -> None:
             "center_distance": distances,
         }
     )
-    common.write_parquet(scores.drop(columns=["path"]), SCORES_FILE)
     outliers = outlier_table(scores, params.outliers)
-    with common.atomic_output(OUTLIERS_FILE) as temporary:
-        outliers.to_csv(temporary, index=False, float_format="%.6g")
-    thumbs = common.load_thumbs(ids)
-    rows_by_cluster = central_rows(clusters, distances, ids)
-    write_mosaics(thumbs, rows_by_cluster, per_cluster, params.mosaic_side, MOSAICS_DIR)
     row_of = {image_id: row for row, image_id in enumerate(ids)}
     outlier_rows = np.array([row_of[i] for i in outliers["id"]][: params.mosaic_side**2], dtype=int)
-    save_png(mosaic(thumbs[outlier_rows], params.mosaic_side), OUTLIERS_MOSAIC_FILE)
+    return ScoreResult(
+        metrics=metrics,
+        per_cluster=per_cluster,
+        scores=scores.drop(columns=["path"]),
+        outliers=outliers,
+        mosaic_rows=central_rows(clusters, distances, ids),
+        outlier_rows=outlier_rows,
+    )
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """A table as CSV with 6 significant digits, atomically."""
+    with common.atomic_output(path) as temporary:
+        table.to_csv(temporary, index=False, float_format="%.6g")
+
+
+def main() -> None:
+    """Read the embeddings and clusters; write the scores, metrics, mosaics and outliers."""
+    started = time.perf_counter()
+    logger = common.get_logger(STAGE)
+    params = ScoreParams.from_params(settings.load_params())
+    ids, vectors = common.read_embeddings()
+    table = common.read_parquet(common.CLUSTERS_FILE, made_by="cluster")
+    if table["id"].tolist() != ids:
+        raise common.UserError(
+            f"{common.CLUSTERS_FILE} does not match {common.EMBEDDINGS_FILE}: "
+            "run `dvc repro cluster`"
+        )
+    manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync").set_index("id")
+    result = score_clusters(ids, vectors, table["cluster"].to_numpy(), manifest, params)
+    metrics = result.metrics
+    common.write_json(metrics, CLUSTER_METRICS_FILE)
+    write_csv(result.per_cluster, SILHOUETTE_FILE)
+    common.write_parquet(result.scores, common.SCORES_FILE)
+    write_csv(result.outliers, OUTLIERS_FILE)
+    thumbs = common.load_thumbs(ids)
+    write_mosaics(thumbs, result.mosaic_rows, result.per_cluster, params.mosaic_side, MOSAICS_DIR)
+    save_png(mosaic(thumbs[result.outlier_rows], params.mosaic_side), OUTLIERS_MOSAIC_FILE)
     agreement = ""
     if "accuracy" in metrics:
         agreement = (
@@ -401,7 +429,7 @@ def main() -> None:
         metrics["calinski_harabasz"],
         metrics["davies_bouldin"],
         agreement,
-        len(outliers),
+        len(result.outliers),
         time.perf_counter() - started,
     )
 

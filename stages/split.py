@@ -1,6 +1,6 @@
 """split: put every image in the train, test or valid subset, and count the collection.
 
-Params (params.yaml): split.proportions (train, test, valid shares summing to 1), split.seed
+Params:  SplitParams below (params.yaml, section split)
 Inputs:  data/raw/manifest.parquet, data/raw/rejected.csv
 Outputs: data/processed/split.parquet (id, subset), metrics/data.json (counts)
 
@@ -14,40 +14,51 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, ClassVar
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 
-from stages import common
+from stages import common, settings
 
 STAGE = "split"
 SUBSETS = ("train", "test", "valid")
 
 
-@dataclass(frozen=True)
-class SplitParams:
-    """The split section of params.yaml, checked."""
+Share = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 
-    proportions: dict[str, float]
-    seed: int
 
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> SplitParams:
-        """Read and check the split params."""
-        key = "split.proportions"
-        raw = common.get_param(params, key)
-        if not isinstance(raw, dict) or set(raw) != set(SUBSETS):
-            raise common.param_error(key, raw, "expected shares for exactly train, test and valid")
-        proportions = {
-            subset: common.number_param(params, f"{key}.{subset}", minimum=0, maximum=1)
-            for subset in SUBSETS
-        }
-        if not math.isclose(sum(proportions.values()), 1.0, abs_tol=1e-6):
-            total = round(sum(proportions.values()), 6)
-            raise common.param_error(key, raw, f"the shares sum to {total}; they must sum to 1")
-        return cls(proportions=proportions, seed=common.int_param(params, "split.seed", minimum=0))
+class Proportions(settings.Section):
+    """The share of the collection each subset gets."""
+
+    train: Share = Field(0.7, description="share of images the model is trained on")
+    test: Share = Field(0.2, description="share held out to report the test loss")
+    valid: Share = Field(0.1, description="share that decides early stopping")
+
+
+class SplitParams(settings.Section):
+    """params.yaml, section split."""
+
+    SECTION: ClassVar[str] = "split"
+    proportions: Proportions = Field(
+        default_factory=Proportions,
+        description="train, test and valid shares, summing to 1",
+        json_schema_extra={"allowed": "expected shares for exactly train, test and valid"},
+    )
+    seed: int = Field(42, ge=0, description="seed of the id hash that places each image")
+
+    @model_validator(mode="after")
+    def shares_sum_to_one(self) -> SplitParams:
+        """The three shares must cover the collection exactly."""
+        total = sum(self.proportions.model_dump().values())
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise settings.param_error(
+                "split.proportions",
+                self.proportions.model_dump(),
+                f"the shares sum to {round(total, 6)}; they must sum to 1",
+            )
+        return self
 
 
 def id_position(image_id: str, seed: int) -> float:
@@ -62,7 +73,7 @@ def assign_subsets(manifest: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
     The id's hash position falls in one of the consecutive ranges train, test, valid,
     sized by the proportions. Duplicates take their original's subset.
     """
-    bounds = np.cumsum([params.proportions[subset] for subset in SUBSETS])
+    bounds = np.cumsum([getattr(params.proportions, subset) for subset in SUBSETS])
     bounds[-1] = 1.0  # so that rounding never leaves a position past the last range
     owner = manifest["id"]
     if "duplicate_of" in manifest:
@@ -94,7 +105,7 @@ def main() -> None:
     """Read params and the manifest, write the split and the data metrics."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
-    params = SplitParams.from_params(common.load_params())
+    params = SplitParams.from_params(settings.load_params())
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     if not common.REJECTED_FILE.exists():
         raise common.UserError(f"{common.REJECTED_FILE} is missing: run `dvc repro sync` first")

@@ -1,13 +1,6 @@
 """train: learn the latent space every image is embedded in.
 
-Params (params.yaml, section train):
-  encoder        autoencoder (train one) | pretrained (a frozen Keras Applications CNN)
-  model          simple_conv | simple | vae | conv_vae (for encoder: autoencoder)
-  filters        filters of the convolution blocks, outermost first (the original: 64, 32, 16)
-  latent_dim     size of the latent vector of simple, vae and conv_vae
-  loss           bce | mse (reconstruction loss)
-  learning_rate, epochs, batch_size, patience (early stopping on val_loss), seed
-  pretrained.name, pretrained.weights (a local file, or imagenet), pretrained.input_size
+Params:  TrainParams below (params.yaml, section train)
 Inputs:  data/interim/pixels.npy, data/interim/ids.parquet, data/processed/split.parquet
 Outputs: models/autoencoder/encoder.keras      image -> latent vector (what embed uses)
          models/autoencoder/autoencoder.keras  image -> reconstruction (trained kinds)
@@ -28,23 +21,22 @@ import json
 import math
 import tempfile
 import time
+import typing
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
-import keras
 import numpy as np
 import pandas as pd
 from PIL import Image
+from pydantic import Field, model_validator
 
-from stages import common
+from stages import common, settings
+from stages.quiet_start import keras
 
 STAGE = "train"
-ENCODERS = ("autoencoder", "pretrained")
-MODELS = ("simple_conv", "simple", "vae", "conv_vae")
-LOSSES = ("bce", "mse")
 # Keras Applications that work as frozen feature extractors here: the name, and how
 # its pixels are scaled ("tf": -1..1, "torch": ImageNet mean/std, "raw": 0..255).
 PRETRAINED = {
@@ -55,88 +47,78 @@ PRETRAINED = {
     "ResNet50V2": "tf",
     "DenseNet121": "torch",
 }
+ModelKind = Literal["simple_conv", "simple", "vae", "conv_vae"]
+MODELS: tuple[str, ...] = typing.get_args(ModelKind)
+PretrainedName = Literal[tuple(PRETRAINED)]  # type: ignore[valid-type]
 MINIMUM_PRETRAINED_INPUT = 32
 PREVIEW_IMAGES = 8
 PREVIEW_WIDTH = 960  # pixels across the reconstruction preview
 KERAS_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
-MODEL_DIR = Path("models/autoencoder")
-ENCODER_FILE = MODEL_DIR / "encoder.keras"
-AUTOENCODER_FILE = MODEL_DIR / "autoencoder.keras"
-SPEC_FILE = MODEL_DIR / "spec.json"
+AUTOENCODER_FILE = common.AUTOENCODER_DIR / "autoencoder.keras"
+SPEC_FILE = common.AUTOENCODER_DIR / "spec.json"
 TRAIN_METRICS_FILE = common.METRICS_DIR / "train.json"
 LOSS_CURVE_FILE = common.METRICS_DIR / "train/loss.csv"
 PREVIEW_FILE = Path("reports/train/reconstructions.png")
 
 
-@dataclass(frozen=True)
-class PretrainedParams:
-    """train.pretrained: which CNN, its weights file, the size images are scaled to."""
+class PretrainedParams(settings.Section):
+    """params.yaml, section train.pretrained: the frozen CNN of encoder: pretrained."""
 
-    name: str
-    weights: str | None
-    input_size: int
+    name: PretrainedName = Field("MobileNetV2", description="the Keras Applications CNN")
+    weights: str | None = Field(
+        None,
+        description="a local weights file (.h5 / .weights.h5), or imagenet (downloads: "
+        "needs internet)",
+    )
+    input_size: int = Field(
+        96, ge=MINIMUM_PRETRAINED_INPUT, description="images are scaled to this square, px"
+    )
 
 
-@dataclass(frozen=True)
-class TrainParams:
-    """The train section of params.yaml, checked."""
+class TrainParams(settings.Section):
+    """params.yaml, section train."""
 
-    encoder: str
-    model: str
-    filters: tuple[int, ...]
-    latent_dim: int
-    loss: str
-    learning_rate: float
-    epochs: int
-    batch_size: int
-    patience: int
-    seed: int
-    pretrained: PretrainedParams
+    SECTION: ClassVar[str] = "train"
+    encoder: Literal["autoencoder", "pretrained"] = Field(
+        "autoencoder",
+        description="autoencoder: train one; pretrained: a frozen Keras Applications CNN",
+    )
+    model: ModelKind = Field(
+        "simple_conv", description="the autoencoder: convolutional, dense, or variational"
+    )
+    filters: list[Annotated[int, Field(gt=0)]] = Field(
+        [64, 32, 16],
+        min_length=1,
+        description="filters of the convolution blocks, outermost first; each block halves "
+        "the size (27x48 -> 3x6x16)",
+        json_schema_extra={"allowed": "expected a list of positive integers, such as [64, 32, 16]"},
+    )
+    latent_dim: int = Field(288, ge=1, description="latent size of simple, vae and conv_vae")
+    loss: Literal["bce", "mse"] = Field(
+        "bce", description="reconstruction loss (bce: the original's)"
+    )
+    learning_rate: float = Field(
+        0.001, ge=1e-8, le=10, allow_inf_nan=False, description="Adam's learning rate"
+    )
+    epochs: int = Field(20, ge=1, description="the most epochs")
+    batch_size: int = Field(64, ge=1, description="images per step")
+    patience: int = Field(
+        5, ge=0, description="stop after this many epochs without a better val_loss"
+    )
+    seed: int = Field(42, ge=0, description="seed of weights, shuffling and sampling")
+    pretrained: PretrainedParams = Field(default_factory=PretrainedParams)
 
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> TrainParams:
-        """Read and check every train param; the first bad one raises a UserError."""
-        filters = common.get_param(params, "train.filters")
-        if (
-            not isinstance(filters, list)
-            or not filters
-            or not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in filters)
-        ):
-            raise common.param_error(
-                "train.filters",
-                filters,
-                "expected a list of positive integers, such as [64, 32, 16]",
-            )
-        encoder = common.choice_param(params, "train.encoder", ENCODERS)
-        weights = common.optional_str_param(params, "train.pretrained.weights")
-        if encoder == "pretrained" and weights is None:
-            raise common.param_error(
+    @model_validator(mode="after")
+    def pretrained_needs_weights(self) -> TrainParams:
+        """A pretrained encoder cannot run without its weights."""
+        if self.encoder == "pretrained" and not self.pretrained.weights:
+            raise settings.param_error(
                 "train.pretrained.weights",
-                weights,
+                self.pretrained.weights,
                 "a pretrained encoder needs a local weights file (or imagenet to download them)",
             )
-        return cls(
-            encoder=encoder,
-            model=common.choice_param(params, "train.model", MODELS),
-            filters=tuple(filters),
-            latent_dim=common.int_param(params, "train.latent_dim", minimum=1),
-            loss=common.choice_param(params, "train.loss", LOSSES),
-            learning_rate=common.number_param(
-                params, "train.learning_rate", minimum=1e-8, maximum=10
-            ),
-            epochs=common.int_param(params, "train.epochs", minimum=1),
-            batch_size=common.int_param(params, "train.batch_size", minimum=1),
-            patience=common.int_param(params, "train.patience", minimum=0),
-            seed=common.int_param(params, "train.seed", minimum=0),
-            pretrained=PretrainedParams(
-                name=common.choice_param(params, "train.pretrained.name", PRETRAINED),
-                weights=weights,
-                input_size=common.int_param(
-                    params, "train.pretrained.input_size", minimum=MINIMUM_PRETRAINED_INPUT
-                ),
-            ),
-        )
+        return self
 
 
 # ----------------------------------------------------------------------------- models
@@ -569,8 +551,8 @@ def write_outputs(
     models: Models, result: TrainResult, params: TrainParams, pixels: np.ndarray, rows: dict
 ) -> None:
     """Write the models, their spec, the metrics, the loss curve and the preview."""
-    with common.replace_folder(MODEL_DIR) as staging:
-        save_model(models.encoder, staging / ENCODER_FILE.name)
+    with common.replace_folder(common.AUTOENCODER_DIR) as staging:
+        save_model(models.encoder, staging / common.ENCODER_FILE.name)
         if models.autoencoder is not None:
             save_model(models.autoencoder, staging / AUTOENCODER_FILE.name)
         spec = {
@@ -594,7 +576,7 @@ def main() -> None:
     """Read params, the pixels and the split; train; write the models and metrics."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
-    params = TrainParams.from_params(common.load_params())
+    params = TrainParams.from_params(settings.load_params())
     ids, pixels = common.load_pixels(common.PIXELS_FILE)
     rows = subset_rows(common.read_parquet(common.SPLIT_FILE, made_by="split"), ids)
     height, width = pixels.shape[1:3]

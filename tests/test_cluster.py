@@ -144,7 +144,7 @@ def test_saved_model_assigns_the_fitted_images_their_clusters(
 def test_the_rest_of_a_sample_fit_is_assigned_with_the_model(fits, blobs) -> None:
     vectors, truth = blobs
     fit = fits["n2d_sample"]
-    rows = cluster.sample_rows(len(vectors), 120, 42)
+    rows = common.sample_rows(len(vectors), 120, 42)
     rest = np.setdiff1d(np.arange(len(vectors)), rows)
     assert len(rest) == 120
     assert adjusted_rand_score(truth[rest], fit.clusters[rest]) == 1.0

@@ -89,4 +89,4 @@ def test_a_file_that_is_no_model_is_named(tmp_path: Path) -> None:
 def test_a_bad_batch_size_is_refused(params: dict[str, Any]) -> None:
     params["embed"]["batch_size"] = 0
     with pytest.raises(common.UserError, match=re.escape("embed.batch_size = 0 is not allowed")):
-        embed.embed_params(params)
+        embed.EmbedParams.from_params(params)

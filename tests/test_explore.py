@@ -61,11 +61,11 @@ def test_every_sprite_lands_where_the_page_looks_for_it(monkeypatch: pytest.Monk
 
 
 def test_the_sample_is_seeded_and_everything_is_kept_under_the_limit() -> None:
-    assert explore.sample_rows(5, 10, seed=0).tolist() == [0, 1, 2, 3, 4]
-    first = explore.sample_rows(1000, 100, seed=3)
+    assert common.sample_rows(5, 10, seed=0).tolist() == [0, 1, 2, 3, 4]
+    first = common.sample_rows(1000, 100, seed=3)
     assert len(first) == 100 and len(set(first)) == 100 and (np.diff(first) > 0).all()
-    assert (first == explore.sample_rows(1000, 100, seed=3)).all()
-    assert not (first == explore.sample_rows(1000, 100, seed=4)).all()
+    assert (first == common.sample_rows(1000, 100, seed=3)).all()
+    assert not (first == common.sample_rows(1000, 100, seed=4)).all()
 
 
 def test_the_data_script_escapes_markup_and_keeps_every_value() -> None:

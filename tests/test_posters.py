@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import yaml
 from conftest import REPO_ROOT, image_bytes, pattern_image, write
 from PIL import Image
 
-from stages import common, posters
+from stages import common, poster_templates, posters
 
 PARAMS = posters.PostersParams(
     templates=Path("unused"), count=2, best_clusters=2, top_share=0.5, quality=90, seed=7
@@ -39,7 +38,7 @@ def box(name: str, **changes: object) -> dict:
 
 
 def template(document: dict, name: str = "small") -> posters.Template:
-    return posters.parse_template(document, f"{name}.yaml", name)
+    return poster_templates.parse_template(document, f"{name}.yaml", name)
 
 
 @pytest.fixture
@@ -79,7 +78,7 @@ def test_same_seed_same_bytes_other_seed_other_posters(collection: tuple, tmp_pa
     assert names == ["posters.csv", "small-01.jpg", "small-02.jpg", "small-preview.png"]
     for name in names:
         assert digest(tmp_path / "one" / name) == digest(tmp_path / "two" / name), name
-    other = make(collection, tmp_path / "three", replace(PARAMS, seed=8))
+    other = make(collection, tmp_path / "three", PARAMS.model_copy(update={"seed": 8}))
     assert digest(tmp_path / "one/small-01.jpg") != digest(tmp_path / "three/small-01.jpg")
     assert first["id"].tolist() != other["id"].tolist()
 
@@ -88,7 +87,7 @@ def test_no_image_repeats_on_a_poster_and_fills_are_honoured(
     collection: tuple, tmp_path: Path
 ) -> None:
     _, scores, _ = collection
-    table = make(collection, tmp_path / "out", replace(PARAMS, count=6))
+    table = make(collection, tmp_path / "out", PARAMS.model_copy(update={"count": 6}))
     assert table["poster"].nunique() == 6
     for _, poster in table.groupby("poster"):
         assert poster["id"].is_unique and len(poster) == 4
@@ -127,7 +126,9 @@ def test_blank_and_duplicate_images_are_never_chosen(collection: tuple, tmp_path
     manifest.loc[manifest["id"].isin(skipped), "blank"] = True
     manifest.loc[manifest["id"] == "img-04", "duplicate"] = True
     skipped.add("img-04")
-    table = make((folder, scores, manifest), tmp_path / "out", replace(PARAMS, count=8))
+    table = make(
+        (folder, scores, manifest), tmp_path / "out", PARAMS.model_copy(update={"count": 8})
+    )
     assert not set(table["id"]) & skipped
 
 
@@ -157,7 +158,7 @@ def test_an_unreadable_original_is_skipped_and_reported(
 ) -> None:
     folder = collection[0]
     (folder / "img-00.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    table = make(collection, tmp_path / "out", replace(PARAMS, count=4))
+    table = make(collection, tmp_path / "out", PARAMS.model_copy(update={"count": 4}))
     assert "img-00" not in set(table["id"])
     assert "skipped an unreadable image" in capsys.readouterr().err
     assert len(table) == 16
@@ -204,7 +205,7 @@ def test_an_unknown_id_names_the_template_and_region(collection: tuple) -> None:
         ({"width": 0}, "small.yaml: width = 0"),
         ({"background": "not-a-color"}, "background = 'not-a-color'"),
         ({"colour": "red"}, "unknown keys \\['colour'\\]"),
-        ({"regions": []}, "regions: expected a list"),
+        ({"regions": []}, "regions = \\[\\]: expected a list"),
         ({"regions": [box("big", x=300, width=200)]}, "region big: the box .* reaches outside"),
         ({"regions": [box("r", fill="worst")]}, "region r: fill = 'worst'"),
         ({"regions": [box("r", height=None)]}, "region r: missing \\['height'\\]"),

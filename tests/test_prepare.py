@@ -13,7 +13,7 @@ import pytest
 from conftest import good_image_files, image_bytes, jpeg_with_exif, pattern_image, write
 from PIL import Image
 
-from stages import common, prepare, sync
+from stages import common, images, prepare, sync
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -35,20 +35,20 @@ def bands(width: int, height: int, middle: tuple, sides: tuple) -> Image.Image:
 
 
 def test_squash_stretches_to_the_target() -> None:
-    result = common.fit_image(halves(200, 100, RED, BLUE), common.ImageSize(10, 10, "squash"))
+    result = images.fit_image(halves(200, 100, RED, BLUE), images.ImageSize(10, 10, "squash"))
     assert result.shape == (10, 10, 3) and result.dtype == np.uint8
     assert tuple(result[5, 0]) == RED and tuple(result[5, 9]) == BLUE
 
 
 def test_crop_keeps_the_center_at_the_target_aspect() -> None:
     image = bands(300, 100, middle=RED, sides=BLUE)  # 3:1, red middle third
-    result = common.fit_image(image, common.ImageSize(20, 20, "crop"))
+    result = images.fit_image(image, images.ImageSize(20, 20, "crop"))
     assert result.shape == (20, 20, 3)
     assert (result == RED).all(), "the center square of a 3:1 image is its red middle third"
 
 
 def test_pad_fits_inside_and_centers_on_black() -> None:
-    result = common.fit_image(halves(200, 100, RED, RED), common.ImageSize(20, 20, "pad"))
+    result = images.fit_image(halves(200, 100, RED, RED), images.ImageSize(20, 20, "pad"))
     assert result.shape == (20, 20, 3)
     assert (result[:5] == 0).all() and (result[15:] == 0).all(), "black above and below"
     assert (result[5:15] == RED).all()
@@ -57,26 +57,26 @@ def test_pad_fits_inside_and_centers_on_black() -> None:
 def test_box_filter_averages_instead_of_picking_pixels() -> None:
     checker = np.indices((64, 64)).sum(axis=0) % 2 * 255
     image = Image.fromarray(checker.astype(np.uint8)).convert("RGB")
-    result = common.fit_image(image, common.ImageSize(8, 8, "squash"))
+    result = images.fit_image(image, images.ImageSize(8, 8, "squash"))
     assert np.abs(result.astype(int) - 127).max() <= 1, "a fine checkerboard averages to gray"
 
 
 def test_sixteen_bit_and_transparent_images_convert_sensibly() -> None:
     levels = np.array([[0, 32768, 65535]], dtype=np.uint16)
-    rgb = common.to_rgb(Image.fromarray(levels))
+    rgb = images.to_rgb(Image.fromarray(levels))
     assert np.asarray(rgb)[0, :, 0].tolist() == [0, 128, 255]
 
     transparent = Image.new("RGBA", (2, 1), (255, 255, 255, 0))
     transparent.putpixel((1, 0), (255, 255, 255, 255))
-    assert np.asarray(common.to_rgb(transparent))[0].tolist() == [[0, 0, 0], [255, 255, 255]]
+    assert np.asarray(images.to_rgb(transparent))[0].tolist() == [[0, 0, 0], [255, 255, 255]]
 
     cmyk = Image.new("CMYK", (1, 1), (0, 255, 255, 0))  # pure red in CMYK
-    assert tuple(np.asarray(common.to_rgb(cmyk))[0, 0]) == RED
+    assert tuple(np.asarray(images.to_rgb(cmyk))[0, 0]) == RED
 
 
 def test_exif_rotated_images_are_decoded_upright() -> None:
     data = jpeg_with_exif(halves(80, 40, RED, BLUE), orientation=6)
-    pixels = common.decode_for_targets(data, [common.ImageSize(8, 4, "squash")])[0]
+    pixels = images.decode_for_targets(data, [images.ImageSize(8, 4, "squash")])[0]
     # Orientation 6 turns the picture a quarter clockwise: its left half ends on top.
     assert np.abs(pixels[0].astype(int) - RED).max() < 40
     assert np.abs(pixels[-1].astype(int) - BLUE).max() < 40
@@ -85,13 +85,13 @@ def test_exif_rotated_images_are_decoded_upright() -> None:
 def test_jpeg_dct_scaling_stays_close_to_a_full_decode() -> None:
     frame = pattern_image(1280, 720, seed=3)
     data = image_bytes(frame, "JPEG", quality=90)
-    target = common.ImageSize(27, 48, "squash")
+    target = images.ImageSize(27, 48, "squash")
     with Image.open(io.BytesIO(data)) as image:
-        image.draft("RGB", common.draft_request(image.size, 1, [target]))
+        image.draft("RGB", images.draft_request(image.size, 1, [target]))
         assert image.size == (160, 90), "a 1280x720 JPEG decodes at 1/8 scale for 48x27"
-    fast = common.decode_for_targets(data, [target])[0].astype(int)
+    fast = images.decode_for_targets(data, [target])[0].astype(int)
     with Image.open(io.BytesIO(data)) as image:
-        full = common.fit_image(image.convert("RGB"), target).astype(int)
+        full = images.fit_image(image.convert("RGB"), target).astype(int)
     assert np.abs(fast - full).mean() < 2.0
 
 
@@ -100,12 +100,12 @@ def make_manifest(folder: Path, names: list[str]) -> pd.DataFrame:
     rows = []
     for name in names:
         data = (folder / name).read_bytes()
-        rows.append({"id": Path(name).stem, "path": name, "sha256": common.sha256_hex(data)})
+        rows.append({"id": Path(name).stem, "path": name, "sha256": images.sha256_hex(data)})
     return pd.DataFrame(rows)
 
 
 def run_prepare(
-    manifest: pd.DataFrame, collection: Path, settings: prepare.PrepareParams, out: Path
+    manifest: pd.DataFrame, collection: Path, settings: prepare.DecodeSizes, out: Path
 ) -> prepare.PrepareSummary:
     """Run prepare into `out` on one process."""
     return prepare.prepare_arrays(
@@ -130,15 +130,15 @@ def collection(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def settings(params: dict[str, Any]) -> prepare.PrepareParams:
+def settings(params: dict[str, Any]) -> prepare.DecodeSizes:
     """Prepare params at the ISS sizes."""
     params["image"] = {"height": 27, "width": 48, "fit": "squash"}
     params["prepare"] = {"thumb_height": 54, "thumb_width": 96}
-    return prepare.PrepareParams.from_params(params)
+    return prepare.DecodeSizes.from_params(params)
 
 
 def test_arrays_are_row_aligned_with_the_manifest(
-    collection: Path, settings: prepare.PrepareParams, tmp_path: Path
+    collection: Path, settings: prepare.DecodeSizes, tmp_path: Path
 ) -> None:
     names = sorted(path.name for path in collection.iterdir())[::-1]  # not sorted order
     manifest = make_manifest(collection, names)
@@ -149,14 +149,14 @@ def test_arrays_are_row_aligned_with_the_manifest(
     assert pixels.shape == (12, 27, 48, 3) and thumbs.shape == (12, 54, 96, 3)
     assert pd.read_parquet(tmp_path / "out/ids.parquet")["id"].tolist() == manifest["id"].tolist()
     for row, name in enumerate(names):
-        expected = common.decode_for_targets((collection / name).read_bytes(), settings.targets)
+        expected = images.decode_for_targets((collection / name).read_bytes(), settings.targets)
         np.testing.assert_array_equal(pixels[row], expected[0])
         np.testing.assert_array_equal(thumbs[row], expected[1])
     assert summary.decoded == 12 and summary.from_cache == 0
 
 
 def test_new_images_alone_are_decoded_and_results_do_not_change(
-    collection: Path, settings: prepare.PrepareParams, tmp_path: Path
+    collection: Path, settings: prepare.DecodeSizes, tmp_path: Path
 ) -> None:
     names = sorted(path.name for path in collection.iterdir())
     run_prepare(make_manifest(collection, names[:10]), collection, settings, tmp_path / "a")
@@ -173,7 +173,7 @@ def test_new_images_alone_are_decoded_and_results_do_not_change(
 
 
 def test_the_cache_is_keyed_by_content_not_by_name(
-    collection: Path, settings: prepare.PrepareParams, tmp_path: Path
+    collection: Path, settings: prepare.DecodeSizes, tmp_path: Path
 ) -> None:
     names = sorted(path.name for path in collection.iterdir())
     run_prepare(make_manifest(collection, names), collection, settings, tmp_path / "out")
@@ -184,7 +184,7 @@ def test_the_cache_is_keyed_by_content_not_by_name(
 
 
 def test_byte_identical_files_are_decoded_once(
-    collection: Path, settings: prepare.PrepareParams, tmp_path: Path
+    collection: Path, settings: prepare.DecodeSizes, tmp_path: Path
 ) -> None:
     write(collection / "copy.jpg", (collection / "frame-00.jpg").read_bytes())
     manifest = make_manifest(collection, ["frame-00.jpg", "copy.jpg", "frame-01.jpg"])
@@ -202,13 +202,13 @@ def test_other_settings_use_another_cache_entry(
     for fit in ("squash", "crop"):
         params["image"]["fit"] = fit
         summary = run_prepare(
-            manifest, collection, prepare.PrepareParams.from_params(params), tmp_path / "out"
+            manifest, collection, prepare.DecodeSizes.from_params(params), tmp_path / "out"
         )
         assert summary.decoded == 12
 
 
 def test_a_file_changed_after_sync_is_named(
-    collection: Path, settings: prepare.PrepareParams, tmp_path: Path
+    collection: Path, settings: prepare.DecodeSizes, tmp_path: Path
 ) -> None:
     manifest = make_manifest(collection, ["frame-00.jpg", "frame-01.jpg"])
     (collection / "frame-01.jpg").write_bytes(image_bytes(pattern_image(96, 54, 99), "JPEG"))
@@ -218,7 +218,7 @@ def test_a_file_changed_after_sync_is_named(
 
 
 def test_prepare_runs_the_same_on_several_processes(
-    settings: prepare.PrepareParams, tmp_path: Path
+    settings: prepare.DecodeSizes, tmp_path: Path
 ) -> None:
     folder = tmp_path / "many"
     for index in range(70):
@@ -242,7 +242,7 @@ def test_prepare_runs_the_same_on_several_processes(
 
 
 def test_every_mode_sync_accepts_is_prepared(
-    params: dict[str, Any], settings: prepare.PrepareParams, tmp_path: Path
+    params: dict[str, Any], settings: prepare.DecodeSizes, tmp_path: Path
 ) -> None:
     source = tmp_path / "source"
     for relative, data in good_image_files().items():
@@ -263,7 +263,7 @@ def test_every_mode_sync_accepts_is_prepared(
         ("image", "fit", "stretch", "image.fit = 'stretch' is not allowed; allowed: squash, crop"),
         ("image", "height", 0, "image.height = 0 is not allowed; expected an integer >= 1"),
         ("image", "width", 27.5, "image.width = 27.5 is not allowed; expected an integer"),
-        ("prepare", "thumb_width", 100000, "expected at most 4096 pixels"),
+        ("prepare", "thumb_width", 100000, "expected an integer <= 4096"),
     ],
 )
 def test_bad_params_give_one_line_naming_the_key(
@@ -271,4 +271,4 @@ def test_bad_params_give_one_line_naming_the_key(
 ) -> None:
     params[section][key] = value
     with pytest.raises(common.UserError, match=re.escape(words)):
-        prepare.PrepareParams.from_params(params)
+        prepare.DecodeSizes.from_params(params)

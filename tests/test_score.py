@@ -50,12 +50,12 @@ def test_sampled_silhouette_is_close_and_seeded(blobs) -> None:
 def test_noise_and_single_image_clusters(blobs) -> None:
     vectors, truth = blobs
     clusters = truth.copy()
-    clusters[:10] = score.NOISE
+    clusters[:10] = common.NOISE
     clusters[10] = 7  # a cluster of one image
     ours = score.silhouette_per_image(vectors, clusters, reference_size=10000, seed=0)
     assert np.isnan(ours[:10]).all()
     assert ours[10] == 0.0
-    kept = clusters != score.NOISE
+    kept = clusters != common.NOISE
     np.testing.assert_allclose(
         ours[kept], silhouette_samples(vectors[kept], clusters[kept]), atol=1e-5
     )
@@ -66,19 +66,19 @@ def test_noise_and_single_image_clusters(blobs) -> None:
 def test_center_distances_across_blocks_and_for_noise(blobs, monkeypatch) -> None:
     vectors, truth = blobs
     clusters = truth.copy()
-    clusters[::7] = score.NOISE
+    clusters[::7] = common.NOISE
     monkeypatch.setattr(score, "DISTANCE_BLOCK", 64)  # several blocks, some noise in each
     centers = score.cluster_centers(vectors, clusters)
     distances = score.center_distances(vectors, clusters, centers)
     matrix = np.stack([centers[number] for number in sorted(centers)])
     everyone = np.linalg.norm(vectors[:, None, :].astype(np.float64) - matrix[None], axis=2)
     expected = np.where(
-        clusters == score.NOISE,
+        clusters == common.NOISE,
         everyone.min(axis=1),
         everyone[np.arange(len(vectors)), np.maximum(clusters, 0)],
     )
     np.testing.assert_allclose(distances, expected, rtol=1e-12)
-    assert (distances[clusters == score.NOISE] <= everyone[clusters == score.NOISE].T).all()
+    assert (distances[clusters == common.NOISE] <= everyone[clusters == common.NOISE].T).all()
 
 
 def test_hungarian_accuracy_matches_clusters_to_labels() -> None:
@@ -119,7 +119,7 @@ def test_without_labels_there_is_no_agreement_metric(blobs) -> None:
 def test_noise_share_and_undefined_scores_with_one_cluster(blobs) -> None:
     vectors, _ = blobs
     clusters = np.zeros(300, dtype=int)
-    clusters[:30] = score.NOISE
+    clusters[:30] = common.NOISE
     silhouettes = score.silhouette_per_image(vectors, clusters, 10000, 0)
     per_cluster = score.silhouette_table(clusters, silhouettes)
     metrics = score.cluster_metrics(
@@ -190,7 +190,7 @@ def score_project(tmp_path: Path, monkeypatch, project_params: dict[str, Any]) -
     pq.write_table(embed.embeddings_table(ids, codes), common.EMBEDDINGS_FILE)
     common.write_parquet(
         pd.DataFrame({"id": ids, "cluster": truth, "x": vectors[:, 0], "y": vectors[:, 1]}),
-        score.CLUSTERS_FILE,
+        common.CLUSTERS_FILE,
     )
     manifest = pd.DataFrame(
         {"id": ids, "path": [f"{i}.png" for i in ids], "label": [str(t) for t in truth]}
@@ -210,7 +210,7 @@ def test_stage_writes_every_output(score_project: Path) -> None:
     table = pd.read_csv(score.SILHOUETTE_FILE)
     assert table.columns.tolist() == ["cluster", "size", "silhouette"]
     assert table["size"].sum() == 90
-    scores = pd.read_parquet(score.SCORES_FILE)
+    scores = pd.read_parquet(common.SCORES_FILE)
     assert scores.columns.tolist() == ["id", "cluster", "silhouette", "center_distance"]
     outliers = pd.read_csv(score.OUTLIERS_FILE)
     assert len(outliers) == 5 and set(outliers["reason"]) == {"low silhouette"}
@@ -221,8 +221,8 @@ def test_stage_writes_every_output(score_project: Path) -> None:
 
 
 def test_stage_refuses_clusters_of_other_images(score_project: Path) -> None:
-    table = pd.read_parquet(score.CLUSTERS_FILE)
-    common.write_parquet(table.iloc[1:], score.CLUSTERS_FILE)
+    table = pd.read_parquet(common.CLUSTERS_FILE)
+    common.write_parquet(table.iloc[1:], common.CLUSTERS_FILE)
     with pytest.raises(common.UserError, match="does not match"):
         score.main()
 

@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from stages import common, split, sync
+from stages import common, split, sync_manifest, sync_sources
 
 
 def manifest_of(ids: list[str], duplicate_of: dict[str, str] | None = None) -> pd.DataFrame:
@@ -42,9 +42,11 @@ def test_adding_images_never_moves_an_existing_one(settings: split.SplitParams) 
 def test_the_demo_shares_are_within_two_points_of_the_proportions(
     settings: split.SplitParams,
 ) -> None:
-    ids = sync.assign_ids([item.relative_path for item in sync.digits_source_files()])
+    ids = sync_manifest.assign_ids(
+        [item.relative_path for item in sync_sources.digits_source_files()]
+    )
     shares = split.assign_subsets(manifest_of(ids), settings)["subset"].value_counts(normalize=True)
-    for subset, proportion in settings.proportions.items():
+    for subset, proportion in settings.proportions.model_dump().items():
         assert abs(shares[subset] - proportion) <= 0.02, (subset, shares[subset])
 
 

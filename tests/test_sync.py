@@ -22,7 +22,7 @@ from conftest import (
 )
 from PIL import Image
 
-from stages import common, sync
+from stages import common, sync, sync_files, sync_manifest, sync_sources
 
 
 def sync_params(params: dict[str, Any], source: Path | str, **changes: Any) -> sync.SyncParams:
@@ -244,15 +244,15 @@ def test_blank_frames_and_byte_identical_files_are_flagged_not_dropped(
 
 def test_ids_are_stems_unless_two_files_share_one() -> None:
     paths = ["a/frame.jpg", "b/frame.jpg", "solo.png"]
-    assert sync.assign_ids(paths) == ["a/frame.jpg", "b/frame.jpg", "solo"]
+    assert sync_manifest.assign_ids(paths) == ["a/frame.jpg", "b/frame.jpg", "solo"]
     # "x.png.jpg" has the unique stem "x.png", which is also the path id of "x.png"
     # (whose stem "x" it shares with "b/x.png"): both fall back to their paths.
     paths = ["b/x.png", "x.png", "x.png.jpg"]
-    assert sync.assign_ids(paths) == ["b/x.png", "x.png", "x.png.jpg"]
+    assert sync_manifest.assign_ids(paths) == ["b/x.png", "x.png", "x.png.jpg"]
 
 
 def test_the_builtin_demo_is_the_scikit_learn_digits() -> None:
-    files = sync.digits_source_files()
+    files = sync_sources.digits_source_files()
     assert len(files) == 1797
     assert {item.label for item in files} == {str(digit) for digit in range(10)}
     first = files[0]
@@ -288,7 +288,7 @@ def test_leftover_temporary_files_of_a_killed_run_are_removed(
     params: dict[str, Any], source_folder: Path, tmp_path: Path
 ) -> None:
     collection = tmp_path / "collection"
-    leftover = write(collection / f".gray.png{sync.TEMPORARY_SUFFIX}", b"half a file")
+    leftover = write(collection / f".gray.png{sync_files.TEMPORARY_SUFFIX}", b"half a file")
     run_sync(sync_params(params, source_folder), collection)
     assert not leftover.exists()
 
@@ -324,7 +324,7 @@ def test_bad_params_give_one_line_naming_the_key(
     params["sync"][key] = value
     with pytest.raises(common.UserError) as error:
         settings = sync.SyncParams.from_params(params)
-        sync.list_source(settings.source, tmp_path / "collection")
+        sync_sources.list_source(settings.source, tmp_path / "collection")
     assert words in str(error.value)
     assert "\n" not in str(error.value)
 
@@ -339,6 +339,6 @@ def test_exif_time_is_read_from_the_exif_sub_ifd() -> None:
     from conftest import jpeg_with_exif
 
     data = jpeg_with_exif(pattern_image(16, 16), taken_at="2020:01:02 03:04:05")
-    measurement = sync.measure_image(data, max_pixels=10**8)
-    assert isinstance(measurement, sync.Measurement)
+    measurement = sync_files.measure_image(data, max_pixels=10**8)
+    assert isinstance(measurement, sync_files.Measurement)
     assert measurement.exif_taken_at == datetime(2020, 1, 2, 3, 4, 5)

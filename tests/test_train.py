@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -78,7 +77,7 @@ def test_the_variational_models_add_a_kl_loss(params: dict[str, Any], pixels: np
 
 def test_the_iss_size_gives_the_original_3x6x16_latent(params: dict[str, Any]) -> None:
     chosen = train.TrainParams.from_params(params)
-    models = train.build_models(27, 48, dataclasses.replace(chosen, filters=(64, 32, 16)))
+    models = train.build_models(27, 48, chosen.model_copy(update={"filters": [64, 32, 16]}))
     assert tuple(models.encoder.get_layer("latent").input.shape[1:]) == (3, 6, 16)
     assert models.encoder.output_shape == (None, 288)
     assert models.autoencoder.output_shape == (None, 27, 48, 3)

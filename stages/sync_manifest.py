@@ -1,0 +1,217 @@
+"""sync's manifest: ids, times, places from the locations history, labels and flags of
+every accepted image.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pandas as pd
+
+from stages import common
+from stages.sync_files import FileOutcome, Measurement
+
+HISTORY_HEADER = ["lat", "lon", "id", "place"]
+MANIFEST_COLUMNS = [
+    "id",
+    "path",
+    "sha256",
+    "bytes",
+    "width",
+    "height",
+    "taken_at",
+    "latitude",
+    "longitude",
+    "place",
+    "label",
+    "blank",
+    "duplicate",
+    "duplicate_of",
+    "pixel_std",
+    "exif_taken_at",
+]
+
+
+@dataclass(frozen=True)
+class Description:
+    """How sync describes images (from its params)."""
+
+    taken_at_pattern: str | None
+    label_from: str
+    blank_max_std: float
+
+
+def assign_ids(paths: list[str]) -> list[str]:
+    """Stable image ids: the file stem where no other file shares it, else the relative path."""
+    stems = [PurePosixPath(path).stem for path in paths]
+    stem_counts = Counter(stems)
+    ids = [stem if stem_counts[stem] == 1 else path for stem, path in zip(stems, paths)]
+    # A unique stem can still equal another file's path id ("a.png" stem of "a.png.jpg").
+    id_counts = Counter(ids)
+    return [path if id_counts[image_id] > 1 else image_id for image_id, path in zip(ids, paths)]
+
+
+def taken_at_from_name(path: str, pattern: str | None) -> datetime | None:
+    """The time in a file name such as 20170512-103200.jpg, or None if it does not match."""
+    if pattern is None:
+        return None
+    try:
+        return datetime.strptime(PurePosixPath(path).stem, pattern)
+    except ValueError:
+        return None
+
+
+def label_from_folder(path: str) -> str | None:
+    """The top-level sub-folder of a collection path (`cats/a/1.jpg` -> cats), else None."""
+    parts = PurePosixPath(path).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+@dataclass
+class HistoryReport:
+    """What reading a locations history file found."""
+
+    lines: int = 0
+    malformed_lines: list[int] = field(default_factory=list)
+    repeated_ids: int = 0
+
+
+def _parse_coordinate(text: str, limit: float) -> float | None:
+    """A latitude or longitude in [-limit, limit]; None when empty; ValueError otherwise."""
+    text = text.strip()
+    if not text:
+        return None
+    value = float(text)
+    if not -limit <= value <= limit:
+        raise ValueError(f"{value} is outside [-{limit}, {limit}]")
+    return value
+
+
+def parse_history(text: str) -> tuple[pd.DataFrame, HistoryReport]:
+    """Parse `lat;lon;id;place` lines into a table keyed on id.
+
+    Empty fields become nulls; a place may itself hold ';'. A line without four fields, an
+    empty id, or a coordinate that is not a number in range is counted as malformed and
+    skipped. A header line is skipped; a repeated id keeps its last line.
+    """
+    report = HistoryReport()
+    rows: dict[str, tuple[float | None, float | None, str | None]] = {}
+    for number, raw_line in enumerate(text.splitlines(), start=1):
+        line = raw_line.strip().lstrip("\ufeff")
+        if not line:
+            continue
+        report.lines += 1
+        fields = line.split(";", 3)
+        if number == 1 and [part.strip().lower() for part in fields] == HISTORY_HEADER:
+            continue
+        try:
+            if len(fields) != 4 or not fields[2].strip():
+                raise ValueError("expected four fields and an id")
+            latitude = _parse_coordinate(fields[0], 90.0)
+            longitude = _parse_coordinate(fields[1], 180.0)
+        except ValueError:
+            report.malformed_lines.append(number)
+            continue
+        image_id = fields[2].strip()
+        if image_id in rows:
+            report.repeated_ids += 1
+        rows[image_id] = (latitude, longitude, fields[3].strip() or None)
+    table = pd.DataFrame(
+        [(image_id, *values) for image_id, values in rows.items()],
+        columns=["id", "latitude", "longitude", "place"],
+    )
+    return table.astype({"latitude": "float64", "longitude": "float64"}), report
+
+
+def read_history(path_text: str) -> tuple[pd.DataFrame, HistoryReport]:
+    """Read and parse a history file, with a clear error naming it when it cannot be read."""
+    path = Path(path_text).expanduser()
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        raise common.UserError(f"sync.history: file {path} does not exist") from None
+    except OSError as error:
+        raise common.UserError(f"sync.history: cannot read {path}: {error.strerror}") from None
+    return parse_history(text)
+
+
+def build_manifest(
+    outcomes: list[FileOutcome],
+    description: Description,
+    history: pd.DataFrame | None,
+) -> pd.DataFrame:
+    """One row per accepted image, sorted by path, with ids, times, places, labels and flags."""
+    accepted = sorted(
+        (outcome for outcome in outcomes if outcome.measurement is not None),
+        key=lambda outcome: outcome.relative_path,
+    )
+    paths = [outcome.relative_path for outcome in accepted]
+    measurements = [outcome.measurement for outcome in accepted]
+    assert all(measurement is not None for measurement in measurements)
+    ids = assign_ids(paths)
+    name_times = [taken_at_from_name(path, description.taken_at_pattern) for path in paths]
+    exif_times = [measurement.exif_taken_at for measurement in measurements]  # type: ignore[union-attr]
+    labels = [
+        outcome.label
+        if outcome.label is not None
+        else (
+            label_from_folder(outcome.relative_path) if description.label_from == "folder" else None
+        )
+        for outcome in accepted
+    ]
+    manifest = pd.DataFrame(
+        {
+            "id": pd.Series(ids, dtype="str"),
+            "path": pd.Series(paths, dtype="str"),
+            "sha256": pd.Series([m.sha256 for m in measurements], dtype="str"),  # type: ignore[union-attr]
+            "bytes": pd.Series([m.bytes for m in measurements], dtype="int64"),  # type: ignore[union-attr]
+            "width": pd.Series([m.width for m in measurements], dtype="int32"),  # type: ignore[union-attr]
+            "height": pd.Series([m.height for m in measurements], dtype="int32"),  # type: ignore[union-attr]
+            "taken_at": pd.to_datetime(
+                [name or exif for name, exif in zip(name_times, exif_times, strict=True)]
+            ).astype("datetime64[ms]"),
+            "label": pd.Series(labels, dtype="str"),
+            "pixel_std": pd.Series([m.pixel_std for m in measurements], dtype="float64"),  # type: ignore[union-attr]
+            "exif_taken_at": pd.to_datetime(exif_times).astype("datetime64[ms]"),
+        }
+    )
+    manifest["blank"] = manifest["pixel_std"] < description.blank_max_std
+    first_with_content = manifest.groupby("sha256", sort=False)["id"].transform("first")
+    manifest["duplicate"] = first_with_content != manifest["id"]
+    manifest["duplicate_of"] = first_with_content.where(manifest["duplicate"]).astype("str")
+    if history is None:
+        history = pd.DataFrame({"id": pd.Series(dtype="str")})
+    locations = history.reindex(columns=["id", "latitude", "longitude", "place"])
+    manifest = manifest.merge(locations, on="id", how="left", validate="one_to_one")
+    manifest["latitude"] = manifest["latitude"].astype("float64")
+    manifest["longitude"] = manifest["longitude"].astype("float64")
+    manifest["place"] = manifest["place"].astype("str")
+    return manifest[MANIFEST_COLUMNS]
+
+
+def reusable_rows(previous: pd.DataFrame | None) -> dict[str, dict[str, Any]]:
+    """The previous manifest's rows by path, to reuse for files that did not change."""
+    needed = {"path", "sha256", "bytes", "width", "height", "pixel_std", "exif_taken_at", "label"}
+    if previous is None or not needed <= set(previous.columns):
+        return {}
+    return {str(row["path"]): row for row in previous.to_dict("records")}
+
+
+def outcome_from_row(row: dict[str, Any], label: str | None) -> FileOutcome:
+    """Rebuild a file's outcome from its previous manifest row, without reading the file."""
+    exif_taken_at = row["exif_taken_at"]
+    if pd.isna(exif_taken_at):
+        exif_taken_at = None
+    measurement = Measurement(
+        sha256=str(row["sha256"]),
+        bytes=int(row["bytes"]),
+        width=int(row["width"]),
+        height=int(row["height"]),
+        pixel_std=float(row["pixel_std"]),
+        exif_taken_at=exif_taken_at and pd.Timestamp(exif_taken_at).to_pydatetime(),
+    )
+    return FileOutcome(str(row["path"]), measurement, label=label)

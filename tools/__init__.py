@@ -1,0 +1,1 @@
+"""Project tools that are not stages (run with `python -m tools.<name>`)."""

@@ -1,0 +1,52 @@
+"""Write the README's params table from the stages' params models: `make params-doc`.
+
+The models (typed fields with bounds or choices, defaults and meanings) are the one place
+a param is described; this puts them in the README between two marker lines.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from stages import cluster, embed, explore, posters, prepare, score, settings, split, sync, train
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BEGIN = "<!-- params table: written by `make params-doc` from the models in stages/ -->"
+END = "<!-- end of params table -->"
+
+# What each stage of dvc.yaml reads, in pipeline order.
+STAGE_MODELS: dict[str, list[type[settings.Section]]] = {
+    "sync": [sync.SyncParams],
+    "prepare": [prepare.ImageParams, prepare.PrepareParams],
+    "split": [split.SplitParams],
+    "train": [train.TrainParams],
+    "embed": [embed.EmbedParams],
+    "cluster": [cluster.ClusterParams],
+    "score": [score.ScoreParams],
+    "explore": [explore.ExploreParams],
+    "posters": [posters.PostersParams],
+}
+
+
+def all_models() -> list[type[settings.Section]]:
+    """Every params model, in pipeline order."""
+    return [model for models in STAGE_MODELS.values() for model in models]
+
+
+def readme_with_table(readme: str) -> str:
+    """The README text with the table between the markers replaced by the current one."""
+    start, end = readme.index(BEGIN) + len(BEGIN), readme.index(END)
+    return readme[:start] + "\n" + settings.params_table(all_models()) + readme[end:]
+
+
+def main() -> None:
+    """Rewrite the table in README.md; say whether it changed."""
+    text = README.read_text(encoding="utf-8")
+    updated = readme_with_table(text)
+    README.write_text(updated, encoding="utf-8")
+    print("README.md params table " + ("updated" if updated != text else "already current"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
