@@ -14,8 +14,6 @@ as the original project did, so a million images never need a million-point UMAP
 
 from __future__ import annotations
 
-import copy
-import importlib
 import sys
 import time
 import warnings
@@ -24,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import joblib
 import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from stages import common, settings
+from stages.cluster_model import ClusterModel, renumber, size_order, write_model
 
 STAGE = "cluster"
 MAP_FILE = Path("reports/cluster/map.png")
@@ -170,170 +168,6 @@ def check_sizes(params: ClusterParams, fit_images: int) -> None:
             f"the KMeans centers are merged into cluster.n_clusters ({params.fixed_clusters}) "
             "groups, so there must be at least that many",
         )
-
-
-# ----------------------------------------------------------------------------- model
-
-
-@dataclass
-class ClusterModel:
-    """A fitted clustering, reusable on new latent vectors (pickled to models/cluster.joblib).
-
-    reducer:  vectors -> the space the clusters live in (UMAP or PCA)
-    assigner: that space -> raw labels (KMeans, a Gaussian mixture, or for HDBSCAN a
-              nearest-neighbour vote among the fitted points)
-    merge:    classical only: KMeans center -> merged group
-    order:    raw label -> cluster number (by size, largest first); noise stays -1
-    mapper:   vectors -> 2-D map; None when the reducer is already 2-D
-    """
-
-    method: str
-    reducer: Any
-    assigner: Any
-    merge: np.ndarray | None
-    order: dict[int, int]
-    mapper: Any
-
-    def reduce(self, vectors: np.ndarray) -> np.ndarray:
-        """Vectors in the space the clusters were found in."""
-        return np.asarray(self.reducer.transform(vectors), dtype=np.float32)
-
-    def predict(self, vectors: np.ndarray) -> np.ndarray:
-        """The cluster number of each latent vector."""
-        return self.clusters_of(self.reduce(vectors))
-
-    def clusters_of(self, points: np.ndarray) -> np.ndarray:
-        """The cluster number of each point of the reduced space."""
-        raw = self.assigner.predict(points)
-        if self.merge is not None:
-            raw = self.merge[raw]
-        return renumber(raw, self.order)
-
-    def map_coordinates(self, vectors: np.ndarray) -> np.ndarray:
-        """(x, y) of each latent vector on the 2-D map."""
-        mapper = self.reducer if self.mapper is None else self.mapper
-        return np.asarray(mapper.transform(vectors), dtype=np.float32)
-
-    def predict_with_map(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Cluster numbers and (x, y) map positions, transforming each vector only once
-        when the clusters live on the map itself."""
-        points = self.reduce(vectors)
-        if self.mapper is None:
-            return self.clusters_of(points), points
-        mapped = np.asarray(self.mapper.transform(vectors), dtype=np.float32)
-        return self.clusters_of(points), mapped
-
-    def __getstate__(self) -> dict[str, Any]:
-        """The state to pickle, with numba-compiled functions saved by name.
-
-        Numba pickles a compiled function with an id drawn afresh in every process, so the
-        same fit would give different model files; a name gives the same bytes every time.
-        """
-        state = dict(vars(self))
-        state["reducer"] = functions_by_name(self.reducer)
-        state["mapper"] = functions_by_name(self.mapper)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Restore a pickled model, looking its compiled functions up again."""
-        vars(self).update(state)
-        for estimator in (self.reducer, self.mapper):
-            if estimator is not None:
-                for key, value in vars(estimator).items():
-                    if isinstance(value, CompiledFunction | SearchIndexState):
-                        setattr(estimator, key, value.resolve())
-
-
-@dataclass(frozen=True)
-class CompiledFunction:
-    """A numba-compiled library function (such as umap.distances.euclidean), by name."""
-
-    module: str
-    name: str
-
-    @classmethod
-    def of(cls, function: Any) -> CompiledFunction | None:
-        """A compiled function by name, or None when it is not a module's own function
-        (compiled at run time, so nothing to look up)."""
-        module, name = function.py_func.__module__, function.py_func.__name__
-        if getattr(importlib.import_module(module), name, None) is not function:
-            return None
-        return cls(module, name)
-
-    def resolve(self) -> Any:
-        """The compiled function itself."""
-        return getattr(importlib.import_module(self.module), self.name)
-
-
-@dataclass
-class SearchIndexState:
-    """UMAP's nearest-neighbour index (pynndescent, fitted on more than 4,096 images), pickled
-    without the search function it compiles at run time: restoring the index compiles it
-    again, and its pickle would carry a random id."""
-
-    kind: type
-    state: dict[str, Any]
-
-    @classmethod
-    def of(cls, index: Any) -> SearchIndexState:
-        """The portable state of a fitted index: library functions by name, and without
-        the functions compiled at run time (unpickling the index compiles them again)."""
-        state = {}
-        for key, value in index.__getstate__().items():
-            if hasattr(value, "py_func"):
-                value = CompiledFunction.of(value)
-                if value is None:
-                    continue
-            state[key] = value
-        return cls(type(index), state)
-
-    def resolve(self) -> Any:
-        """The index, rebuilt through its own unpickling."""
-        state = {
-            key: value.resolve() if isinstance(value, CompiledFunction) else value
-            for key, value in self.state.items()
-        }
-        index = self.kind.__new__(self.kind)
-        index.__setstate__(state)
-        return index
-
-
-def functions_by_name(estimator: Any) -> Any:
-    """A shallow copy of `estimator` whose numba-compiled attributes are CompiledFunctions
-    and whose nearest-neighbour index, if any, is a SearchIndexState."""
-    if estimator is None:
-        return None
-    compiled: dict[str, Any] = {}
-    for key, value in vars(estimator).items():
-        if hasattr(value, "py_func"):  # numba dispatchers keep the Python function there
-            named = CompiledFunction.of(value)
-            if named is not None:  # else kept as it is: loadable, if not byte-stable
-                compiled[key] = named
-    index = getattr(estimator, "_knn_search_index", None)
-    if index is not None and hasattr(index, "__setstate__"):
-        compiled["_knn_search_index"] = SearchIndexState.of(index)
-    if not compiled:
-        return estimator
-    named = copy.copy(estimator)
-    vars(named).update(compiled)
-    return named
-
-
-def renumber(raw: np.ndarray, order: dict[int, int]) -> np.ndarray:
-    """Map raw labels to cluster numbers; labels the order does not know become noise."""
-    return np.array([order.get(int(label), common.NOISE) for label in raw], dtype=np.int32)
-
-
-def size_order(raw: np.ndarray) -> dict[int, int]:
-    """Raw label -> cluster number, largest cluster first (ties: smaller raw label first).
-
-    Noise keeps -1, so numbers depend only on the grouping, not on a library's label order.
-    """
-    labels, counts = np.unique(raw[raw != common.NOISE], return_counts=True)
-    ranked = sorted(zip(labels.tolist(), counts.tolist()), key=lambda pair: (-pair[1], pair[0]))
-    order = {label: number for number, (label, _) in enumerate(ranked)}
-    order[common.NOISE] = common.NOISE
-    return order
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -631,25 +465,6 @@ def write_map(table: pd.DataFrame, path: Path, title: str) -> None:
     pyplot.close(figure)
 
 
-def write_model(model: ClusterModel, path: Path) -> None:
-    """Pickle the fitted model with joblib, atomically."""
-    with common.atomic_output(path) as temporary:
-        joblib.dump(model, temporary, compress=3)
-
-
-def load_model(path: Path = common.CLUSTER_MODEL_FILE) -> ClusterModel:
-    """The fitted ClusterModel that the cluster stage saved."""
-    if not path.exists():
-        raise common.UserError(f"{path} is missing: run `dvc repro cluster` first")
-    return joblib.load(path)
-
-
-def write_curve(curve: pd.DataFrame, path: Path) -> None:
-    """The criterion per k tried, as CSV for `dvc plots`."""
-    with common.atomic_output(path) as temporary:
-        curve.to_csv(temporary, index=False, float_format="%.6g")
-
-
 def main() -> None:
     """Read params and the embeddings; fit; write the clusters, the model, the map, the curve."""
     started = time.perf_counter()
@@ -660,7 +475,7 @@ def main() -> None:
     table = clusters_table(ids, fit)
     common.write_parquet(table, common.CLUSTERS_FILE)
     write_model(fit.model, common.CLUSTER_MODEL_FILE)
-    write_curve(fit.curve, K_CURVE_FILE)
+    common.write_csv(fit.curve, K_CURVE_FILE)
     found = int((table["cluster"] != common.NOISE).any() and table["cluster"].max() + 1)
     noise = int((table["cluster"] == common.NOISE).sum())
     write_map(table, MAP_FILE, f"{params.method}: {found} clusters of {len(table)} images")

@@ -111,6 +111,12 @@ def read_parquet(path: Path, made_by: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """Write a table as CSV, floats to 6 significant digits, atomically, without the index."""
+    with atomic_output(path) as temporary:
+        table.to_csv(temporary, index=False, float_format="%.6g")
+
+
 def write_json(values: dict[str, Any], path: Path) -> None:
     """Write flat metrics as sorted, indented JSON, atomically."""
     text = json.dumps(values, indent=2, sort_keys=True) + "\n"

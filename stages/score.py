@@ -386,12 +386,6 @@ def score_clusters(
     )
 
 
-def write_csv(table: pd.DataFrame, path: Path) -> None:
-    """A table as CSV with 6 significant digits, atomically."""
-    with common.atomic_output(path) as temporary:
-        table.to_csv(temporary, index=False, float_format="%.6g")
-
-
 def main() -> None:
     """Read the embeddings and clusters; write the scores, metrics, mosaics and outliers."""
     started = time.perf_counter()
@@ -408,9 +402,9 @@ def main() -> None:
     result = score_clusters(ids, vectors, table["cluster"].to_numpy(), manifest, params)
     metrics = result.metrics
     common.write_json(metrics, CLUSTER_METRICS_FILE)
-    write_csv(result.per_cluster, SILHOUETTE_FILE)
+    common.write_csv(result.per_cluster, SILHOUETTE_FILE)
     common.write_parquet(result.scores, common.SCORES_FILE)
-    write_csv(result.outliers, OUTLIERS_FILE)
+    common.write_csv(result.outliers, OUTLIERS_FILE)
     thumbs = common.load_thumbs(ids)
     write_mosaics(thumbs, result.mosaic_rows, result.per_cluster, params.mosaic_side, MOSAICS_DIR)
     save_png(mosaic(thumbs[result.outlier_rows], params.mosaic_side), OUTLIERS_MOSAIC_FILE)

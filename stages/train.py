@@ -5,9 +5,10 @@ Inputs:  data/interim/pixels.npy, data/interim/ids.parquet, data/processed/split
 Outputs: models/autoencoder/encoder.keras      image -> latent vector (what embed uses)
          models/autoencoder/autoencoder.keras  image -> reconstruction (trained kinds)
          models/autoencoder/spec.json          what the encoder expects and gives
-         metrics/train.json                    final losses, epochs, sizes
-         metrics/train/loss.csv                loss and val_loss per epoch (a DVC plot)
-         reports/train/reconstructions.png     inputs above their reconstructions
+         metrics/train/                        DVCLive's folder:
+           metrics.json                        final losses (best epoch), epochs, sizes
+           plots/metrics/{train,eval}/loss.tsv the loss per epoch (step 0 is epoch 1)
+           plots/images/reconstructions.png    inputs above their reconstructions
 
 Training fits the `train` subset, stops early on the `valid` loss (keeping the best
 weights) and reports the loss on `test`. The model code uses Keras alone, so it runs on
@@ -21,8 +22,6 @@ import json
 import math
 import tempfile
 import time
-import typing
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,32 +33,31 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from stages import common, settings
-from stages.quiet_start import keras
+from stages.autoencoders import (
+    MINIMUM_PRETRAINED_INPUT,
+    ModelKind,
+    Models,
+    PretrainedName,
+    build_pretrained,
+    build_simple,
+    build_simple_conv,
+    build_vae,
+    reset_keras,
+)
+from stages.quiet_start import keras  # isort: split
+
+from dvclive import Live
+from dvclive.keras import DVCLiveCallback
 
 STAGE = "train"
-# Keras Applications that work as frozen feature extractors here: the name, and how
-# its pixels are scaled ("tf": -1..1, "torch": ImageNet mean/std, "raw": 0..255).
-PRETRAINED = {
-    "MobileNetV2": "tf",
-    "MobileNetV3Small": "raw",
-    "MobileNetV3Large": "raw",
-    "EfficientNetB0": "raw",
-    "ResNet50V2": "tf",
-    "DenseNet121": "torch",
-}
-ModelKind = Literal["simple_conv", "simple", "vae", "conv_vae"]
-MODELS: tuple[str, ...] = typing.get_args(ModelKind)
-PretrainedName = Literal[tuple(PRETRAINED)]  # type: ignore[valid-type]
-MINIMUM_PRETRAINED_INPUT = 32
 PREVIEW_IMAGES = 8
 PREVIEW_WIDTH = 960  # pixels across the reconstruction preview
 KERAS_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 AUTOENCODER_FILE = common.AUTOENCODER_DIR / "autoencoder.keras"
 SPEC_FILE = common.AUTOENCODER_DIR / "spec.json"
-TRAIN_METRICS_FILE = common.METRICS_DIR / "train.json"
-LOSS_CURVE_FILE = common.METRICS_DIR / "train/loss.csv"
-PREVIEW_FILE = Path("reports/train/reconstructions.png")
+LIVE_DIR = common.METRICS_DIR / "train"  # DVCLive writes metrics, curves and images here
+PREVIEW_IMAGE = "reconstructions.png"
 
 
 class PretrainedParams(settings.Section):
@@ -121,219 +119,14 @@ class TrainParams(settings.Section):
         return self
 
 
-# ----------------------------------------------------------------------------- models
-
-
-@dataclass
-class Models:
-    """What a builder returns: the model to fit (None for a frozen encoder), the encoder
-    embed uses, and the autoencoder that reconstructs (None for a frozen encoder)."""
-
-    trainable: keras.Model | None
-    encoder: keras.Model
-    autoencoder: keras.Model | None
-
-
-def reset_keras(seed: int) -> None:
-    """Start from a clean Keras state: fresh layer names (so saved files are identical
-    from run to run), seeded initializers and shuffles, deterministic TensorFlow ops."""
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(seed)
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
-
-
-def check_poolable(height: int, width: int, blocks: int) -> None:
-    """Fail clearly when an image is too small for the pooling blocks."""
-    if height >> blocks < 1 or width >> blocks < 1:
-        raise common.UserError(
-            f"images of {height}x{width} are too small for {blocks} pooling blocks "
-            f"(train.filters): each halves the size; use fewer filters or a larger image.*"
-        )
-
-
-def conv_encoder_blocks(inputs: Any, filters: tuple[int, ...]) -> Any:
-    """Conv 3x3 same -> BatchNorm -> ReLU -> MaxPool 2, once per filter count."""
-    x = inputs
-    for index, count in enumerate(filters, start=1):
-        x = keras.layers.Conv2D(count, 3, padding="same", name=f"encoder_conv{index}")(x)
-        x = keras.layers.BatchNormalization(name=f"encoder_norm{index}")(x)
-        x = keras.layers.Activation("relu", name=f"encoder_relu{index}")(x)
-        x = keras.layers.MaxPooling2D(2, name=f"encoder_pool{index}")(x)
-    return x
-
-
-def conv_decoder_blocks(latent: Any, filters: tuple[int, ...], height: int, width: int) -> Any:
-    """The encoder mirrored: Conv -> BatchNorm -> ReLU -> UpSample 2 per filter count,
-    then a resize to the exact input size (odd sizes such as 27 do not double back) and a
-    3x3 convolution to RGB with a sigmoid."""
-    x = latent
-    for index, count in enumerate(reversed(filters), start=1):
-        x = keras.layers.Conv2D(count, 3, padding="same", name=f"decoder_conv{index}")(x)
-        x = keras.layers.BatchNormalization(name=f"decoder_norm{index}")(x)
-        x = keras.layers.Activation("relu", name=f"decoder_relu{index}")(x)
-        x = keras.layers.UpSampling2D(2, name=f"decoder_up{index}")(x)
-    x = keras.layers.Resizing(height, width, interpolation="bilinear", name="decoder_resize")(x)
-    return keras.layers.Conv2D(3, 3, padding="same", activation="sigmoid", name="reconstruction")(x)
-
-
-def build_simple_conv(height: int, width: int, filters: tuple[int, ...]) -> Models:
-    """The original's convolutional autoencoder: the latent is the last block's feature
-    map (3x6x16 for a 27x48 input), flattened into the embedding."""
-    check_poolable(height, width, len(filters))
-    image = keras.Input((height, width, 3), name="image")
-    latent = conv_encoder_blocks(image, filters)
-    encoder = keras.Model(image, keras.layers.Flatten(name="latent")(latent), name="encoder")
-    reconstruction = conv_decoder_blocks(latent, filters, height, width)
-    autoencoder = keras.Model(image, reconstruction, name="autoencoder")
-    return Models(autoencoder, encoder, autoencoder)
-
-
-def build_simple(height: int, width: int, latent_dim: int) -> Models:
-    """A dense autoencoder: flatten -> 512 -> latent_dim -> 512 -> image."""
-    size = height * width * 3
-    image = keras.Input((height, width, 3), name="image")
-    x = keras.layers.Flatten(name="encoder_flatten")(image)
-    x = keras.layers.Dense(512, activation="relu", name="encoder_dense")(x)
-    latent = keras.layers.Dense(latent_dim, name="latent")(x)
-    encoder = keras.Model(image, latent, name="encoder")
-    code = keras.Input((latent_dim,), name="code")
-    y = keras.layers.Dense(512, activation="relu", name="decoder_dense")(code)
-    y = keras.layers.Dense(size, activation="sigmoid", name="decoder_pixels")(y)
-    y = keras.layers.Reshape((height, width, 3), name="reconstruction")(y)
-    decoder = keras.Model(code, y, name="decoder")
-    autoencoder = keras.Model(image, decoder(encoder(image)), name="autoencoder")
-    return Models(autoencoder, encoder, autoencoder)
-
-
-@keras.saving.register_keras_serializable(package="smart_iss_posts")
-class GaussianSample(keras.layers.Layer):
-    """Draws z = mean + exp(log_var / 2) * noise and adds the KL divergence to N(0, 1) as a
-    loss, scaled per image value so it weighs like a mean reconstruction loss."""
-
-    def __init__(self, values_per_image: int, seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.values_per_image = values_per_image
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, inputs: list[Any]) -> Any:
-        mean, log_var = inputs
-        divergence = -0.5 * keras.ops.sum(
-            1 + log_var - keras.ops.square(mean) - keras.ops.exp(log_var), axis=-1
-        )
-        self.add_loss(keras.ops.mean(divergence) / self.values_per_image)
-        noise = keras.random.normal(keras.ops.shape(mean), seed=self.seed_generator)
-        return mean + keras.ops.exp(0.5 * log_var) * noise
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            **super().get_config(),
-            "values_per_image": self.values_per_image,
-            "seed": self.seed,
-        }
-
-
-def build_vae(
-    height: int,
-    width: int,
-    latent_dim: int,
-    filters: tuple[int, ...],
-    convolutional: bool,
-    seed: int,
-) -> Models:
-    """A variational autoencoder, dense (vae) or convolutional (conv_vae).
-
-    The saved encoder gives the mean of the latent distribution, so embeddings are
-    deterministic; the saved autoencoder reconstructs from that mean.
-    """
-    image = keras.Input((height, width, 3), name="image")
-    if convolutional:
-        check_poolable(height, width, len(filters))
-        feature_map = conv_encoder_blocks(image, filters)
-        map_shape = tuple(feature_map.shape[1:])
-        x = keras.layers.Flatten(name="encoder_flatten")(feature_map)
-    else:
-        x = keras.layers.Flatten(name="encoder_flatten")(image)
-        x = keras.layers.Dense(512, activation="relu", name="encoder_dense")(x)
-    mean = keras.layers.Dense(latent_dim, name="latent_mean")(x)
-    log_var = keras.layers.Dense(latent_dim, name="latent_log_var")(x)
-    encoder = keras.Model(image, mean, name="encoder")
-
-    code = keras.Input((latent_dim,), name="code")
-    if convolutional:
-        y = keras.layers.Dense(math.prod(map_shape), activation="relu", name="decoder_dense")(code)
-        y = keras.layers.Reshape(map_shape, name="decoder_map")(y)
-        y = conv_decoder_blocks(y, filters, height, width)
-    else:
-        y = keras.layers.Dense(512, activation="relu", name="decoder_dense")(code)
-        y = keras.layers.Dense(height * width * 3, activation="sigmoid", name="decoder_pixels")(y)
-        y = keras.layers.Reshape((height, width, 3), name="reconstruction")(y)
-    decoder = keras.Model(code, y, name="decoder")
-
-    sample = GaussianSample(height * width * 3, seed=seed, name="sample")([mean, log_var])
-    trainable = keras.Model(image, decoder(sample), name="vae")
-    autoencoder = keras.Model(image, decoder(encoder(image)), name="autoencoder")
-    return Models(trainable, encoder, autoencoder)
-
-
-def build_pretrained(height: int, width: int, settings: PretrainedParams) -> Models:
-    """A frozen Keras Applications CNN with global average pooling as the encoder.
-
-    Images are scaled up to input_size x input_size and to the CNN's pixel range inside
-    the model. Weights come from a local file, or from the internet for `imagenet`.
-    """
-    weights = settings.weights
-    if weights != "imagenet":
-        path = Path(str(weights)).expanduser()
-        if not path.is_file():
-            raise common.UserError(
-                f"train.pretrained.weights: file {path} does not exist "
-                "(give a local weights file, or imagenet to download them)"
-            )
-        weights = str(path)
-    size = settings.input_size
-    application = getattr(keras.applications, settings.name)
-    # Keras warns once per layer before failing on weights of another network: keep its
-    # warnings back, and pass them on only if the weights load.
-    with warnings.catch_warnings(record=True) as held:
-        warnings.simplefilter("always")
-        try:
-            backbone = application(
-                include_top=False, weights=weights, input_shape=(size, size, 3), pooling="avg"
-            )
-        except (ValueError, OSError) as error:
-            message = str(error).splitlines()[0]
-            raise common.UserError(
-                f"train.pretrained.weights: cannot load {weights} into {settings.name}: {message}"
-            ) from None
-    for warning in held:
-        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    backbone.trainable = False
-    image = keras.Input((height, width, 3), name="image")
-    x = keras.layers.Resizing(size, size, interpolation="bilinear", name="pretrained_resize")(image)
-    scaling = PRETRAINED[settings.name]
-    if scaling == "tf":
-        x = keras.layers.Rescaling(2.0, offset=-1.0, name="pretrained_scale")(x)
-    elif scaling == "torch":
-        x = keras.layers.Normalization(
-            mean=[0.485, 0.456, 0.406],
-            variance=[0.229**2, 0.224**2, 0.225**2],
-            name="pretrained_scale",
-        )(x)
-    else:
-        x = keras.layers.Rescaling(255.0, name="pretrained_scale")(x)
-    encoder = keras.Model(image, backbone(x, training=False), name="encoder")
-    return Models(None, encoder, None)
-
-
 def build_models(height: int, width: int, params: TrainParams) -> Models:
     """Build the models the params ask for, from a clean, seeded Keras state."""
     reset_keras(params.seed)
     if params.encoder == "pretrained":
-        return build_pretrained(height, width, params.pretrained)
+        pretrained = params.pretrained
+        return build_pretrained(
+            height, width, pretrained.name, pretrained.weights, pretrained.input_size
+        )
     if params.model == "simple_conv":
         return build_simple_conv(height, width, params.filters)
     if params.model == "simple":
@@ -412,12 +205,17 @@ def reconstruction_loss(name: str) -> keras.losses.Loss:
 
 
 def fit(
-    models: Models, pixels: np.ndarray, rows: dict[str, np.ndarray], params: TrainParams
+    models: Models,
+    pixels: np.ndarray,
+    rows: dict[str, np.ndarray],
+    params: TrainParams,
+    live: Live | None = None,
 ) -> TrainResult:
     """Fit the trainable model on the train rows; keep the weights of the best epoch.
 
     Early stopping watches val_loss, or the training loss when the valid subset is empty.
-    A frozen pretrained encoder is not fitted.
+    A frozen pretrained encoder is not fitted. With `live`, DVCLive's Keras callback logs
+    train/loss and eval/loss at every epoch.
     """
     parameters = int(models.encoder.count_params())
     latent_dim = int(math.prod(models.encoder.output_shape[1:]))
@@ -447,7 +245,7 @@ def fit(
         train_batches,
         validation_data=valid_batches,
         epochs=params.epochs,
-        callbacks=[stopper],
+        callbacks=[stopper, *([DVCLiveCallback(live=live)] if live is not None else [])],
         verbose=0,
         shuffle=False,  # the batches shuffle themselves, reproducibly
     )
@@ -547,10 +345,8 @@ def preview_image(
     return sheet.resize((sheet.width * scale, sheet.height * scale), Image.Resampling.NEAREST)
 
 
-def write_outputs(
-    models: Models, result: TrainResult, params: TrainParams, pixels: np.ndarray, rows: dict
-) -> None:
-    """Write the models, their spec, the metrics, the loss curve and the preview."""
+def write_models(models: Models, result: TrainResult, params: TrainParams) -> None:
+    """Write the models and their spec."""
     with common.replace_folder(common.AUTOENCODER_DIR) as staging:
         save_model(models.encoder, staging / common.ENCODER_FILE.name)
         if models.autoencoder is not None:
@@ -563,13 +359,18 @@ def write_outputs(
         }
         (staging / SPEC_FILE.name).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
 
-    common.write_json(result.metrics, TRAIN_METRICS_FILE)
-    curve = result.history.to_csv(index=False, float_format="%.6g")
-    common.write_bytes_atomic(curve.encode("utf-8"), LOSS_CURVE_FILE)
-    preview_rows = next(rows[name] for name in ("test", "valid", "train") if len(rows[name]))
-    buffer = io.BytesIO()
-    preview_image(models.autoencoder, pixels, preview_rows).save(buffer, format="PNG")
-    common.write_bytes_atomic(buffer.getvalue(), PREVIEW_FILE)
+
+def log_results(live: Live, result: TrainResult, preview: Image.Image) -> None:
+    """The final metrics and the reconstruction preview, through DVCLive.
+
+    The metrics are those of the best epoch, whose weights the model keeps, so the
+    last epoch's values the callback left in the summary are dropped.
+    """
+    for name in ("train", "eval"):
+        live.summary.pop(name, None)
+    for name, value in result.metrics.items():
+        live.log_metric(name, value, plot=False)
+    live.log_image(PREVIEW_IMAGE, preview)
 
 
 def main() -> None:
@@ -581,8 +382,11 @@ def main() -> None:
     rows = subset_rows(common.read_parquet(common.SPLIT_FILE, made_by="split"), ids)
     height, width = pixels.shape[1:3]
     models = build_models(height, width, params)
-    result = fit(models, pixels, rows, params)
-    write_outputs(models, result, params, pixels, rows)
+    preview_rows = next(rows[name] for name in ("test", "valid", "train") if len(rows[name]))
+    with Live(dir=str(LIVE_DIR), dvcyaml=None, save_dvc_exp=False) as live:
+        result = fit(models, pixels, rows, params, live)
+        write_models(models, result, params)
+        log_results(live, result, preview_image(models.autoencoder, pixels, preview_rows))
     metrics = result.metrics
     logger.info(
         "%s on %d train / %d valid / %d test images of %dx%d: %d epochs (best %d), "

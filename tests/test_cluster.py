@@ -17,7 +17,7 @@ from conftest import in_fresh_process
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from stages import cluster, common
+from stages import cluster, cluster_model, common
 
 BLOB_COUNT = 4
 
@@ -118,12 +118,12 @@ def test_a_fit_in_another_process_writes_the_same_model_file(
     # Numba gives compiled functions new ids in every process; none may reach the file,
     # or a forced `dvc repro cluster` would change the model and rerun score.
     vectors, _ = blobs
-    cluster.write_model(fits["n2d_10d"].model, tmp_path / "here.joblib")  # reducer and mapper
+    cluster_model.write_model(fits["n2d_10d"].model, tmp_path / "here.joblib")  # reducer and mapper
     code = """
 from pathlib import Path
-from stages import cluster
+from stages import cluster, cluster_model
 fit = cluster.fit_clusters(inputs["vectors"], inputs["params"])
-cluster.write_model(fit.model, Path("there.joblib"))
+cluster_model.write_model(fit.model, Path("there.joblib"))
 """
     params = blob_params(project_params, **{"umap.n_components": 5})
     in_fresh_process({"vectors": vectors, "params": params}, code, tmp_path)
@@ -135,8 +135,8 @@ def test_saved_model_assigns_the_fitted_images_their_clusters(
     fits, blobs, name: str, tmp_path: Path
 ) -> None:
     vectors, _ = blobs
-    cluster.write_model(fits[name].model, tmp_path / "cluster.joblib")
-    model = cluster.load_model(tmp_path / "cluster.joblib")
+    cluster_model.write_model(fits[name].model, tmp_path / "cluster.joblib")
+    model = cluster_model.load_model(tmp_path / "cluster.joblib")
     np.testing.assert_array_equal(model.predict(vectors), fits[name].clusters)
     assert model.map_coordinates(vectors[:5]).shape == (5, 2)
 
@@ -175,7 +175,7 @@ def test_map_and_curve_are_written(fits, blobs, tmp_path: Path) -> None:
     cluster.write_map(table, tmp_path / "again.png", "blobs")
     assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "map.png").read_bytes() == (tmp_path / "again.png").read_bytes()
-    cluster.write_curve(fits["n2d_auto"].curve, tmp_path / "curve.csv")
+    common.write_csv(fits["n2d_auto"].curve, tmp_path / "curve.csv")
     assert pd.read_csv(tmp_path / "curve.csv").columns.tolist() == ["k", "score"]
 
 
@@ -222,8 +222,8 @@ def test_a_model_fitted_on_many_images_pickles_its_search_index(project_params, 
     params = blob_params(project_params, n_clusters=3)
     fit = cluster.fit_clusters(vectors.astype(np.float32), params)
     state = fit.model.__getstate__()
-    assert isinstance(vars(state["reducer"])["_knn_search_index"], cluster.SearchIndexState)
-    cluster.write_model(fit.model, tmp_path / "cluster.joblib")
-    model = cluster.load_model(tmp_path / "cluster.joblib")
+    assert isinstance(vars(state["reducer"])["_knn_search_index"], cluster_model.SearchIndexState)
+    cluster_model.write_model(fit.model, tmp_path / "cluster.joblib")
+    model = cluster_model.load_model(tmp_path / "cluster.joblib")
     np.testing.assert_array_equal(model.predict(vectors[:300]), fit.clusters[:300])
     assert adjusted_rand_score(truth, fit.clusters) == 1.0

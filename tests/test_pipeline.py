@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,6 +20,8 @@ from stages.common import read_embeddings
 
 STAGES = ("sync", "prepare", "split", "train", "embed", "cluster", "score", "explore", "posters")
 DATA_STAGES = ("sync", "prepare", "split")  # integer work: bytes match on any machine
+METRICS_FILES = ("data.json", "train/metrics.json", "cluster.json")
+ABSL_LINE = re.compile(r"[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +35,10 @@ def test_repro_runs_every_stage_and_writes_every_output(demo: tuple[Path, str]) 
     project, printed = demo
     for stage in STAGES:
         assert f"Running stage '{stage}'" in printed
+    # Only the stages' own lines: nothing from TensorFlow's or Abseil's start-up.
+    for line in printed.splitlines():
+        assert not ABSL_LINE.match(line) and "absl::" not in line, line
+        assert "tensorflow" not in line.lower() or line.startswith(("train:", "embed:")), line
     manifest = pd.read_parquet(project / "data/raw/manifest.parquet")
     assert len(manifest) == 1797
     assert manifest["label"].notna().all()
@@ -44,12 +52,17 @@ def test_repro_runs_every_stage_and_writes_every_output(demo: tuple[Path, str]) 
     assert set(subsets["subset"]) == {"train", "test", "valid"}
     embedded_ids, embeddings = read_embeddings(project / "data/processed/embeddings.parquet")
     assert embedded_ids == manifest["id"].tolist()
-    train_metrics = json.loads((project / "metrics/train.json").read_text())
+    train_metrics = json.loads((project / "metrics/train/metrics.json").read_text())
     assert embeddings.shape == (1797, train_metrics["latent_dim"])
     assert np.isfinite(embeddings).all()
     for name in ("encoder.keras", "autoencoder.keras", "spec.json"):
         assert (project / "models/autoencoder" / name).exists()
-    assert (project / "reports/train/reconstructions.png").exists()
+    preview = project / "metrics/train/plots/images/reconstructions.png"
+    assert Image.open(preview).size[0] >= 8 * params["image"]["width"]
+    for curve in ("train", "eval"):
+        losses = pd.read_csv(project / f"metrics/train/plots/metrics/{curve}/loss.tsv", sep="\t")
+        assert losses["step"].tolist() == list(range(train_metrics["epochs"]))
+        assert (losses["loss"] > 0).all()
 
 
 def output_hashes(lock_file: Path, stages: tuple[str, ...]) -> dict[str, str]:
@@ -62,29 +75,48 @@ def test_the_committed_outputs_and_metrics_are_reproduced(demo: tuple[Path, str]
     project, _ = demo
     produced = output_hashes(project / "dvc.lock", DATA_STAGES)
     assert produced == output_hashes(REPO_ROOT / "dvc.lock", DATA_STAGES)
-    for name in ("data.json", "train.json", "cluster.json"):
-        produced = json.loads((project / "metrics" / name).read_text())
-        committed = json.loads((REPO_ROOT / "metrics" / name).read_text())
+    # Training rounds differently on another kind of CPU, and clustering magnifies that;
+    # where training reproduced to the last digit, every metric must match exactly.
+    same_training = read_metrics(project, "train/metrics.json") == read_metrics(
+        REPO_ROOT, "train/metrics.json"
+    )
+    for name in METRICS_FILES:
+        produced, committed = read_metrics(project, name), read_metrics(REPO_ROOT, name)
         assert produced.keys() == committed.keys()
         for key, value in committed.items():
-            # Float kernels may round differently on another CPU; counts never differ.
-            assert produced[key] == pytest.approx(value, rel=1e-3), (name, key)
-    # What the project's CI promises: the pipeline reproduced from a clean copy shows no
-    # change against the committed metrics in `dvc metrics diff`.
+            if same_training or (isinstance(value, int) and key not in COUNTS_FROM_FLOATS):
+                assert produced[key] == value, (name, key)
+            else:
+                assert produced[key] == pytest.approx(value, rel=0.05), (name, key)
+    # What the project's CI promises: `dvc metrics diff` against the committed metrics
+    # lines up every key, and shows no change where training reproduced.
     result = run([sys.executable, "-m", "dvc", "metrics", "diff", "--all", "--json"], project)
     assert result.returncode == 0, result.stderr
+    diff = json.loads(result.stdout or "{}")
+    for name in METRICS_FILES:
+        assert set(diff[f"metrics/{name}"]) == set(read_metrics(REPO_ROOT, name)), name
     changed = {
-        path: {key: diff for key, diff in metrics.items() if diff.get("diff") not in (0, None)}
-        for path, metrics in json.loads(result.stdout or "{}").items()
+        path: {key: row for key, row in rows.items() if row.get("diff") not in (0, None)}
+        for path, rows in diff.items()
     }
-    assert not any(changed.values()), changed
+    if same_training:
+        assert not any(changed.values()), changed
+
+
+# Counts that float work decides: cluster sizes, and where early stopping ends.
+COUNTS_FROM_FLOATS = ("size_max", "size_min", "size_median", "best_epoch", "epochs", "step")
+
+
+def read_metrics(project: Path, name: str) -> dict[str, Any]:
+    """A metrics file of a project."""
+    return json.loads((project / "metrics" / name).read_text())
 
 
 def test_plots_render(demo: tuple[Path, str], tmp_path: Path) -> None:
     project, _ = demo
     dvc(["plots", "show", "--out", str(tmp_path / "plots")], project)
     page = (tmp_path / "plots/index.html").read_text()
-    assert "val_loss" in page and "reconstructions.png" in page
+    assert "Autoencoder loss" in page and "reconstructions.png" in page
     assert "Silhouette per cluster" in page and "map.png" in page
 
 

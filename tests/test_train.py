@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import in_fresh_process, pattern_image
 
-from stages import common, train
+from stages import autoencoders, common, train
 
 HEIGHT, WIDTH = 16, 24
 
@@ -50,7 +50,7 @@ def pretrained_settings(params: dict[str, Any], weights: Path) -> train.TrainPar
     return train.TrainParams.from_params(params)
 
 
-@pytest.mark.parametrize("model", train.MODELS)
+@pytest.mark.parametrize("model", autoencoders.MODELS)
 def test_every_model_kind_trains_and_encodes_to_its_size(
     params: dict[str, Any], pixels: np.ndarray, rows: dict, model: str
 ) -> None:
