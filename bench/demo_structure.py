@@ -21,7 +21,6 @@ Usage: python bench/demo_structure.py [--seed N]
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -107,15 +106,15 @@ def report(
 ) -> None:
     """Print the figures for one feature space."""
     started = time.perf_counter()
-    reducer = cluster.fit_umap(vectors, params, params.n_components)
+    reducer = cluster.fit_umap(vectors, params, params.umap.n_components)
     points = reducer.embedding_
     count = len(np.unique(labels))
     seed = params.random_state
     grouping = cluster.fit_assigner(points, count, params.assign, seed).predict(points)
     agreement = score.label_agreement(pd.Series(labels), grouping)
     print(
-        f"\n{name}: {vectors.shape[1]} values; UMAP to {params.n_components}-D with "
-        f"{params.n_neighbors} neighbours, {params.assign} into {count}: accuracy "
+        f"\n{name}: {vectors.shape[1]} values; UMAP to {params.umap.n_components}-D with "
+        f"{params.umap.n_neighbors} neighbours, {params.assign} into {count}: accuracy "
         f"{agreement['accuracy']:.3f}  ARI {agreement['ari']:.3f}  NMI {agreement['nmi']:.3f}"
     )
     for group, (first, second) in mixed_clusters(grouping, labels).items():
@@ -143,7 +142,7 @@ def main() -> None:
     arguments = parser.parse_args()
     params = cluster.ClusterParams.from_params(settings.load_params())
     if arguments.seed is not None:
-        params = dataclasses.replace(params, random_state=arguments.seed)
+        params = params.model_copy(update={"random_state": arguments.seed})
     labels, latent, gray = labelled_data()
     report("the pipeline's latent", latent, labels, params)
     report(f"raw pixels ({DIGIT_SIDE}x{DIGIT_SIDE} gray)", gray, labels, params)
