@@ -9,12 +9,15 @@ stages that read it cannot disagree.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import logging
 import multiprocessing
 import os
 import shutil
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +61,53 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------- I/O
 
 
+def staging_prefix(path: Path) -> str:
+    """The start of the names a stage writes `path` under before moving it into place;
+    the writing process's id completes it."""
+    return f".{path.name}.tmp-"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of that id runs (perhaps as another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(path: Path) -> None:
+    """Remove the staging files and folders that killed runs left beside `path`.
+
+    Only those of processes that are gone: a run in progress keeps its own.
+    """
+    prefix = staging_prefix(path)
+    if not path.parent.is_dir():
+        return
+    for leftover in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = leftover.name[len(prefix) :]
+        if not pid.isdigit() or process_alive(int(pid)):
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def naming_the_output(path: Path, temporary: Path) -> Iterator[None]:
+    """Name the output in an operating-system error that names no file (a full disk on
+    write) or only its temporary name, so that the one-line error says what failed."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno is not None and error.filename in (None, str(temporary)):
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; move it into place only if the block succeeds.
@@ -65,10 +115,12 @@ def atomic_output(path: Path) -> Iterator[Path]:
     A stage killed mid-write leaves no half-written output for DVC to cache.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_staging(path)
+    temporary = path.with_name(f"{staging_prefix(path)}{os.getpid()}")
     try:
-        yield temporary
-        os.replace(temporary, path)
+        with naming_the_output(path, temporary):
+            yield temporary
+            os.replace(temporary, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
@@ -81,13 +133,15 @@ def replace_folder(directory: Path) -> Iterator[Path]:
     `directory` is a stage's own output (DVC removes it before a run anyway); a failed run
     leaves the last good one in place.
     """
-    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    remove_stale_staging(directory)
+    staging = directory.with_name(f"{staging_prefix(directory)}{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
-        yield staging
-        shutil.rmtree(directory, ignore_errors=True)
-        staging.rename(directory)
+        with naming_the_output(directory, staging):
+            staging.mkdir(parents=True)
+            yield staging
+            shutil.rmtree(directory, ignore_errors=True)
+            staging.rename(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -256,16 +310,54 @@ def worker_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# What to do about the operating-system failures a user can meet, by errno.
+OS_ERROR_ADVICE = {
+    errno.EACCES: "permission denied: give this user access to it, or run in a copy you own",
+    errno.EPERM: "not permitted (immutable or protected?): lift that, or run in a copy you own",
+    errno.EROFS: "the file system is read-only: run in a writable copy of the project",
+    errno.ENOTDIR: "a file stands where a folder is expected: move that file away",
+    errno.EEXIST: "something else stands there (a file where a folder is expected?): move it",
+    errno.EISDIR: "a folder stands where a file is expected: move that folder away",
+    errno.ENOSPC: "no space left on the device: free some space and run again",
+    errno.EDQUOT: "the disk quota is full: free some space and run again",
+    errno.ENOENT: "no such file or folder: run the stages before it (`dvc repro`)",
+    errno.ENAMETOOLONG: "the name is too long for this file system",
+}
+
+
+def os_error_line(error: OSError) -> str:
+    """One line for an operating-system failure: the path and what to do."""
+    advice = OS_ERROR_ADVICE.get(error.errno or 0, error.strerror or str(error))
+    paths = [str(name) for name in (error.filename, error.filename2) if name is not None]
+    return f"{' -> '.join(paths)}: {advice}" if paths else f"{advice} ({error})"
+
+
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(); a UserError ends it with one line on stderr and exit code 1."""
+    """Run a stage's main() and end it with one line on stderr when it fails.
+
+    A UserError (a bad param or input) and an operating-system failure (permissions, a
+    full disk, a file where a folder should be) exit with 1 and no traceback; anything
+    else is a bug, shown with its traceback and a line saying so, exit code 2.
+    """
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except OSError as error:
+        print(f"error: {os_error_line(error)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception:
+        traceback.print_exc()
+        print(
+            "error: the traceback above is a bug in smart-iss-posts, not a problem with your "
+            "data or params; please report it",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def sample_rows(count: int, limit: int, seed: int) -> np.ndarray:

@@ -192,13 +192,12 @@ def sync_collection(
     history, history_report = (None, None)
     if params.history is not None:
         history, history_report = read_history(params.history)
-    refused: list[tuple[str, str]] = []
     if remote.is_remote(params.source):
         state = remote_state_rows(previous_remote)
         source_files, hidden, refused = remote_source_files(params.source, params.remote, state)
         workers = max(workers, REMOTE_WORKERS)
     else:
-        source_files, hidden = list_source(params.source, collection)
+        source_files, hidden, refused = list_source(params.source, collection)
     summary = SyncSummary(offered=len(source_files) + len(refused), hidden_skipped=hidden)
     collection.mkdir(parents=True, exist_ok=True)
     remove_temporary_files(collection)
@@ -207,6 +206,12 @@ def sync_collection(
     outcomes: list[FileOutcome] = [FileOutcome(name, None, reason) for name, reason in refused]
     tasks: list[BringTask | MeasureTask] = []
     for item in source_files:
+        if item.remote is None and item.size > params.max_bytes:
+            # Judged from the size the folder reports, before a byte is read (remote
+            # objects are judged by their listing or their download).
+            reason = f"{item.size} bytes, over sync.max_bytes ({params.max_bytes})"
+            outcomes.append(FileOutcome(item.relative_path, None, reason, label=item.label))
+            continue
         row = previous_rows.get(item.relative_path)
         if item.remote is not None:
             reused = reuse_remote_outcome(item, row, collection)

@@ -4,6 +4,7 @@ it into the collection under a temporary name, renamed into place once whole.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from dataclasses import dataclass, replace
@@ -19,7 +20,7 @@ from stages.sync_sources import SourceFile, is_unchanged, read_source_bytes
 EXIF_IFD_TAG = 0x8769
 EXIF_DATETIME_ORIGINAL_TAG = 36867
 BLANK_MEASURE_SIZE = 256  # blankness is judged on a copy at most this many pixels across
-TEMPORARY_SUFFIX = ".sync-tmp"
+TEMPORARY_PREFIX = ".sync-tmp-"  # a copy in progress: hidden, and of a fixed, short length
 
 
 @dataclass(frozen=True)
@@ -148,16 +149,28 @@ def store_source_bytes(
     result = measure_image(data, max_pixels)
     if isinstance(result, str):
         return FileOutcome(item.relative_path, None, result, label=item.label)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.with_name(f".{destination.name}{TEMPORARY_SUFFIX}")
+    temporary = destination.with_name(temporary_name(destination.name))
     try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
         temporary.write_bytes(data)
         if item.mtime_ns is not None:
             os.utime(temporary, ns=(item.mtime_ns, item.mtime_ns))
         os.replace(temporary, destination)
+    except OSError as error:  # a name this file system refuses, a full disk...
+        reason = f"cannot store in the collection: {error.strerror or error}"
+        return FileOutcome(item.relative_path, None, reason, label=item.label)
     finally:
         temporary.unlink(missing_ok=True)
     return FileOutcome(item.relative_path, result, copied=True, label=item.label)
+
+
+def temporary_name(name: str) -> str:
+    """The name a file is copied under before it is renamed into place.
+
+    Of a fixed length (27 characters), so that a name as long as the file system allows
+    still has a temporary one; derived from the name, so that two copies never share it.
+    """
+    return TEMPORARY_PREFIX + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
 
 
 def measure_collection_file(
@@ -207,5 +220,5 @@ def run_task(task: BringTask | MeasureTask) -> FileOutcome:
 
 def remove_temporary_files(collection: Path) -> None:
     """Delete the temporary files that a killed run left behind."""
-    for temporary in collection.rglob(f".*{TEMPORARY_SUFFIX}"):
+    for temporary in collection.rglob(f"{TEMPORARY_PREFIX}*"):
         temporary.unlink(missing_ok=True)

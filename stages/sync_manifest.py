@@ -4,6 +4,8 @@ every accepted image.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,6 +18,8 @@ from stages import common
 from stages.sync_files import FileOutcome, Measurement
 
 HISTORY_HEADER = ["lat", "lon", "id", "place"]
+HISTORY_MAX_BYTES = 256 * 2**20  # a million located images take about 50 MB
+HISTORY_MAX_LINE = 4096  # characters; a longer line is counted as malformed
 MANIFEST_COLUMNS = [
     "id",
     "path",
@@ -94,17 +98,22 @@ def _parse_coordinate(text: str, limit: float) -> float | None:
 def parse_history(text: str) -> tuple[pd.DataFrame, HistoryReport]:
     """Parse `lat;lon;id;place` lines into a table keyed on id.
 
-    Empty fields become nulls; a place may itself hold ';'. A line without four fields, an
-    empty id, or a coordinate that is not a number in range is counted as malformed and
-    skipped. A header line is skipped; a repeated id keeps its last line.
+    Lines end at \\n only (a U+2028 inside a place stays in the place). Empty fields become
+    nulls; a place may itself hold ';'. A line without four fields, an empty id, a
+    coordinate that is not a number in range, or a line over HISTORY_MAX_LINE characters
+    is counted as malformed and skipped. A header line is skipped; a repeated id keeps its
+    last line.
     """
     report = HistoryReport()
     rows: dict[str, tuple[float | None, float | None, str | None]] = {}
-    for number, raw_line in enumerate(text.splitlines(), start=1):
+    for number, raw_line in enumerate(text.split("\n"), start=1):
         line = raw_line.strip().lstrip("\ufeff")
         if not line:
             continue
         report.lines += 1
+        if len(line) > HISTORY_MAX_LINE:
+            report.malformed_lines.append(number)
+            continue
         fields = line.split(";", 3)
         if number == 1 and [part.strip().lower() for part in fields] == HISTORY_HEADER:
             continue
@@ -128,15 +137,35 @@ def parse_history(text: str) -> tuple[pd.DataFrame, HistoryReport]:
 
 
 def read_history(path_text: str) -> tuple[pd.DataFrame, HistoryReport]:
-    """Read and parse a history file, with a clear error naming it when it cannot be read."""
+    """Read and parse a history file, with a clear error naming it when it cannot be read.
+
+    Only a regular file of at most HISTORY_MAX_BYTES is read: a device such as /dev/zero
+    or a named pipe would never end.
+    """
     path = Path(path_text).expanduser()
     try:
-        text = path.read_bytes().decode("utf-8", errors="replace")
+        # Non-blocking, so that opening a named pipe with no writer returns at once.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise common.UserError(f"sync.history: file {path} does not exist") from None
     except OSError as error:
         raise common.UserError(f"sync.history: cannot read {path}: {error.strerror}") from None
-    return parse_history(text)
+    with os.fdopen(descriptor, "rb") as file:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise common.UserError(f"sync.history: {path} is not a regular file")
+        if status.st_size > HISTORY_MAX_BYTES:
+            raise common.UserError(
+                f"sync.history: {path} has {status.st_size} bytes, over the "
+                f"{HISTORY_MAX_BYTES} a locations history may have"
+            )
+        try:
+            data = file.read(HISTORY_MAX_BYTES + 1)
+        except OSError as error:
+            raise common.UserError(f"sync.history: cannot read {path}: {error.strerror}") from None
+    if len(data) > HISTORY_MAX_BYTES:  # it grew while being read
+        raise common.UserError(f"sync.history: {path} is over {HISTORY_MAX_BYTES} bytes")
+    return parse_history(data.decode("utf-8", errors="replace"))
 
 
 def build_manifest(

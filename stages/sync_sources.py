@@ -88,13 +88,16 @@ def digits_source_files() -> list[SourceFile]:
     return files
 
 
-def folder_source_files(folder: Path) -> tuple[list[SourceFile], int]:
-    """Every regular file under `folder`, sorted by path, and how many hidden ones were skipped.
+def folder_source_files(folder: Path) -> tuple[list[SourceFile], int, list[tuple[str, str]]]:
+    """Every regular file under `folder`, sorted by path; how many hidden ones were
+    skipped; and (shown path, reason) of the files refused for their name.
 
     Hidden files and folders (.DS_Store, .git) are skipped; symbolic links are not followed
-    into folders.
+    into folders. A path that is not valid UTF-8 is refused: tables and pages could not
+    hold it. It is shown with its odd bytes written as \\xNN.
     """
     files: list[SourceFile] = []
+    refused: list[tuple[str, str]] = []
     hidden = 0
     for directory, subdirectories, names in os.walk(folder):
         hidden += sum(name.startswith(".") for name in subdirectories)
@@ -111,9 +114,27 @@ def folder_source_files(folder: Path) -> tuple[list[SourceFile], int]:
             if not path.is_file():
                 continue
             relative = path.relative_to(folder).as_posix()
+            if not is_utf8(relative):
+                refused.append((shown_path(relative), "the file name is not valid UTF-8"))
+                continue
             files.append(SourceFile(relative, status.st_size, status.st_mtime_ns, local_path=path))
     files.sort(key=lambda item: item.relative_path)
-    return files, hidden
+    return files, hidden, refused
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a name read from the file system is valid UTF-8 (Python keeps other bytes
+    as lone surrogates, which no table or page can hold)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown_path(name: str) -> str:
+    """A file system name as text: valid UTF-8 as it is, other bytes as \\xNN."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
 
 
 def remote_source_files(
@@ -134,13 +155,16 @@ def remote_source_files(
     return files, hidden, refused
 
 
-def list_source(source: str, collection: Path) -> tuple[list[SourceFile], int]:
-    """The files a local or built-in source offers and the count of hidden files skipped.
+def list_source(
+    source: str, collection: Path
+) -> tuple[list[SourceFile], int, list[tuple[str, str]]]:
+    """The files a local or built-in source offers, the count of hidden files skipped, and
+    (name, reason) of the files refused for their name.
 
     Raises a UserError naming the source when it cannot be read.
     """
     if source == BUILTIN_DIGITS:
-        return digits_source_files(), 0
+        return digits_source_files(), 0, []
     if source.startswith("builtin:"):
         raise settings.param_error(
             "sync.source", source, f"the built-in collection is {BUILTIN_DIGITS}"

@@ -288,7 +288,7 @@ def test_leftover_temporary_files_of_a_killed_run_are_removed(
     params: dict[str, Any], source_folder: Path, tmp_path: Path
 ) -> None:
     collection = tmp_path / "collection"
-    leftover = write(collection / f".gray.png{sync_files.TEMPORARY_SUFFIX}", b"half a file")
+    leftover = write(collection / sync_files.temporary_name("gray.png"), b"half a file")
     run_sync(sync_params(params, source_folder), collection)
     assert not leftover.exists()
 
