@@ -40,6 +40,14 @@ TYPE_WORDS = {
 }
 
 
+BOUND_SIGNS = {
+    "greater_than_equal": ">=",
+    "greater_than": ">",
+    "less_than_equal": "<=",
+    "less_than": "<",
+}
+
+
 class Section(BaseModel):
     """A checked params section (or sub-section): strict types, no unknown keys, frozen.
 
@@ -180,9 +188,8 @@ def section_model(annotation: Any) -> type[BaseModel] | None:
 
 def fields_at(model: type[BaseModel], names: list[str]) -> list[str]:
     """The keys a (sub-)section allows."""
-    current: Any = model
-    for name in names:
-        current = section_model(current.model_fields[name].annotation)
+    field = field_at(model, names)
+    current = model if field is None else section_model(field.annotation)
     return list(current.model_fields) if current is not None else []
 
 
@@ -204,10 +211,14 @@ def bounds(field: FieldInfo) -> tuple[Any, Any]:
     """A field's lower and upper bound (None where open)."""
     low = high = None
     for item in field.metadata:
-        if isinstance(item, annotated_types.Ge | annotated_types.Gt):
-            low = getattr(item, "ge", None) if isinstance(item, annotated_types.Ge) else item.gt
-        if isinstance(item, annotated_types.Le | annotated_types.Lt):
-            high = getattr(item, "le", None) if isinstance(item, annotated_types.Le) else item.lt
+        if isinstance(item, annotated_types.Ge):
+            low = item.ge
+        elif isinstance(item, annotated_types.Gt):
+            low = item.gt
+        elif isinstance(item, annotated_types.Le):
+            high = item.le
+        elif isinstance(item, annotated_types.Lt):
+            high = item.lt
     return low, high
 
 
@@ -249,11 +260,9 @@ def allowed_for_error(field: FieldInfo | None, error: Any) -> str:
         return own
     if kind == "literal_error" and field is not None:
         return "allowed: " + ", ".join(str(choice) for choice in choices(field))
-    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than") and field:
-        if is_integer_field(field):
-            limit = {**error.get("ctx", {})}
-            sign = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<="}
-            return f"expected an integer {sign.get(kind, '<')} {next(iter(limit.values()))}"
+    if kind in BOUND_SIGNS and field is not None:
+        if is_integer_field(field):  # the bound crossed, as before: "an integer >= 1"
+            return f"expected an integer {BOUND_SIGNS[kind]} {next(iter(error['ctx'].values()))}"
         return "expected " + range_text(field)
     if (
         kind == "string_type"
