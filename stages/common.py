@@ -27,6 +27,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from stages import project_lock
+
 # Project paths, relative to the repository root (DVC runs every stage from there).
 PARAMS_FILE = Path("params.yaml")
 RAW_DIR = Path("data/raw")
@@ -335,13 +337,16 @@ def os_error_line(error: OSError) -> str:
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main() and end it with one line on stderr when it fails.
 
-    A UserError (a bad param or input) and an operating-system failure (permissions, a
-    full disk, a file where a folder should be) exit with 1 and no traceback; anything
-    else is a bug, shown with its traceback and a line saying so, exit code 2.
+    First it claims the project for its run (stages.project_lock): a stage of a second run
+    stops at once. A UserError (a bad param or input), a busy project and an
+    operating-system failure (permissions, a full disk, a file where a folder should be)
+    exit with 1 and no traceback; anything else is a bug, shown with its traceback and a
+    line saying so, exit code 2.
     """
     try:
+        project_lock.hold_project()
         main()
-    except UserError as error:
+    except (UserError, project_lock.ProjectBusyError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     except OSError as error:

@@ -4,6 +4,7 @@ failures of the system each end in one line, and the rest of the work goes on.""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ import pandas as pd
 import pytest
 from conftest import REPO_ROOT, image_bytes, pattern_image, project_environment, write
 
-from stages import common, sync, sync_files, sync_manifest
+from stages import common, project_lock, sync, sync_files, sync_manifest
 
 
 def sync_folder(params: dict[str, Any], source: Path, collection: Path, **changes: Any):
@@ -213,3 +214,59 @@ def test_a_killed_stage_leaves_no_staging_folder_past_the_next_run(tmp_path: Pat
     stale_file.write_text("{")
     common.write_json({"a": 1}, tmp_path / "x.json")
     assert not stale_file.exists()
+
+
+# ----------------------------------------------------------------------------- one run at a time
+
+
+def claim_for(project: Path, process: subprocess.Popen[bytes], command: list[str]) -> None:
+    """Write the project's run lock as if `process` ran `command` and held it."""
+    lock = project / project_lock.LOCK_FILE
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    start = project_lock.process_start(process.pid)
+    lock.write_text(json.dumps({"pid": process.pid, "start": start, "command": command}))
+
+
+def test_a_stage_of_a_second_run_stops_at_once_and_runs_once_the_first_is_gone(
+    tmp_path: Path,
+) -> None:
+    project = split_project(tmp_path)
+    (project / ".dvc").mkdir()
+    first = subprocess.Popen(["sleep", "60"])
+    try:
+        claim_for(project, first, ["dvc", "repro"])
+        result = run_split_unprivileged(project)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines() == [
+            f"error: another run holds this project: `dvc repro` (process {first.pid}); "
+            "wait for it to end, or stop it, then run again"
+        ]
+        assert not (project / "data/processed/split.parquet").exists()
+    finally:
+        first.kill()
+        first.wait()
+    result = run_split_unprivileged(project)  # the holder died: the lock is free
+    assert result.returncode == 0, result.stderr
+    assert (project / "data/processed/split.parquet").exists()
+
+
+def test_a_pid_reused_by_another_process_does_not_hold_the_project(tmp_path: Path) -> None:
+    project = split_project(tmp_path)
+    (project / ".dvc").mkdir()
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        claim_for(project, other, ["dvc", "repro"])
+        lock = project / project_lock.LOCK_FILE
+        holder = json.loads(lock.read_text())
+        lock.write_text(json.dumps({**holder, "start": "1"}))  # started at another time
+        assert run_split_unprivileged(project).returncode == 0
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_the_run_of_a_stage_is_its_dvc_ancestor() -> None:
+    assert project_lock.is_dvc(["/p/.venv/bin/python", "/p/.venv/bin/dvc", "repro"])
+    assert project_lock.is_dvc(["python", "-m", "dvc", "exp", "run"])
+    assert not project_lock.is_dvc(["python", "-m", "stages.split"])
+    assert project_lock.run_owner(os.getpid()) == os.getpid(), "pytest runs under no dvc"

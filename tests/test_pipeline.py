@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO_ROOT, clean_copy, dvc, run, run_with_stages
+from conftest import REPO_ROOT, clean_copy, dvc, project_environment, run, run_with_stages
 from PIL import Image
 
+from stages import project_lock
 from stages.common import read_embeddings
 
 STAGES = ("sync", "prepare", "split", "train", "embed", "cluster", "score", "explore", "posters")
@@ -235,6 +237,43 @@ def test_other_methods_run_as_experiments_and_line_up_in_metrics_diff(
     assert "Data and pipelines are up to date." in dvc(["status"], project), (
         "--temp keeps the workspace"
     )
+
+
+def test_a_second_repro_stops_at_once_while_the_first_runs_on(demo: tuple[Path, str]) -> None:
+    project, _ = demo
+    command = [sys.executable, "-m", "dvc", "repro", "--force", "-s"]
+    environment = project_environment()
+    first = subprocess.Popen(
+        [*command, "cluster"], cwd=project, env=environment, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    lock = project / project_lock.LOCK_FILE
+    deadline = time.monotonic() + 120
+    while lock_holder(lock) != first.pid:
+        assert time.monotonic() < deadline and first.poll() is None, "cluster never started"
+        time.sleep(0.2)  # until the first run's stage holds the project
+    second = run([*command, "posters"], project)  # independent of cluster, so DVC lets it go
+    assert second.returncode != 0
+    printed = (second.stdout + second.stderr).splitlines()
+    ours = [line for line in printed if line.startswith("error: ")]
+    assert ours == [
+        f"error: another run holds this project: `{' '.join([*command, 'cluster'])}` "
+        f"(process {first.pid}); wait for it to end, or stop it, then run again"
+    ]
+    first_printed = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, first_printed
+    assert "cluster: n2d: 10 clusters" in first_printed
+    # DVC removed the refused stage's outputs before starting it; a repro brings them back.
+    dvc(["repro"], project)
+    assert "Data and pipelines are up to date." in dvc(["status"], project)
+
+
+def lock_holder(lock: Path) -> int | None:
+    """The process a project's run lock names (None while there is none, or mid-write)."""
+    try:
+        return json.loads(lock.read_text()).get("pid")
+    except (OSError, ValueError):
+        return None
 
 
 def stage_error(stage: str, params_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:

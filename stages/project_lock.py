@@ -1,0 +1,113 @@
+"""One run at a time in a project: a stage started by a second `dvc repro` (or by hand)
+while another run holds the project stops at once with one line.
+
+DVC's own repo lock cannot do this: `dvc repro` lets it go while a stage's command runs,
+so that independent stages may run side by side, and takes it back between stages. So
+the lock here belongs to the run, not to the stage: it records the `dvc` process that
+started the stage (or the stage itself when run by hand), every stage of that run passes,
+and it is free again once that process has died, without any clean-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+LOCK_FILE = Path(".dvc/tmp/smart-iss-posts-run.json")  # .dvc/tmp is DVC's, kept out of git
+
+
+class ProjectBusyError(Exception):
+    """Another run holds the project."""
+
+
+def process_start(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, from /proc), or None if it is gone.
+
+    With the pid it tells one process from a later one that got the same pid.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22: starttime
+
+
+def process_command(pid: int) -> list[str]:
+    """A process's command line, as its arguments."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def parent_pid(pid: int) -> int | None:
+    """A process's parent, from /proc."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def is_dvc(command: list[str]) -> bool:
+    """Whether a command line is DVC's (`dvc repro`, `python -m dvc exp run`...)."""
+    return any(Path(argument).name == "dvc" for argument in command[:3])
+
+
+def run_owner(pid: int) -> int:
+    """The process that owns the run a stage belongs to: the nearest `dvc` ancestor, else
+    the stage itself."""
+    ancestor = parent_pid(pid)
+    while ancestor not in (None, 0, 1):
+        if is_dvc(process_command(ancestor)):
+            return ancestor
+        ancestor = parent_pid(ancestor)
+    return pid
+
+
+def holder_alive(holder: dict[str, Any]) -> bool:
+    """Whether the process a lock names still runs (the same process, not a pid reused)."""
+    pid = holder.get("pid")
+    return isinstance(pid, int) and process_start(pid) == holder.get("start")
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[Any]:
+    """The lock file, opened and flock-ed for a short read-and-write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            yield file
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def hold_project(path: Path = LOCK_FILE, pid: int | None = None) -> None:
+    """Claim the project for the run this process belongs to, or raise ProjectBusyError.
+
+    Does nothing outside a DVC project (a stage run in a bare folder).
+    """
+    if not path.parent.parent.is_dir():
+        return
+    owner = run_owner(os.getpid() if pid is None else pid)
+    mine = {"pid": owner, "start": process_start(owner), "command": process_command(owner)}
+    with exclusive(path) as file:
+        file.seek(0)
+        try:
+            holder = json.loads(file.read() or "{}")
+        except json.JSONDecodeError:
+            holder = {}
+        if holder_alive(holder) and holder["pid"] != owner:
+            command = " ".join(holder.get("command") or []) or "another command"
+            raise ProjectBusyError(
+                f"another run holds this project: `{command}` (process {holder['pid']}); "
+                "wait for it to end, or stop it, then run again"
+            )
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps(mine))
