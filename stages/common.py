@@ -51,7 +51,6 @@ ENCODER_FILE = AUTOENCODER_DIR / "encoder.keras"
 CLUSTER_MODEL_FILE = Path("models/cluster.joblib")
 METRICS_DIR = Path("metrics")
 DATA_METRICS_FILE = METRICS_DIR / "data.json"
-REPORTS_DIR = Path("reports")
 
 NOISE = -1  # the cluster of images that hdbscan leaves in no cluster
 

@@ -43,6 +43,7 @@ STAGE = "posters"
 POSTERS_DIR = Path("reports/posters")
 POSTERS_TABLE = "posters.csv"
 PREVIEW_WIDTH = 1200  # px
+TEMPLATES_WORDS = "expected a folder of templates"
 
 
 class PostersParams(settings.Section):
@@ -52,7 +53,7 @@ class PostersParams(settings.Section):
     templates: Path = Field(
         Path("templates/posters"),
         description="a folder of YAML templates; each gives `count` posters",
-        json_schema_extra={"allowed": "expected a folder of templates"},
+        json_schema_extra={"allowed": TEMPLATES_WORDS},
     )
     count: int = Field(2, ge=1, description="posters per template")
     best_clusters: int = Field(
@@ -80,7 +81,7 @@ class PostersParams(settings.Section):
         if isinstance(value, Path):
             return value
         if not isinstance(value, str) or not value.strip():
-            raise ValueError("expected a folder of templates")
+            raise ValueError(TEMPLATES_WORDS)
         return Path(value)
 
 

@@ -25,16 +25,22 @@ class ProjectBusyError(Exception):
     """Another run holds the project."""
 
 
+def process_status(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (field 3 first), or None if
+    the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_start(pid: int) -> str | None:
-    """When a process started (clock ticks since boot, from /proc), or None if it is gone.
+    """When a process started (clock ticks since boot), or None if it is gone.
 
     With the pid it tells one process from a later one that got the same pid.
     """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22: starttime
+    status = process_status(pid)
+    return status[19] if status else None  # field 22: starttime
 
 
 def process_command(pid: int) -> list[str]:
@@ -47,10 +53,8 @@ def process_command(pid: int) -> list[str]:
 
 def parent_pid(pid: int) -> int | None:
     """A process's parent, from /proc."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
+    status = process_status(pid)
+    return int(status[1]) if status else None  # field 4: ppid
 
 
 def is_dvc(command: list[str]) -> bool:

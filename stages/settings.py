@@ -81,10 +81,9 @@ def check_every_key_given(model: type[Section], section: Any) -> None:
     if names is None:
         return
     *above, _ = names
-    parent = field_at(model, above)
-    if allowed_text(parent):
-        key = ".".join([model.SECTION, *above])
-        raise param_error(key, value_at(section, above), allowed_text(parent) or "")
+    whole = allowed_text(field_at(model, above))
+    if whole:  # a sub-mapping with its own wording (split.proportions) is judged as a whole
+        raise param_error(".".join([model.SECTION, *above]), value_at(section, above), whole)
     raise UserError(f"{PARAMS_FILE}: {'.'.join([model.SECTION, *names])} is missing")
 
 
@@ -137,20 +136,14 @@ def validation_error_line(model: type[Section], section: Any, error: ValidationE
     """One line for the first problem pydantic found in `section`."""
     first = error.errors()[0]
     names, field, parent = field_path(model, first["loc"])
-    key = ".".join([model.SECTION, *names])
-    kind = first["type"]
-    if kind == "extra_forbidden" and allowed_text(parent):
+    if first["type"] == "extra_forbidden":
+        if not allowed_text(parent):
+            key, known = ".".join([model.SECTION, *names]), ", ".join(fields_at(model, names[:-1]))
+            return UserError(f"{PARAMS_FILE}: {key} is not a known param; allowed keys: {known}")
         # A sub-mapping with its own wording (split.proportions) is judged as a whole.
         names, field = names[:-1], parent
-        key = ".".join([model.SECTION, *names])
-        kind = "whole"
-    if kind == "missing":
-        return UserError(f"{PARAMS_FILE}: {key} is missing")
-    if kind == "extra_forbidden":
-        known = ", ".join(fields_at(model, names[:-1]))
-        return UserError(f"{PARAMS_FILE}: {key} is not a known param; allowed keys: {known}")
-    value = value_at(section, names)
-    return param_error(key, value, allowed_for_error(field, first))
+    key = ".".join([model.SECTION, *names])
+    return param_error(key, value_at(section, names), allowed_for_error(field, first))
 
 
 def field_path(
