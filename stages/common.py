@@ -343,8 +343,9 @@ def run_stage(main: Callable[[], None]) -> None:
     line saying so, exit code 2.
     """
     try:
-        project_lock.hold_project()
-        main()
+        holder = project_lock.hold_project()
+        with project_lock.dvc_guard(holder, Path(sys.argv[0]).stem):
+            main()
     except (UserError, project_lock.ProjectBusyError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

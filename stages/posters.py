@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ STAGE = "posters"
 POSTERS_DIR = Path("reports/posters")
 POSTERS_TABLE = "posters.csv"
 PREVIEW_WIDTH = 1200  # px
-TEMPLATES_WORDS = "expected a folder of templates"
+TEMPLATES_ROOT = Path("templates")  # a dep of the stage as a whole, in dvc.yaml
+TEMPLATES_WORDS = f"expected a folder in {TEMPLATES_ROOT}/, such as {TEMPLATES_ROOT}/posters"
 
 
 class PostersParams(settings.Section):
@@ -77,12 +79,24 @@ class PostersParams(settings.Section):
     @field_validator("templates", mode="before")
     @classmethod
     def folder_path(cls, value: Any) -> Any:
-        """A non-empty text, read as a path (strict mode takes no text for a Path)."""
-        if isinstance(value, Path):
-            return value
-        if not isinstance(value, str) or not value.strip():
+        """A relative path inside templates/, given as text (strict mode takes no text for
+        a Path).
+
+        dvc.yaml lists templates/ as the stage's dep, so that a missing folder reaches
+        the stage, which names this key, instead of stopping DVC with a bare path; a
+        folder elsewhere would not be tracked at all.
+        """
+        if isinstance(value, str) and value.strip():
+            value = Path(value)
+        if not isinstance(value, Path) or not is_inside(value, TEMPLATES_ROOT):
             raise ValueError(TEMPLATES_WORDS)
-        return Path(value)
+        return value
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether a relative path is a relative folder or inside it, once `..` is resolved."""
+    parts = Path(os.path.normpath(path)).parts
+    return not path.is_absolute() and Path(*parts[:1]) == folder
 
 
 # ----------------------------------------------------------------------------- choosing

@@ -1,11 +1,16 @@
-"""One run at a time in a project: a stage started by a second `dvc repro` (or by hand)
-while another run holds the project stops at once with one line.
+"""One run at a time in a project: a second `dvc repro` (or a stage started by hand) while
+another run holds the project stops at once, and the first run is unharmed.
 
-DVC's own repo lock cannot do this: `dvc repro` lets it go while a stage's command runs,
-so that independent stages may run side by side, and takes it back between stages. So
-the lock here belongs to the run, not to the stage: it records the `dvc` process that
-started the stage (or the stage itself when run by hand), every stage of that run passes,
-and it is free again once that process has died, without any clean-up.
+DVC's own locks do half of this. Its repo lock is let go while a stage's command runs,
+so that the command may call DVC, and taken back between stages. Its rwlock
+(.dvc/tmp/rwlock) keeps other DVC commands off the running stage's deps and outs, but
+only those: a second `dvc repro` would delete the outputs of any other stage it means to
+rerun before that stage could refuse. So two locks here:
+- a write entry for the whole project folder in DVC's rwlock, held while a stage runs:
+  DVC then refuses the second command's first stage before it removes anything;
+- a lock of the run (the `dvc` process that started the stage, or the stage itself when
+  run by hand) that every stage of that run passes and a stage of any other run does
+  not. It is free again once that process has died, without any clean-up.
 """
 
 from __future__ import annotations
@@ -91,13 +96,14 @@ def exclusive(path: Path) -> Iterator[Any]:
             fcntl.flock(file, fcntl.LOCK_UN)
 
 
-def hold_project(path: Path = LOCK_FILE, pid: int | None = None) -> None:
+def hold_project(path: Path = LOCK_FILE, pid: int | None = None) -> str | None:
     """Claim the project for the run this process belongs to, or raise ProjectBusyError.
 
-    Does nothing outside a DVC project (a stage run in a bare folder).
+    Returns what holds the project now (the run's command and process), or None outside a
+    DVC project (a stage run in a bare folder), where it does nothing.
     """
     if not path.parent.parent.is_dir():
-        return
+        return None
     owner = run_owner(os.getpid() if pid is None else pid)
     mine = {"pid": owner, "start": process_start(owner), "command": process_command(owner)}
     with exclusive(path) as file:
@@ -115,3 +121,39 @@ def hold_project(path: Path = LOCK_FILE, pid: int | None = None) -> None:
         file.seek(0)
         file.truncate()
         file.write(json.dumps(mine))
+    return f"`{' '.join(mine['command'])}` (process {owner})"
+
+
+@contextlib.contextmanager
+def dvc_guard(holder: str | None, stage: str) -> Iterator[None]:
+    """While this stage runs, an entry in DVC's rwlock that marks the whole project as
+    being written by it, so that any other DVC command stops before it touches a file.
+
+    The entry is this process's own: DVC drops it by itself if the process is killed.
+    DVC's parent process does no rwlock work while its stage's command runs, so the entry
+    never stands in the way of the run it belongs to. Nothing is done without a holder
+    (outside a DVC project).
+    """
+    if holder is None:
+        yield
+        return
+    # DVC's own way to edit the file, under its guard file; its public rwlock() cannot be
+    # used, as it would find our own parent's entries for this stage and refuse.
+    from dvc.fs import localfs
+    from dvc.rwlock import _edit_rwlock
+
+    project = str(Path.cwd())  # what DVC calls the repo root: stages run in it
+    mine = {
+        "pid": os.getpid(),
+        "cmd": f"{holder}, now in stage {stage}: wait for it to end, or stop it, then run again",
+    }
+    with _edit_rwlock(str(LOCK_FILE.parent), localfs, False) as table:
+        table["write"][project] = mine
+    try:
+        yield
+    finally:
+        with _edit_rwlock(str(LOCK_FILE.parent), localfs, False) as table:
+            if table["write"].get(project) == mine:
+                del table["write"][project]
+            if not table["write"]:
+                del table["write"]  # as DVC leaves it

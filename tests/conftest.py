@@ -185,7 +185,8 @@ def in_fresh_process(inputs: dict[str, Any], code: str, folder: Path) -> None:
     (folder / "inputs.pickle").write_bytes(pickle.dumps(inputs))
     script = "import pickle\ninputs = pickle.loads(open('inputs.pickle', 'rb').read())\n" + code
     result = run_with_stages(["-c", script], folder, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
+    printed = result.stdout + result.stderr
+    assert result.returncode == 0, f"returncode == {result.returncode}: {printed}"
 
 
 def clean_copy(destination: Path) -> Path:

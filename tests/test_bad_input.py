@@ -186,6 +186,20 @@ def test_a_file_where_a_folder_is_expected_gives_one_line(tmp_path: Path) -> Non
     ]
 
 
+def test_a_missing_templates_folder_is_named_by_its_key(tmp_path: Path) -> None:
+    text = (REPO_ROOT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("templates/posters", "templates/nope"))
+    command = [sys.executable, "-m", "stages.posters"]
+    environment = {**project_environment(), "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(
+        command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: posters.templates = 'templates/nope': no such folder"
+    ]
+
+
 def test_a_bug_shows_its_traceback_and_says_it_is_a_bug(tmp_path: Path) -> None:
     project = split_project(tmp_path)
     # A manifest without the columns sync writes: nothing a user can cause.

@@ -239,10 +239,24 @@ def test_other_methods_run_as_experiments_and_line_up_in_metrics_diff(
     )
 
 
+def test_a_missing_templates_folder_reaches_the_stage_which_names_the_key(
+    demo: tuple[Path, str],
+) -> None:
+    project, _ = demo
+    command = ["exp", "run", "--temp", "-S", "posters.templates=templates/nope"]
+    result = run([sys.executable, "-m", "dvc", *command], project)
+    assert result.returncode != 0
+    printed = result.stdout + result.stderr
+    assert "error: posters.templates = 'templates/nope': no such folder" in printed
+    assert "Traceback" not in printed
+
+
 def test_a_second_repro_stops_at_once_while_the_first_runs_on(demo: tuple[Path, str]) -> None:
     project, _ = demo
     command = [sys.executable, "-m", "dvc", "repro", "--force", "-s"]
     environment = project_environment()
+    posters = sorted((project / "reports/posters").rglob("*"))
+    before = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in posters}
     first = subprocess.Popen(
         [*command, "cluster"], cwd=project, env=environment, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -252,20 +266,20 @@ def test_a_second_repro_stops_at_once_while_the_first_runs_on(demo: tuple[Path, 
     while lock_holder(lock) != first.pid:
         assert time.monotonic() < deadline and first.poll() is None, "cluster never started"
         time.sleep(0.2)  # until the first run's stage holds the project
-    second = run([*command, "posters"], project)  # independent of cluster, so DVC lets it go
+    second = run([*command, "posters"], project)  # independent of cluster: only our locks stop it
     assert second.returncode != 0
-    printed = (second.stdout + second.stderr).splitlines()
-    ours = [line for line in printed if line.startswith("error: ")]
-    assert ours == [
-        f"error: another run holds this project: `{' '.join([*command, 'cluster'])}` "
-        f"(process {first.pid}); wait for it to end, or stop it, then run again"
-    ]
+    printed = second.stdout + second.stderr
+    holder = f"`{' '.join([*command, 'cluster'])}` (process {first.pid})"
+    assert f"{holder}, now in stage cluster: wait for it to end, or stop it" in printed
+    assert "is busy" in printed, "DVC itself refuses, before it removes any output"
     first_printed = first.communicate(timeout=600)[0]
     assert first.returncode == 0, first_printed
     assert "cluster: n2d: 10 clusters" in first_printed
-    # DVC removed the refused stage's outputs before starting it; a repro brings them back.
-    dvc(["repro"], project)
+    # The refused stage's outputs were never touched, so the project is up to date at once.
+    assert posters and {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in posters} == before
     assert "Data and pipelines are up to date." in dvc(["status"], project)
+    table = json.loads((project / ".dvc/tmp/rwlock").read_text())
+    assert table.get("write", {}) == {}, "every entry released, ours too"
 
 
 def lock_holder(lock: Path) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 from stages import common, poster_templates, posters
 
 PARAMS = posters.PostersParams(
-    templates=Path("unused"), count=2, best_clusters=2, top_share=0.5, quality=90, seed=7
+    templates=Path("templates/unused"), count=2, best_clusters=2, top_share=0.5, quality=90, seed=7
 )
 SMALL_TEMPLATE = {
     "width": 400,
@@ -255,6 +256,9 @@ def test_the_shipped_templates_have_the_promised_geometry() -> None:
         ("top_share", 0, "posters.top_share = 0"),
         ("quality", 101, "posters.quality = 101"),
         ("templates", "", "posters.templates = ''"),
+        ("templates", "/srv/posters", "expected a folder in templates/"),
+        ("templates", "templates/../../posters", "expected a folder in templates/"),
+        ("templates", "posters", "expected a folder in templates/"),
     ],
 )
 def test_bad_params_name_the_key(key: str, value: object, words: str) -> None:
@@ -267,5 +271,12 @@ def test_bad_params_name_the_key(key: str, value: object, words: str) -> None:
         "seed": 42,
     }
     section[key] = value
-    with pytest.raises(common.UserError, match=words.replace(".", r"\.")):
+    with pytest.raises(common.UserError, match=re.escape(words)):
         posters.PostersParams.from_params({"posters": section})
+
+
+@pytest.mark.parametrize("folder", ["templates/posters", "templates", "templates/mine/../a4"])
+def test_a_templates_folder_inside_templates_is_accepted(folder: str) -> None:
+    section = {"templates": folder, "count": 2, "best_clusters": 5, "top_share": 0.5}
+    chosen = posters.PostersParams.from_params({"posters": {**section, "quality": 92, "seed": 1}})
+    assert chosen.templates == Path(folder)

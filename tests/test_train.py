@@ -108,6 +108,38 @@ train.save_model(models.autoencoder, Path("autoencoder-there.keras"))
         assert here == (tmp_path / f"{name}-there.keras").read_bytes(), name
 
 
+def test_a_train_killed_while_writing_its_models_leaves_nothing_past_the_next_run(
+    params: dict[str, Any], pixels: np.ndarray, rows: dict, tmp_path: Path
+) -> None:
+    chosen = settings(params)
+    train_and_write = f"""
+import os, signal
+from stages import train
+chosen = inputs["settings"]
+models = train.build_models({HEIGHT}, {WIDTH}, chosen)
+result = train.fit(models, inputs["pixels"], inputs["rows"], chosen)
+if inputs.get("kill"):
+    real_save = train.save_model
+    def save_then_die(model, path):
+        real_save(model, path)
+        os.kill(os.getpid(), signal.SIGKILL)  # killed halfway through writing its models
+    train.save_model = save_then_die
+train.write_models(models, result, chosen)
+"""
+    inputs = {"settings": chosen, "pixels": pixels, "rows": rows, "kill": True}
+    with pytest.raises(AssertionError, match="returncode == -9"):
+        in_fresh_process(inputs, train_and_write, tmp_path)  # killed by SIGKILL, exit -9
+    models = tmp_path / common.AUTOENCODER_DIR.parent
+    prefix = common.staging_prefix(common.AUTOENCODER_DIR)
+    [left] = [path for path in models.iterdir() if path.name.startswith(prefix)]
+    assert [path.name for path in left.iterdir()] == [common.ENCODER_FILE.name]
+    assert not (tmp_path / common.AUTOENCODER_DIR).exists(), "nothing half-written in place"
+    in_fresh_process({**inputs, "kill": False}, train_and_write, tmp_path)
+    assert [path.name for path in models.iterdir()] == [common.AUTOENCODER_DIR.name]
+    written = sorted(path.name for path in (tmp_path / common.AUTOENCODER_DIR).iterdir())
+    assert written == ["autoencoder.keras", "encoder.keras", "spec.json"]
+
+
 def test_another_seed_gives_other_weights(
     params: dict[str, Any], pixels: np.ndarray, rows: dict
 ) -> None:
