@@ -91,19 +91,29 @@ def main() -> None:
 
         encoder = embed.load_encoder(folder / "encoder.keras", pixels.shape[1:])
         warm = min(len(pixels), 4 * arguments.batch_size)  # compile outside the timing
-        embed.write_embeddings(
+        warm_ids = [str(i) for i in range(warm)]
+        embed.embed_images(
             encoder,
             pixels[:warm],
-            [str(i) for i in range(warm)],
+            warm_ids,
+            warm_ids,
+            folder / "warm-cache",
             folder / "warm.parquet",
             arguments.batch_size,
         )
         memory_before = peak_rss_mib()
         ids = [f"{index:08d}" for index in range(len(pixels))]
         started = time.perf_counter()
-        dimension = embed.write_embeddings(
-            encoder, pixels, ids, folder / "embeddings.parquet", arguments.batch_size
+        embed.embed_images(
+            encoder,
+            pixels,
+            ids,
+            ids,  # every image distinct: each is encoded (the cache starts empty)
+            folder / "cache",
+            folder / "embeddings.parquet",
+            arguments.batch_size,
         )
+        dimension = int(np.prod(encoder.output_shape[1:]))
         seconds = time.perf_counter() - started
         print(
             f"embed simple_conv, batch {arguments.batch_size}: "

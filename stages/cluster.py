@@ -1,15 +1,15 @@
-"""cluster: group the images by their latent vectors and place every image on a 2-D map.
+"""cluster: fit the grouping of the latent vectors and the 2-D map, on a seeded sample.
 
 Params:  ClusterParams below (params.yaml, section cluster)
-Inputs:  data/processed/embeddings.parquet
-Outputs: data/processed/clusters.parquet (id, cluster, x, y), models/cluster.joblib (the
-         fitted ClusterModel: `predict` and `map_coordinates` take new latent vectors),
-         reports/cluster/map.png, metrics/cluster/k_curve.csv (k, score: the
-         criterion of each k tried)
+Inputs:  data/processed/embeddings.parquet, data/interim/ids.parquet (each row's sha256)
+Outputs: models/cluster.joblib (the fitted ClusterModel: `predict` and `map_coordinates`
+         take new latent vectors; it keeps the sample's own placements),
+         metrics/cluster/k_curve.csv (k, score: the criterion of each k tried)
 
-Clusters are numbered by size, largest first; hdbscan's noise is cluster -1. The fit runs
-on a seeded sample, then the other images go through the fitted transform and predict,
-as the original project did, so a million images never need a million-point UMAP fit.
+Fitting is kept apart from applying: the assign stage places every image with this model,
+as the original project did, so a million images never need a million-point UMAP fit,
+and with the model frozen (`dvc freeze cluster`) new images cost only their own placing.
+Clusters are numbered by size, largest first; hdbscan's noise is cluster -1.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -27,13 +26,18 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from stages import common, settings
-from stages.cluster_model import ClusterModel, renumber, size_order, write_model
+from stages.cluster_model import (
+    ClusterModel,
+    Placements,
+    import_umap,
+    renumber,
+    size_order,
+    write_model,
+)
 
 STAGE = "cluster"
-MAP_FILE = Path("reports/cluster/map.png")
 K_CURVE_FILE = common.METRICS_DIR / "cluster" / "k_curve.csv"
 
-ASSIGN_BATCH = 65536  # images transformed at once when assigning the rest of the collection
 CRITERION_SAMPLE = 10000  # silhouette while choosing k is computed on at most this many points
 
 
@@ -173,24 +177,6 @@ def check_sizes(params: ClusterParams, fit_images: int) -> None:
 # ----------------------------------------------------------------------------- fitting
 
 
-def import_umap() -> Any:
-    """The umap package, loaded without TensorFlow.
-
-    umap's package imports TensorFlow for ParametricUMAP, which this stage never uses:
-    that costs seconds and TensorFlow's start-up log lines in every cluster run. Marking
-    the submodule absent makes umap skip it, as it does where TensorFlow is not installed.
-    Imported here, not at the top: numba is slow to load and only UMAP needs it.
-    """
-    if "umap" not in sys.modules:
-        sys.modules.setdefault("umap.parametric_umap", None)  # type: ignore[assignment]
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="Tensorflow not installed", category=ImportWarning
-        )
-        import umap
-    return umap
-
-
 def fit_umap(vectors: np.ndarray, params: ClusterParams, components: int) -> Any:
     """A UMAP fitted on `vectors` (seeded, so single-threaded and reproducible)."""
     reducer = import_umap().UMAP(
@@ -274,11 +260,9 @@ def fit_assigner(points: np.ndarray, k: int, assign: str, seed: int) -> Any:
 
 @dataclass
 class Fit:
-    """A fitted model, the fitted images' clusters and map positions, and the k curve."""
+    """A fitted model (with the sample's placements) and the k curve."""
 
     model: ClusterModel
-    clusters: np.ndarray
-    coordinates: np.ndarray
     curve: pd.DataFrame
 
 
@@ -373,119 +357,42 @@ def fit_hdbscan(
 FITTERS = {"n2d": fit_n2d, "classical": fit_classical, "hdbscan": fit_hdbscan}
 
 
-def fit_clusters(vectors: np.ndarray, params: ClusterParams) -> Fit:
-    """Fit the chosen method on a sample, then cluster and map every image.
-
-    Fitted images keep the labels and positions of the fit itself; the others are assigned
-    with the fitted model in batches.
-    """
-    rows = common.sample_rows(len(vectors), params.fit_sample, params.random_state)
-    check_sizes(params, len(rows))
-    sample = vectors[rows]
+def fit_clusters(sample: np.ndarray, sha256s: list[str], params: ClusterParams) -> Fit:
+    """Fit the chosen method and the 2-D map on the sample's vectors (`sha256s` names
+    their files); the model keeps where the fit put them."""
+    check_sizes(params, len(sample))
     model, raw, curve = FITTERS[params.method](sample, params)
     if params.method == "classical" or params.umap.n_components != 2:
         model.mapper = fit_umap(sample, params, 2)
         sample_xy = model.mapper.embedding_
     else:
         sample_xy = model.reducer.embedding_
-    clusters = np.full(len(vectors), common.NOISE, dtype=np.int32)
-    coordinates = np.zeros((len(vectors), 2), dtype=np.float32)
-    clusters[rows] = renumber(raw, model.order)
-    coordinates[rows] = sample_xy
-    rest = np.setdiff1d(np.arange(len(vectors)), rows)
-    for start in range(0, len(rest), ASSIGN_BATCH):
-        batch = rest[start : start + ASSIGN_BATCH]
-        clusters[batch], coordinates[batch] = model.predict_with_map(vectors[batch])
-    return Fit(model, clusters, coordinates, curve)
-
-
-# ----------------------------------------------------------------------------- outputs
-
-
-def clusters_table(ids: list[str], fit: Fit) -> pd.DataFrame:
-    """The (id, cluster, x, y) table in embeddings order."""
-    return pd.DataFrame(
-        {
-            "id": ids,
-            "cluster": fit.clusters,
-            "x": fit.coordinates[:, 0],
-            "y": fit.coordinates[:, 1],
-        }
-    )
-
-
-def cluster_colors(count: int) -> np.ndarray:
-    """`count` distinct RGB colors in 0..1: tab20 for up to 20 clusters, else evenly spaced hues."""
-    from matplotlib import colormaps
-
-    if count <= 20:
-        return colormaps["tab20"](np.arange(count))[:, :3]
-    return colormaps["hsv"](np.linspace(0, 1, count, endpoint=False))[:, :3]
-
-
-def write_map(table: pd.DataFrame, path: Path, title: str) -> None:
-    """A PNG scatter of the 2-D map, colored by cluster, each cluster labelled at its median."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    clustered = table[table["cluster"] != common.NOISE]
-    count = int(clustered["cluster"].max()) + 1 if len(clustered) else 0
-    colors = cluster_colors(max(count, 1))
-    size = max(1.0, min(12.0, 20000 / max(len(table), 1)))
-    figure, axes = pyplot.subplots(figsize=(9, 9), dpi=100)
-    noise = table[table["cluster"] == common.NOISE]
-    if len(noise):
-        axes.scatter(noise["x"], noise["y"], s=size, c="lightgray", label="noise", linewidths=0)
-    axes.scatter(
-        clustered["x"],
-        clustered["y"],
-        s=size,
-        c=colors[clustered["cluster"].to_numpy()],
-        linewidths=0,
-    )
-    for cluster, members in clustered.groupby("cluster"):
-        axes.annotate(
-            str(cluster),
-            (members["x"].median(), members["y"].median()),
-            ha="center",
-            va="center",
-            fontsize=9,
-            weight="bold",
-            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.7, "lw": 0},
-        )
-    axes.set_title(title)
-    axes.set_xticks([])
-    axes.set_yticks([])
-    figure.tight_layout()
-    with common.atomic_output(path) as temporary:
-        # No software version or date in the file, so the same map gives the same bytes.
-        figure.savefig(temporary, format="png", metadata={"Software": None})
-    pyplot.close(figure)
+    clusters = renumber(raw, model.order)
+    model.fitted = Placements.first_of_each(sha256s, clusters, sample_xy.astype(np.float32))
+    return Fit(model, curve)
 
 
 def main() -> None:
-    """Read params and the embeddings; fit; write the clusters, the model, the map, the curve."""
+    """Read params and a seeded sample of the embeddings; fit; write the model and the curve."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     params = ClusterParams.from_params(settings.load_params())
-    ids, vectors = common.read_embeddings()
-    fit = fit_clusters(vectors, params)
-    table = clusters_table(ids, fit)
-    common.write_parquet(table, common.CLUSTERS_FILE)
+    ids, sha256s, _ = common.read_image_keys(common.embedding_ids())
+    rows = common.sample_rows(len(ids), params.fit_sample, params.random_state)
+    sample = common.read_embedding_rows(common.EMBEDDINGS_FILE, rows)
+    fit = fit_clusters(sample, [sha256s[row] for row in rows], params)
     write_model(fit.model, common.CLUSTER_MODEL_FILE)
     common.write_csv(fit.curve, K_CURVE_FILE)
-    found = int((table["cluster"] != common.NOISE).any() and table["cluster"].max() + 1)
-    noise = int((table["cluster"] == common.NOISE).sum())
-    write_map(table, MAP_FILE, f"{params.method}: {found} clusters of {len(table)} images")
+    fitted = fit.model.fitted
+    assert fitted is not None
+    found = len(np.unique(fitted.clusters[fitted.clusters != common.NOISE]))
     logger.info(
-        "%s: %d clusters of %d images (fit on %d, %d noise); %.1f s",
+        "%s: %d clusters, fit on %d of %d images (%d noise); %.1f s",
         params.method,
         found,
-        len(table),
-        min(len(table), params.fit_sample),
-        noise,
+        len(rows),
+        len(ids),
+        int((fitted.clusters == common.NOISE).sum()),
         time.perf_counter() - started,
     )
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,23 @@ import joblib
 import numpy as np
 
 from stages import common
+
+
+@dataclass
+class Placements:
+    """Where images went: a cluster number and an (x, y) map position per image file,
+    keyed by the file's sha256."""
+
+    sha256: np.ndarray  # str
+    clusters: np.ndarray  # int32
+    xy: np.ndarray  # float32, (images, 2)
+
+    @classmethod
+    def first_of_each(cls, sha256s: list[str], clusters: np.ndarray, xy: np.ndarray) -> Placements:
+        """The placements of each distinct file, taken from its first row."""
+        _, first = np.unique(np.asarray(sha256s), return_index=True)
+        first = np.sort(first)
+        return cls(np.asarray(sha256s)[first], clusters[first], xy[first])
 
 
 @dataclass
@@ -27,6 +46,8 @@ class ClusterModel:
     merge:    classical only: KMeans center -> merged group
     order:    raw label -> cluster number (by size, largest first); noise stays -1
     mapper:   vectors -> 2-D map; None when the reducer is already 2-D
+    fitted:   the fit sample's own placements, which its images keep (a transform of a
+              fitted point lands near, not on, where the fit put it)
     """
 
     method: str
@@ -35,10 +56,11 @@ class ClusterModel:
     merge: np.ndarray | None
     order: dict[int, int]
     mapper: Any
+    fitted: Placements | None = None
 
     def reduce(self, vectors: np.ndarray) -> np.ndarray:
         """Vectors in the space the clusters were found in."""
-        return np.asarray(self.reducer.transform(vectors), dtype=np.float32)
+        return project(self.reducer, vectors)
 
     def predict(self, vectors: np.ndarray) -> np.ndarray:
         """The cluster number of each latent vector."""
@@ -53,8 +75,7 @@ class ClusterModel:
 
     def map_coordinates(self, vectors: np.ndarray) -> np.ndarray:
         """(x, y) of each latent vector on the 2-D map."""
-        mapper = self.reducer if self.mapper is None else self.mapper
-        return np.asarray(mapper.transform(vectors), dtype=np.float32)
+        return project(self.reducer if self.mapper is None else self.mapper, vectors)
 
     def predict_with_map(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cluster numbers and (x, y) map positions, transforming each vector only once
@@ -62,8 +83,7 @@ class ClusterModel:
         points = self.reduce(vectors)
         if self.mapper is None:
             return self.clusters_of(points), points
-        mapped = np.asarray(self.mapper.transform(vectors), dtype=np.float32)
-        return self.clusters_of(points), mapped
+        return self.clusters_of(points), project(self.mapper, vectors)
 
     def __getstate__(self) -> dict[str, Any]:
         """The state to pickle, with numba-compiled functions saved by name.
@@ -84,6 +104,57 @@ class ClusterModel:
                 for key, value in vars(estimator).items():
                     if isinstance(value, CompiledFunction | SearchIndexState):
                         setattr(estimator, key, value.resolve())
+
+
+PLACE_BLOCK = 256  # new vectors measured against the fitted ones at once
+
+
+def project(estimator: Any, vectors: np.ndarray) -> np.ndarray:
+    """New vectors through a fitted reducer: UMAP by place_with_umap, others (PCA) by
+    their own transform."""
+    if hasattr(estimator, "embedding_"):
+        return place_with_umap(estimator, vectors)
+    return np.asarray(estimator.transform(vectors), dtype=np.float32)
+
+
+def place_with_umap(reducer: Any, vectors: np.ndarray) -> np.ndarray:
+    """Where a fitted UMAP puts new vectors, each on its own.
+
+    UMAP's own transform is not used: it optimises a batch of new points together, with
+    random draws shared across the batch and a number of epochs that depends on its size,
+    so an image's place would depend on the images it arrived with. Here each vector goes
+    where that transform starts it: the mean of its n_neighbors nearest fitted points'
+    places (exact neighbours), weighted by UMAP's membership strengths; a vector equal to
+    a fitted one takes its place.
+    """
+    from sklearn.metrics import pairwise_distances
+    from umap.umap_ import smooth_knn_dist
+
+    count = reducer._n_neighbors
+    fitted, places = reducer._raw_data, reducer.embedding_
+    connectivity = max(0.0, float(reducer.local_connectivity) - 1.0)  # as UMAP's transform
+    result = np.empty((len(vectors), places.shape[1]), dtype=np.float32)
+    for start in range(0, len(vectors), PLACE_BLOCK):
+        block = vectors[start : start + PLACE_BLOCK]
+        distances = pairwise_distances(block, fitted, metric=reducer.metric)
+        nearest = np.argpartition(distances, count - 1, axis=1)[:, :count]
+        near = np.take_along_axis(distances, nearest, axis=1)
+        # A fitted vector equal to the new one is at distance 0 exactly, whatever rounding
+        # the distance formula left.
+        near[np.all(fitted[nearest] == block[:, None, :], axis=2)] = 0.0
+        order = np.lexsort((nearest, near), axis=1)  # by distance, then by fitted row
+        nearest = np.take_along_axis(nearest, order, axis=1)
+        near = np.take_along_axis(near, order, axis=1).astype(np.float32)
+        sigmas, rhos = smooth_knn_dist(near, float(count), local_connectivity=connectivity)
+        beyond = near - rhos[:, None]
+        weights = np.exp(-beyond / np.where(sigmas > 0, sigmas, 1.0)[:, None])
+        full = (beyond <= 0) | (sigmas[:, None] == 0)
+        weights = np.where(full, 1.0, weights)
+        mean = np.einsum("nk,nkd->nd", weights, places[nearest]) / weights.sum(axis=1)[:, None]
+        first_full = np.argmax(full, axis=1)
+        own = places[nearest[np.arange(len(block)), first_full]]
+        result[start : start + len(block)] = np.where(full.any(axis=1)[:, None], own, mean)
+    return result
 
 
 @dataclass(frozen=True)
@@ -178,6 +249,24 @@ def size_order(raw: np.ndarray) -> dict[int, int]:
     return order
 
 
+def import_umap() -> Any:
+    """The umap package, loaded without TensorFlow.
+
+    umap's package imports TensorFlow for ParametricUMAP, which is never used here: that
+    costs seconds and TensorFlow's start-up log lines in every cluster and assign run. Marking
+    the submodule absent makes umap skip it, as it does where TensorFlow is not installed.
+    Imported here, not at the top: numba is slow to load and only UMAP needs it.
+    """
+    if "umap" not in sys.modules:
+        sys.modules.setdefault("umap.parametric_umap", None)  # type: ignore[assignment]
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Tensorflow not installed", category=ImportWarning
+        )
+        import umap
+    return umap
+
+
 def write_model(model: ClusterModel, path: Path) -> None:
     """Pickle the fitted model with joblib, atomically."""
     with common.atomic_output(path) as temporary:
@@ -188,4 +277,5 @@ def load_model(path: Path = common.CLUSTER_MODEL_FILE) -> ClusterModel:
     """The fitted ClusterModel that the cluster stage saved."""
     if not path.exists():
         raise common.UserError(f"{path} is missing: run `dvc repro cluster` first")
+    import_umap()  # before unpickling imports it with TensorFlow
     return joblib.load(path)

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -153,10 +154,30 @@ def write_bytes_atomic(data: bytes, path: Path) -> None:
         temporary.write_bytes(data)
 
 
-def write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    """Write a table as Parquet, atomically, without the pandas index."""
+def write_parquet(frame: pd.DataFrame, path: Path, keys: dict[str, str] | None = None) -> None:
+    """Write a table as Parquet, atomically, without the pandas index.
+
+    `keys` go into the file's metadata: what the rows were made with, for the caches of
+    the stages that read it (see parquet_keys).
+    """
     with atomic_output(path) as temporary:
-        frame.to_parquet(temporary, index=False, row_group_size=65536)
+        if keys is None:
+            frame.to_parquet(temporary, index=False, row_group_size=65536)
+            return
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        metadata = {
+            **(table.schema.metadata or {}),
+            **{k.encode(): v.encode() for k, v in keys.items()},
+        }
+        pq.write_table(table.replace_schema_metadata(metadata), temporary, row_group_size=65536)
+
+
+def parquet_keys(path: Path, made_by: str) -> dict[str, str]:
+    """The keys write_parquet (or another writer) put in a Parquet file's metadata."""
+    if not path.exists():
+        raise UserError(f"{path} is missing: run `dvc repro {made_by}` first")
+    metadata = pq.read_schema(path).metadata or {}
+    return {key.decode(): value.decode() for key, value in metadata.items() if key != b"pandas"}
 
 
 def read_parquet(path: Path, made_by: str) -> pd.DataFrame:
@@ -237,6 +258,44 @@ def load_thumbs(ids: list[str]) -> np.ndarray:
             f"{THUMBS_FILE} and {EMBEDDINGS_FILE} list different images: run `dvc repro`"
         )
     return thumbs
+
+
+def read_image_keys(ids: list[str] | None = None) -> tuple[list[str], list[str], str]:
+    """The ids, file sha256s and pixels key of prepare's rows (data/interim/ids.parquet).
+
+    With `ids`, checks that the rows are those images in that order.
+    """
+    table = read_parquet(ARRAY_IDS_FILE, made_by="prepare")
+    if ids is not None and table["id"].tolist() != ids:
+        raise UserError(f"{ARRAY_IDS_FILE} lists other images than its readers: run `dvc repro`")
+    pixels_key = parquet_keys(ARRAY_IDS_FILE, made_by="prepare").get("pixels_key", "")
+    return table["id"].tolist(), table["sha256"].tolist(), pixels_key
+
+
+def embedding_batches(path: Path, rows: int) -> Iterator[np.ndarray]:
+    """The embeddings matrix of a table, `rows` rows at a time, in order."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=rows, columns=["embedding"]):
+        column = batch.column(0)
+        yield column.flatten().to_numpy().reshape(len(batch), column.type.list_size)
+
+
+def embedding_ids(path: Path = EMBEDDINGS_FILE) -> list[str]:
+    """The ids of an embeddings table, in order, without its vectors."""
+    if not path.exists():
+        raise UserError(f"{path} is missing: run `dvc repro embed` first")
+    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+
+
+def read_embedding_rows(path: Path, rows: np.ndarray, batch_rows: int = 65536) -> np.ndarray:
+    """The vectors of the given (sorted) rows of an embeddings table, read a batch at a
+    time, so that only the chosen rows are ever held."""
+    picked = []
+    start = 0
+    for batch in embedding_batches(path, batch_rows):
+        inside = rows[(rows >= start) & (rows < start + len(batch))]
+        picked.append(batch[inside - start])
+        start += len(batch)
+    return np.concatenate(picked).astype(np.float32, copy=False)
 
 
 def read_embeddings(path: Path = EMBEDDINGS_FILE) -> tuple[list[str], np.ndarray]:

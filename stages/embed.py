@@ -2,10 +2,13 @@
 
 Params:  EmbedParams below (params.yaml, section embed)
 Inputs:  models/autoencoder/encoder.keras, data/interim/pixels.npy, data/interim/ids.parquet
-Outputs: data/processed/embeddings.parquet (id, embedding: a fixed-size list of float32)
+Outputs: data/processed/embeddings.parquet (id, embedding: a fixed-size list of float32;
+         its metadata's embed_key names the encoder and the decode settings)
 
-Images are encoded a batch at a time and written in Parquet row groups, so memory does
-not grow with the collection beyond the memory-mapped pixel array.
+Vectors are kept in data/cache/embed/ by image sha256, the encoder file's hash and the
+decode settings, so with a frozen encoder (`dvc freeze train`) only new images are
+encoded. Images are encoded a batch at a time and written in Parquet row groups, so
+memory does not grow with the collection beyond the memory-mapped pixel array.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +24,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from stages import common, settings
+from stages.content_cache import ContentCache, file_key
 from stages.quiet_start import keras
 
 STAGE = "embed"
@@ -52,12 +56,17 @@ def load_encoder(path: Path, image_shape: tuple[int, ...]) -> keras.Model:
     return encoder
 
 
-def encode_batches(encoder: keras.Model, pixels: np.ndarray, batch_size: int) -> Any:
-    """Yield float32 (rows, dimension) embeddings of consecutive batches of pixels."""
-    for start in range(0, len(pixels), batch_size):
-        images = pixels[start : start + batch_size].astype(np.float32) / 255.0
-        codes = np.asarray(encoder.predict_on_batch(images), dtype=np.float32)
-        yield codes.reshape(len(images), -1)
+def encode_rows(encoder: keras.Model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    """Float32 (rows, dimension) embeddings of up to `batch_size` rows of pixels.
+
+    The batch is always padded to `batch_size` rows: the backend may pick another
+    algorithm for another batch size, with other rounding, and an image must get the
+    same vector whichever images it is encoded with (the cache relies on it).
+    """
+    images = np.zeros((batch_size, *pixels.shape[1:]), dtype=np.float32)
+    images[: len(pixels)] = pixels.astype(np.float32) / 255.0
+    codes = np.asarray(encoder.predict_on_batch(images), dtype=np.float32)
+    return codes.reshape(batch_size, -1)[: len(pixels)]
 
 
 def embeddings_table(ids: list[str], codes: np.ndarray) -> pa.Table:
@@ -67,43 +76,93 @@ def embeddings_table(ids: list[str], codes: np.ndarray) -> pa.Table:
     return pa.table({"id": pa.array(ids, type=pa.string()), "embedding": embedding})
 
 
-def write_embeddings(
-    encoder: keras.Model, pixels: np.ndarray, ids: list[str], path: Path, batch_size: int
+def encode_missing(
+    encoder: keras.Model,
+    pixels: np.ndarray,
+    sha256s: list[str],
+    cache: ContentCache,
+    batch_size: int,
 ) -> int:
-    """Encode every image and write the embeddings table atomically; return its dimension."""
+    """Encode the images whose vectors the cache lacks (each distinct file once) into a new
+    segment of it; return how many were encoded."""
+    missing = cache.missing(sha256s)
+    if not missing:
+        return 0
+    first_row = {sha: row for row, sha in reversed(list(enumerate(sha256s)))}
+    rows = np.array([first_row[sha] for sha in missing])  # in manifest order
     dimension = int(math.prod(encoder.output_shape[1:]))
-    schema = embeddings_table([], np.zeros((0, dimension), dtype=np.float32)).schema
+    with (
+        cache.new_segment(missing, {"embedding": ((dimension,), np.float32)}) as arrays,
+        common.progress_bar(len(rows), STAGE) as bar,
+    ):
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            arrays["embedding"][start : start + len(batch)] = encode_rows(
+                encoder, pixels[batch], batch_size
+            )
+            bar.update(len(batch))
+    return len(missing)
+
+
+def write_embeddings(
+    ids: list[str], sha256s: list[str], cache: ContentCache, dimension: int, path: Path, key: str
+) -> None:
+    """Write the embeddings table from the cache in row groups, atomically; its metadata
+    names the key the vectors were made with."""
+    schema = embeddings_table([], np.zeros((0, dimension), np.float32)).schema
     with (
         common.atomic_output(path) as temporary,
-        pq.ParquetWriter(temporary, schema) as writer,
-        common.progress_bar(len(pixels), STAGE) as bar,
+        pq.ParquetWriter(temporary, schema.with_metadata({"embed_key": key})) as writer,
     ):
-        for start in range(0, len(pixels), ROW_GROUP_ROWS):
-            stop = min(len(pixels), start + ROW_GROUP_ROWS)
-            blocks = []
-            for codes in encode_batches(encoder, pixels[start:stop], batch_size):
-                blocks.append(codes)
-                bar.update(len(codes))
-            writer.write_table(embeddings_table(ids[start:stop], np.concatenate(blocks)))
-    return dimension
+        blocks = cache.row_blocks(sha256s, "embedding", ROW_GROUP_ROWS)
+        for start, codes in zip(range(0, len(ids), ROW_GROUP_ROWS), blocks):
+            writer.write_table(embeddings_table(ids[start : start + len(codes)], codes))
+
+
+def embed_images(
+    encoder: keras.Model,
+    pixels: np.ndarray,
+    ids: list[str],
+    sha256s: list[str],
+    cache_folder: Path,
+    path: Path,
+    batch_size: int,
+) -> int:
+    """Encode what `cache_folder` lacks and write every image's vector to `path`;
+    return how many images were encoded."""
+    cache = ContentCache(cache_folder, ("embedding",))
+    encoded = encode_missing(encoder, pixels, sha256s, cache, batch_size)
+    dimension = int(math.prod(encoder.output_shape[1:]))
+    write_embeddings(ids, sha256s, cache, dimension, path, cache_folder.name)
+    return encoded
 
 
 def main() -> None:
-    """Read params, the encoder and the pixels; write the embeddings."""
+    """Read params, the encoder and the pixels; encode what the cache lacks; write the
+    embeddings."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     batch_size = EmbedParams.from_params(settings.load_params()).batch_size
     ids, pixels = common.load_pixels(common.PIXELS_FILE)
+    _, sha256s, pixels_key = common.read_image_keys(ids)
     encoder = load_encoder(common.ENCODER_FILE, pixels.shape[1:])
-    dimension = write_embeddings(encoder, pixels, ids, common.EMBEDDINGS_FILE, batch_size)
+    # The cache's name is its key: the encoder file's hash and prepare's decode settings.
+    cache_folder = common.CACHE_DIR / STAGE / f"{file_key(common.ENCODER_FILE)}-{pixels_key}"
+    encoded = embed_images(
+        encoder, pixels, ids, sha256s, cache_folder, common.EMBEDDINGS_FILE, batch_size
+    )
+    dimension = int(math.prod(encoder.output_shape[1:]))
     seconds = time.perf_counter() - started
     logger.info(
-        "%d images encoded into %d values each; backend %s; %.1f s (%.0f images/s)",
+        "%d images: %d encoded, %d from the cache; %d values each; backend %s; %.1f s "
+        "(%.0f encoded images/s)",
         len(ids),
+        encoded,
+        len(set(sha256s)) - encoded,
         dimension,
         keras.backend.backend(),
         seconds,
-        len(ids) / seconds if seconds else 0.0,
+        encoded / seconds if seconds else 0.0,
     )
 
 

@@ -255,7 +255,7 @@ def main() -> None:
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     params = ExploreParams.from_params(settings.load_params())
-    clusters = common.read_parquet(common.CLUSTERS_FILE, made_by="cluster")
+    clusters = common.read_parquet(common.CLUSTERS_FILE, made_by="assign")
     scores = common.read_parquet(common.SCORES_FILE, made_by="score")
     split = common.read_parquet(common.SPLIT_FILE, made_by="split")
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")

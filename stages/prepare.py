@@ -4,7 +4,8 @@ Params:  ImageParams and PrepareParams below (params.yaml, sections image and pr
 Inputs:  data/raw/manifest.parquet, data/raw/collections/
 Outputs: data/interim/pixels.npy  (N x image.height x image.width x 3, uint8)
          data/interim/thumbs.npy  (N x thumb_height x thumb_width x 3, uint8)
-         data/interim/ids.parquet (the id of each row, in manifest order)
+         data/interim/ids.parquet (id and file sha256 of each row, in manifest order; its
+                                   metadata's pixels_key names the decode settings)
 
 Decoded arrays are kept in data/cache/prepare/ keyed by sha256 and by the settings, so
 when a few images arrive only those are decoded. Byte-identical files are decoded once.
@@ -15,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -26,9 +25,9 @@ import pandas as pd
 from pydantic import Field
 
 from stages import common, images, settings
+from stages.content_cache import ContentCache
 
 STAGE = "prepare"
-COPY_BLOCK_ROWS = 1024  # rows copied from the cache per step, to bound memory
 DECODE_TASK_FILES = 64  # the most files one worker decodes per task
 
 
@@ -79,11 +78,22 @@ class DecodeSizes:
         return [self.model_size, self.thumb_size]
 
 
-def cache_key(params: DecodeSizes) -> str:
-    """A key that changes when the settings or the decoding code change."""
+def settings_key(settings: Any) -> str:
+    """A key that changes when decode settings (a dataclass) or the decoding code change."""
     code = b"".join(Path(module).read_bytes() for module in (__file__, images.__file__))
-    sizes = json.dumps(asdict(params), sort_keys=True).encode("utf-8")
-    return hashlib.sha256(sizes + hashlib.sha256(code).digest()).hexdigest()[:16]
+    text = json.dumps(asdict(settings), sort_keys=True).encode("utf-8")
+    return hashlib.sha256(text + hashlib.sha256(code).digest()).hexdigest()[:16]
+
+
+def cache_key(params: DecodeSizes) -> str:
+    """The key of prepare's cache: both sizes, as its segments hold both arrays."""
+    return settings_key(params)
+
+
+def pixels_key(params: DecodeSizes) -> str:
+    """The key of the model-size pixels alone, for the caches of later stages: a thumbnail
+    setting must not change it (nor, through ids.parquet, rerun train)."""
+    return settings_key(params.model_size)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -157,82 +167,24 @@ def run_decode_tasks(tasks: list[DecodeTask], workers: int, total: int) -> None:
 
 # ----------------------------------------------------------------------------- the cache
 
+ARRAYS = ("pixels", "thumbs")  # the cache's arrays, one per decode target
 
-class DecodedCache:
-    """Decoded arrays for one settings key, stored in segments and indexed by sha256.
 
-    Each run that decodes something adds one segment (a pixels and a thumbs .npy) and
-    rewrites the index; segments are only ever added, so a killed run loses nothing.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.index_path = folder / "index.parquet"
-        if self.index_path.exists():
-            self.index = pd.read_parquet(self.index_path)
-        else:
-            self.index = pd.DataFrame(
-                {
-                    "sha256": pd.Series(dtype="str"),
-                    "segment": pd.Series(dtype="str"),
-                    "row": pd.Series(dtype="int64"),
-                }
-            )
-
-    def missing(self, sha256s: list[str]) -> list[str]:
-        """The sha256s the cache does not hold, in the order given."""
-        known = set(self.index["sha256"])
-        return [sha for sha in sha256s if sha not in known]
-
-    def segment_paths(self, segment: str) -> list[Path]:
-        """The pixels and thumbs files of a segment."""
-        return [self.folder / f"{segment}.{name}.npy" for name in ("pixels", "thumbs")]
-
-    def add_segment(
-        self, files: list[tuple[Path, str]], targets: list[images.ImageSize], workers: int
-    ) -> None:
-        """Decode files (path, sha256) into a new segment and add it to the index."""
-        segment = f"segment-{uuid.uuid4().hex[:12]}"
-        paths = self.segment_paths(segment)
-        shapes = [(len(files), target.height, target.width, 3) for target in targets]
-        with (
-            common.new_array(paths[0], shapes[0]) as pixels,
-            common.new_array(paths[1], shapes[1]) as thumbs,
-        ):
-            array_files = [(Path(array.filename), array.offset) for array in (pixels, thumbs)]
-            tasks = [
-                (array_files, first, files[first:end], targets)
-                for first, end in task_ranges(len(files), workers)
-            ]
-            run_decode_tasks(tasks, workers, len(files))
-        added = pd.DataFrame(
-            {"sha256": [sha for _, sha in files], "segment": segment, "row": range(len(files))}
-        )
-        self.index = pd.concat([self.index, added], ignore_index=True)
-        common.write_parquet(self.index, self.index_path)
-
-    def row_blocks(self, sha256s: list[str], array: int) -> Iterator[np.ndarray]:
-        """The cached rows of sha256s, in order, as blocks of COPY_BLOCK_ROWS rows.
-
-        `array` is 0 for pixels, 1 for thumbnails. Segments are mapped afresh for each
-        block, so the pages read leave memory with the block.
-        """
-        located = pd.DataFrame({"sha256": sha256s}).merge(
-            self.index.drop_duplicates("sha256"), on="sha256", how="left", validate="many_to_one"
-        )
-        for start in range(0, len(located), COPY_BLOCK_ROWS):
-            rows = located.iloc[start : start + COPY_BLOCK_ROWS]
-            block = None
-            for segment, segment_rows in rows.groupby("segment", sort=True):
-                source = np.load(self.segment_paths(str(segment))[array], mmap_mode="r")
-                if block is None:
-                    block = np.empty((len(rows), *source.shape[1:]), dtype=source.dtype)
-                block[segment_rows.index.to_numpy() - start] = source[
-                    segment_rows["row"].to_numpy()
-                ]
-                del source
-            assert block is not None
-            yield block
+def decode_into_cache(
+    cache: ContentCache,
+    files: list[tuple[Path, str]],
+    targets: list[images.ImageSize],
+    workers: int,
+) -> None:
+    """Decode files (path, sha256) into a new segment of the cache, on `workers` processes."""
+    shapes = {name: ((t.height, t.width, 3), np.uint8) for name, t in zip(ARRAYS, targets)}
+    with cache.new_segment([sha for _, sha in files], shapes) as arrays:
+        array_files = [(Path(arrays[name].filename), arrays[name].offset) for name in ARRAYS]
+        tasks = [
+            (array_files, first, files[first:end], targets)
+            for first, end in task_ranges(len(files), workers)
+        ]
+        run_decode_tasks(tasks, workers, len(files))
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -261,19 +213,22 @@ def prepare_arrays(
 
     Only images whose sha256 the cache lacks are decoded; each distinct file once.
     """
-    cache = DecodedCache(cache_folder / cache_key(params))
+    key = cache_key(params)
+    cache = ContentCache(cache_folder / key, ARRAYS)
     first_path_of = manifest.drop_duplicates("sha256").set_index("sha256")["path"]
     missing = cache.missing(list(first_path_of.index))
     if missing:
         files = [(collection / first_path_of[sha], sha) for sha in missing]
-        cache.add_segment(files, params.targets, workers)
+        decode_into_cache(cache, files, params.targets, workers)
 
     count = len(manifest)
     sha256s = manifest["sha256"].tolist()
-    for array, (target, path) in enumerate(zip(params.targets, (pixels_path, thumbs_path))):
+    for array, target, path in zip(ARRAYS, params.targets, (pixels_path, thumbs_path)):
         shape = (count, target.height, target.width, 3)
         common.write_array_in_blocks(path, shape, cache.row_blocks(sha256s, array))
-    common.write_parquet(manifest[["id"]].reset_index(drop=True), ids_path)
+    # The sha256 and the decode key name each row's pixels for the caches of later stages.
+    keys = manifest[["id", "sha256"]].reset_index(drop=True)
+    common.write_parquet(keys, ids_path, keys={"pixels_key": pixels_key(params)})
     return PrepareSummary(
         images=count, decoded=len(missing), from_cache=len(first_path_of) - len(missing)
     )

@@ -392,11 +392,11 @@ def main() -> None:
     logger = common.get_logger(STAGE)
     params = ScoreParams.from_params(settings.load_params())
     ids, vectors = common.read_embeddings()
-    table = common.read_parquet(common.CLUSTERS_FILE, made_by="cluster")
+    table = common.read_parquet(common.CLUSTERS_FILE, made_by="assign")
     if table["id"].tolist() != ids:
         raise common.UserError(
             f"{common.CLUSTERS_FILE} does not match {common.EMBEDDINGS_FILE}: "
-            "run `dvc repro cluster`"
+            "run `dvc repro assign`"
         )
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync").set_index("id")
     result = score_clusters(ids, vectors, table["cluster"].to_numpy(), manifest, params)

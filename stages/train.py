@@ -104,6 +104,12 @@ class TrainParams(settings.Section):
     patience: int = Field(
         5, ge=0, description="stop after this many epochs without a better val_loss"
     )
+    sample: int = Field(
+        100000,
+        ge=1,
+        description="train, validate and test on at most this many images each (seeded): "
+        "a million images train in the time 100,000 do",
+    )
     seed: int = Field(42, ge=0, description="seed of weights, shuffling and sampling")
     pretrained: PretrainedParams = Field(default_factory=PretrainedParams)
 
@@ -180,13 +186,19 @@ class PixelBatches(keras.utils.PyDataset):
         self.order = self._order()
 
 
-def subset_rows(split: pd.DataFrame, ids: list[str]) -> dict[str, np.ndarray]:
-    """Row numbers of the pixel array in each subset (train, valid, test)."""
+def subset_rows(
+    split: pd.DataFrame, ids: list[str], sample: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Row numbers of the pixel array in each subset (train, valid, test), each a seeded
+    sample of at most `sample` rows, in row order."""
     subset_of = split.set_index("id")["subset"]
     subsets = subset_of.reindex(ids).to_numpy()
     if pd.isna(subsets).any():
         raise common.UserError("the split does not cover every image: run `dvc repro split`")
-    return {name: np.flatnonzero(subsets == name) for name in ("train", "valid", "test")}
+    rows = {name: np.flatnonzero(subsets == name) for name in ("train", "valid", "test")}
+    return {
+        name: found[common.sample_rows(len(found), sample, seed)] for name, found in rows.items()
+    }
 
 
 @dataclass
@@ -379,7 +391,8 @@ def main() -> None:
     logger = common.get_logger(STAGE)
     params = TrainParams.from_params(settings.load_params())
     ids, pixels = common.load_pixels(common.PIXELS_FILE)
-    rows = subset_rows(common.read_parquet(common.SPLIT_FILE, made_by="split"), ids)
+    split = common.read_parquet(common.SPLIT_FILE, made_by="split")
+    rows = subset_rows(split, ids, params.sample, params.seed)
     height, width = pixels.shape[1:3]
     models = build_models(height, width, params)
     preview_rows = next(rows[name] for name in ("test", "valid", "train") if len(rows[name]))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -156,6 +158,20 @@ def dvc(arguments: list[str], cwd: Path) -> str:
     result = run([sys.executable, "-m", "dvc", *arguments], cwd)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout + result.stderr
+
+
+def stages_run(printed: str) -> list[str]:
+    """The stages a `dvc repro` ran, in order, from what it printed."""
+    return re.findall(r"Running stage '([\w-]+)'", printed)
+
+
+def is_up_to_date(project: Path, *targets: str) -> bool:
+    """Whether `dvc status` finds nothing to run but sync, which runs every time by design
+    (it looks at the source, which DVC cannot see)."""
+    result = run([sys.executable, "-m", "dvc", "status", "--json", *targets], project)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    return status.pop("sync", ["always changed"]) == ["always changed"] and not status
 
 
 def run_with_stages(

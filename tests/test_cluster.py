@@ -1,4 +1,5 @@
-"""cluster: each method recovers well-separated blobs; auto k; the saved model; errors.
+"""cluster and assign: each method recovers well-separated blobs; auto k; the saved model;
+placing images with it, through the cache; errors.
 
 UMAP compiles for tens of seconds on its first call in a process, so the fits that need
 it are made once per session in fixtures and shared by the tests.
@@ -7,6 +8,7 @@ it are made once per session in fixtures and shared by the tests.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ from conftest import in_fresh_process
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from stages import cluster, cluster_model, common
+from stages import assign, cluster, cluster_model, common
+from stages.content_cache import ContentCache
 
 BLOB_COUNT = 4
 
@@ -48,8 +51,32 @@ def blob_params(project_params: dict[str, Any], **changes: Any) -> cluster.Clust
     return cluster.ClusterParams.from_params(params)
 
 
+def names(count: int) -> list[str]:
+    """Stand-in sha256s, one per image."""
+    return [f"sha-{row:04d}" for row in range(count)]
+
+
+@dataclass
+class Placed:
+    """A fit on the sample of the params, and every image placed with it, as the cluster
+    and assign stages do."""
+
+    model: cluster_model.ClusterModel
+    curve: pd.DataFrame
+    clusters: np.ndarray
+    coordinates: np.ndarray
+
+
+def fit_and_place(vectors: np.ndarray, params: cluster.ClusterParams) -> Placed:
+    """Fit on the seeded sample, then place every image."""
+    rows = common.sample_rows(len(vectors), params.fit_sample, params.random_state)
+    fit = cluster.fit_clusters(vectors[rows], [names(len(vectors))[row] for row in rows], params)
+    clusters, coordinates = assign.place(fit.model, vectors, names(len(vectors)))
+    return Placed(fit.model, fit.curve, clusters, coordinates)
+
+
 @pytest.fixture(scope="session")
-def fits(blobs, project_params) -> dict[str, cluster.Fit]:
+def fits(blobs, project_params) -> dict[str, Placed]:
     """One fit per method and setting, shared (UMAP compiles once per process)."""
     vectors, _ = blobs
     settings = {
@@ -64,7 +91,7 @@ def fits(blobs, project_params) -> dict[str, cluster.Fit]:
         "n2d_again": {},
     }
     return {
-        name: cluster.fit_clusters(vectors, blob_params(project_params, **changes))
+        name: fit_and_place(vectors, blob_params(project_params, **changes))
         for name, changes in settings.items()
     }
 
@@ -84,7 +111,7 @@ def test_clusters_are_numbered_by_size_largest_first(project_params) -> None:
         n_samples=[90, 30, 60], n_features=5, cluster_std=0.3, random_state=1, center_box=(-50, 50)
     )
     params = blob_params(project_params, method="classical", n_clusters=3)
-    found = cluster.fit_clusters(vectors.astype(np.float32), params).clusters
+    found = fit_and_place(vectors.astype(np.float32), params).clusters
     assert np.bincount(found).tolist() == [90, 60, 30]
     assert adjusted_rand_score(truth, found) == 1.0
 
@@ -122,7 +149,8 @@ def test_a_fit_in_another_process_writes_the_same_model_file(
     code = """
 from pathlib import Path
 from stages import cluster, cluster_model
-fit = cluster.fit_clusters(inputs["vectors"], inputs["params"])
+shas = [f"sha-{row:04d}" for row in range(len(inputs["vectors"]))]
+fit = cluster.fit_clusters(inputs["vectors"], shas, inputs["params"])
 cluster_model.write_model(fit.model, Path("there.joblib"))
 """
     params = blob_params(project_params, **{"umap.n_components": 5})
@@ -139,6 +167,7 @@ def test_saved_model_assigns_the_fitted_images_their_clusters(
     model = cluster_model.load_model(tmp_path / "cluster.joblib")
     np.testing.assert_array_equal(model.predict(vectors), fits[name].clusters)
     assert model.map_coordinates(vectors[:5]).shape == (5, 2)
+    assert model.fitted.sha256.tolist() == names(len(vectors)), "the fit keeps its placements"
 
 
 def test_the_rest_of_a_sample_fit_is_assigned_with_the_model(fits, blobs) -> None:
@@ -149,6 +178,11 @@ def test_the_rest_of_a_sample_fit_is_assigned_with_the_model(fits, blobs) -> Non
     assert len(rest) == 120
     assert adjusted_rand_score(truth[rest], fit.clusters[rest]) == 1.0
     assert np.isfinite(fit.coordinates).all()
+    # The sample keeps the fit's own places; the rest go through the model's transform.
+    np.testing.assert_array_equal(fit.coordinates[rows], fit.model.fitted.xy)
+    clusters, coordinates = fit.model.predict_with_map(vectors[rest])
+    np.testing.assert_array_equal(fit.clusters[rest], clusters)
+    np.testing.assert_array_equal(fit.coordinates[rest], coordinates)
 
 
 def test_new_vectors_near_a_blob_join_its_cluster(fits, blobs) -> None:
@@ -160,19 +194,45 @@ def test_new_vectors_near_a_blob_join_its_cluster(fits, blobs) -> None:
         np.testing.assert_array_equal(predicted, fit.clusters[:20])
 
 
-def test_clusters_table_has_one_row_per_image(fits, blobs) -> None:
+def write_embeddings(vectors: np.ndarray, path: Path) -> None:
+    """An embeddings table as embed writes it, in row groups of 64."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+    table = pa.table({"id": [f"image-{row}" for row in range(len(vectors))], "embedding": values})
+    pq.write_table(table, path, row_group_size=64)
+
+
+def test_assign_places_only_what_its_cache_lacks(fits, blobs, tmp_path: Path) -> None:
     vectors, _ = blobs
-    ids = [f"image-{row}" for row in range(len(vectors))]
-    table = cluster.clusters_table(ids, fits["n2d"])
+    fit = fits["n2d_sample"]
+    cluster_model.write_model(fit.model, tmp_path / "cluster.joblib")
+    write_embeddings(vectors, tmp_path / "embeddings.parquet")
+    shas = names(len(vectors))
+    cache = ContentCache(tmp_path / "cache", tuple(assign.ARRAYS))
+
+    def place(count: int) -> assign.AssignSummary:
+        files = (tmp_path / "cluster.joblib", tmp_path / "embeddings.parquet")
+        return assign.place_missing(*files, shas[:count], cache)
+
+    fitted_first = int((common.sample_rows(240, 120, 42) < 200).sum())  # fit images in 0..199
+    assert place(200) == assign.AssignSummary(200 - fitted_first, fitted_first, from_cache=0)
+    later = assign.AssignSummary(40 - (120 - fitted_first), 120 - fitted_first, from_cache=200)
+    assert place(240) == later
+    assert place(240) == assign.AssignSummary(placed=0, from_fit=0, from_cache=240)
+    table = assign.clusters_table([f"image-{row}" for row in range(240)], shas, cache)
     assert table.columns.tolist() == ["id", "cluster", "x", "y"]
-    assert table["id"].tolist() == ids
+    np.testing.assert_array_equal(table["cluster"], fit.clusters)
+    np.testing.assert_array_equal(table[["x", "y"]].to_numpy(), fit.coordinates)
 
 
-def test_map_and_curve_are_written(fits, blobs, tmp_path: Path) -> None:
-    vectors, _ = blobs
-    table = cluster.clusters_table([str(row) for row in range(len(vectors))], fits["hdbscan"])
-    cluster.write_map(table, tmp_path / "map.png", "blobs")
-    cluster.write_map(table, tmp_path / "again.png", "blobs")
+def test_map_and_curve_are_written(fits, tmp_path: Path) -> None:
+    fit = fits["hdbscan"]
+    table = pd.DataFrame({"cluster": fit.clusters, "x": fit.coordinates[:, 0]})
+    table["y"] = fit.coordinates[:, 1]
+    assign.write_map(table, tmp_path / "map.png", "blobs")
+    assign.write_map(table, tmp_path / "again.png", "blobs")
     assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "map.png").read_bytes() == (tmp_path / "again.png").read_bytes()
     common.write_csv(fits["n2d_auto"].curve, tmp_path / "curve.csv")
@@ -183,14 +243,14 @@ def test_more_clusters_than_images_is_a_clear_error(blobs, project_params) -> No
     vectors, _ = blobs
     params = blob_params(project_params, method="classical", n_clusters=500)
     with pytest.raises(common.UserError, match=r"cluster.n_clusters = 500 .* 240 images"):
-        cluster.fit_clusters(vectors, params)
+        cluster.fit_clusters(vectors, names(len(vectors)), params)
 
 
 def test_too_many_neighbours_for_a_small_sample_is_a_clear_error(blobs, project_params) -> None:
     vectors, _ = blobs
     params = blob_params(project_params, fit_sample=8, n_clusters=2)
     with pytest.raises(common.UserError, match=r"cluster.umap.n_neighbors = 10 .* 8 images"):
-        cluster.fit_clusters(vectors, params)
+        fit_and_place(vectors, params)
 
 
 @pytest.mark.parametrize(
@@ -220,7 +280,7 @@ def test_a_model_fitted_on_many_images_pickles_its_search_index(project_params, 
         n_samples=4200, centers=3, n_features=8, cluster_std=0.5, random_state=4
     )
     params = blob_params(project_params, n_clusters=3)
-    fit = cluster.fit_clusters(vectors.astype(np.float32), params)
+    fit = fit_and_place(vectors.astype(np.float32), params)
     state = fit.model.__getstate__()
     assert isinstance(vars(state["reducer"])["_knn_search_index"], cluster_model.SearchIndexState)
     cluster_model.write_model(fit.model, tmp_path / "cluster.joblib")

@@ -32,40 +32,70 @@ def encoder_file(tmp_path_factory: pytest.TempPathFactory, project_params: dict)
     return path
 
 
+def embed_into(
+    encoder_file: Path, pixels: np.ndarray, folder: Path, sha256s: list[str] | None = None
+) -> tuple[Path, int]:
+    """Embed `pixels` with the cache in `folder`; the table's path and how many were encoded."""
+    encoder = embed.load_encoder(encoder_file, pixels.shape[1:])
+    ids = [f"image-{index:03d}" for index in range(len(pixels))]
+    sha256s = sha256s or [f"sha-{index:03d}" for index in range(len(pixels))]
+    path = folder / "embeddings.parquet"
+    encoded = embed.embed_images(encoder, pixels, ids, sha256s, folder / "cache", path, 16)
+    return path, encoded
+
+
 def test_every_image_is_embedded_in_order(
     encoder_file: Path, pixels: np.ndarray, tmp_path: Path
 ) -> None:
-    encoder = embed.load_encoder(encoder_file, pixels.shape[1:])
-    ids = [f"image-{index:03d}" for index in range(len(pixels))]
-    dimension = embed.write_embeddings(encoder, pixels, ids, tmp_path / "e.parquet", 16)
-
-    read_ids, matrix = common.read_embeddings(tmp_path / "e.parquet")
-    assert read_ids == ids
-    assert matrix.shape == (70, dimension) == (70, 4 * 6 * 4)
+    path, encoded = embed_into(encoder_file, pixels, tmp_path)
+    read_ids, matrix = common.read_embeddings(path)
+    assert encoded == 70
+    assert read_ids == [f"image-{index:03d}" for index in range(70)]
+    assert matrix.shape == (70, 4 * 6 * 4)
     assert matrix.dtype == np.float32
+    encoder = embed.load_encoder(encoder_file, pixels.shape[1:])
     whole = np.asarray(encoder.predict_on_batch(pixels.astype(np.float32) / 255))
     np.testing.assert_allclose(matrix, whole.reshape(70, -1), rtol=1e-5, atol=1e-6)
+    assert common.parquet_keys(path, "embed") == {"embed_key": "cache"}
 
 
 def test_embeddings_are_written_in_row_groups(
     encoder_file: Path, pixels: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(embed, "ROW_GROUP_ROWS", 32)
-    encoder = embed.load_encoder(encoder_file, pixels.shape[1:])
-    ids = [str(index) for index in range(len(pixels))]
-    embed.write_embeddings(encoder, pixels, ids, tmp_path / "e.parquet", 16)
-    metadata = pq.ParquetFile(tmp_path / "e.parquet").metadata
+    path, _ = embed_into(encoder_file, pixels, tmp_path)
+    metadata = pq.ParquetFile(path).metadata
     assert metadata.num_row_groups == 3 and metadata.num_rows == 70
 
 
 def test_two_runs_give_identical_files(
     encoder_file: Path, pixels: np.ndarray, tmp_path: Path
 ) -> None:
-    ids = [str(index) for index in range(len(pixels))]
-    for name in ("a", "b"):
-        encoder = embed.load_encoder(encoder_file, pixels.shape[1:])
-        embed.write_embeddings(encoder, pixels, ids, tmp_path / f"{name}.parquet", 16)
-    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    first, _ = embed_into(encoder_file, pixels, tmp_path / "a")
+    second, _ = embed_into(encoder_file, pixels, tmp_path / "b")
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_only_new_images_are_encoded_and_the_result_is_as_from_scratch(
+    encoder_file: Path, pixels: np.ndarray, tmp_path: Path
+) -> None:
+    embed_into(encoder_file, pixels[:60], tmp_path / "grown")
+    grown, encoded = embed_into(encoder_file, pixels, tmp_path / "grown")
+    assert encoded == 10, "the 60 seen before come from the cache"
+    assert embed_into(encoder_file, pixels, tmp_path / "grown")[1] == 0
+    scratch, _ = embed_into(encoder_file, pixels, tmp_path / "scratch")
+    assert grown.read_bytes() == scratch.read_bytes()
+
+
+def test_a_file_twice_is_encoded_once(
+    encoder_file: Path, pixels: np.ndarray, tmp_path: Path
+) -> None:
+    twice = np.concatenate([pixels[:5], pixels[:1]])
+    sha256s = [f"sha-{index}" for index in range(5)] + ["sha-0"]
+    path, encoded = embed_into(encoder_file, twice, tmp_path, sha256s)
+    _, matrix = common.read_embeddings(path)
+    assert encoded == 5
+    np.testing.assert_array_equal(matrix[5], matrix[0])
 
 
 def test_a_model_for_another_image_size_is_a_clear_error(encoder_file: Path) -> None:

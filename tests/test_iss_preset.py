@@ -15,24 +15,7 @@ from conftest import REPO_ROOT, clean_copy, dvc
 from PIL import Image
 
 from stages.common import read_embeddings
-
-ISS_SCENES = (  # (top color, bottom color, speckle) of frames the ISS camera sends
-    ((20, 60, 140), (10, 40, 110), 12),  # ocean
-    ((235, 235, 240), (90, 130, 190), 40),  # clouds over sea
-    ((150, 120, 80), (90, 110, 60), 30),  # desert and fields
-    ((4, 4, 10), (12, 10, 20), 6),  # night
-    ((255, 250, 220), (200, 160, 90), 20),  # sun glare
-)
-
-
-def iss_frame(scene: int, seed: int) -> Image.Image:
-    """A 1280x720 frame of one scene kind: a vertical blend of two colors, speckled."""
-    top, bottom, speckle = (np.array(value, dtype=np.float32) for value in ISS_SCENES[scene])
-    rng = np.random.default_rng(seed)
-    blend = np.linspace(0, 1, 45, dtype=np.float32)[:, None, None]
-    small = top * (1 - blend) + bottom * blend + rng.normal(0, speckle, (45, 80, 3))
-    small = np.clip(small, 0, 255).astype(np.uint8)
-    return Image.fromarray(small).resize((1280, 720), Image.Resampling.BILINEAR)
+from tools.iss_frames import ISS_SCENES, iss_frame
 
 
 def write_iss_frames(folder: Path, count: int) -> tuple[list[str], list[int]]:

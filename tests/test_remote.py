@@ -19,7 +19,14 @@ from typing import Any
 import boto3
 import pytest
 import yaml
-from conftest import clean_copy, dvc, good_image_files, image_bytes, pattern_image
+from conftest import (
+    clean_copy,
+    dvc,
+    good_image_files,
+    image_bytes,
+    is_up_to_date,
+    pattern_image,
+)
 
 from stages import common, remote, sync
 
@@ -489,4 +496,4 @@ def test_dvc_push_and_pull_through_an_s3_remote(
     after = stage_outputs(project)
     assert after.keys() == before.keys()
     assert all(after[path] == before[path] for path in before), "every file byte-identical"
-    assert "Data and pipelines are up to date" in dvc(["status", *FIRST_STAGES], project)
+    assert is_up_to_date(project, *FIRST_STAGES)

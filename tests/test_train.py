@@ -9,6 +9,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import in_fresh_process, pattern_image
 
@@ -138,6 +139,20 @@ train.write_models(models, result, chosen)
     assert [path.name for path in models.iterdir()] == [common.AUTOENCODER_DIR.name]
     written = sorted(path.name for path in (tmp_path / common.AUTOENCODER_DIR).iterdir())
     assert written == ["autoencoder.keras", "encoder.keras", "spec.json"]
+
+
+def test_each_subset_is_a_seeded_sample_of_at_most_train_sample_images() -> None:
+    ids = [f"image-{row}" for row in range(100)]
+    split = pd.DataFrame({"id": ids[::-1], "subset": (["train"] * 70 + ["test"] * 30)[::-1]})
+    rows = train.subset_rows(split, ids, sample=20, seed=1)
+    assert [len(rows[name]) for name in ("train", "valid", "test")] == [20, 0, 20]
+    assert set(rows["train"]) <= set(range(70)) and set(rows["test"]) <= set(range(70, 100))
+    assert list(rows["train"]) == sorted(rows["train"])
+    again = train.subset_rows(split, ids, sample=20, seed=1)
+    assert all(np.array_equal(rows[name], again[name]) for name in rows)
+    assert not np.array_equal(train.subset_rows(split, ids, 20, seed=2)["train"], rows["train"])
+    whole = train.subset_rows(split, ids, sample=100, seed=1)
+    assert list(whole["train"]) == list(range(70)), "no sample below the bound"
 
 
 def test_another_seed_gives_other_weights(

@@ -23,6 +23,7 @@ STAGE_MODELS: dict[str, list[type[settings.Section]]] = {
     "train": [train.TrainParams],
     "embed": [embed.EmbedParams],
     "cluster": [cluster.ClusterParams],
+    "assign": [],  # none: the model and the embeddings decide everything
     "score": [score.ScoreParams],
     "explore": [explore.ExploreParams],
     "posters": [posters.PostersParams],

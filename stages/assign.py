@@ -1,0 +1,197 @@
+"""assign: place every image with the fitted cluster model: its cluster and its (x, y) on
+the 2-D map.
+
+Params:  none (what it does is fixed by the model and the embeddings)
+Inputs:  models/cluster.joblib, data/processed/embeddings.parquet, data/interim/ids.parquet
+Outputs: data/processed/clusters.parquet (id, cluster, x, y), reports/cluster/map.png
+
+The images of the fit sample keep where the fit put them; every other image goes through
+the model's transform and predict, a batch at a time. Placements are kept in
+data/cache/assign/ by image sha256, under the model file's hash and the embeddings' key,
+so with frozen models (`dvc freeze train cluster`) a run places only the new images, and
+an image gets the same place whenever it arrived.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages import common
+from stages.cluster_model import ClusterModel, load_model
+from stages.content_cache import ContentCache, file_key
+
+STAGE = "assign"
+MAP_FILE = Path("reports/cluster/map.png")
+BATCH_ROWS = 65536  # embeddings read and transformed at once
+ARRAYS = {"cluster": ((), np.int32), "xy": ((2,), np.float32)}
+
+
+@dataclass
+class AssignSummary:
+    """Counts of what one assign run did, over distinct image files."""
+
+    placed: int  # through the model's transform and predict
+    from_fit: int  # images of the fit sample, placed by the fit itself
+    from_cache: int
+
+
+def place(
+    model: ClusterModel, vectors: np.ndarray, sha256s: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster numbers and (x, y) map positions of latent vectors (`sha256s` names their
+    files): where the fit put the files of its sample, the model's transform for the rest."""
+    clusters = np.empty(len(vectors), dtype=np.int32)
+    xy = np.empty((len(vectors), 2), dtype=np.float32)
+    fitted_row = (
+        {}
+        if model.fitted is None
+        else {sha: row for row, sha in enumerate(model.fitted.sha256.tolist())}
+    )
+    from_fit = np.array([sha in fitted_row for sha in sha256s], dtype=bool)
+    if from_fit.any():
+        rows = [fitted_row[sha] for sha, hit in zip(sha256s, from_fit) if hit]
+        clusters[from_fit] = model.fitted.clusters[rows]
+        xy[from_fit] = model.fitted.xy[rows]
+    if not from_fit.all():
+        clusters[~from_fit], xy[~from_fit] = model.predict_with_map(vectors[~from_fit])
+    return clusters, xy
+
+
+def place_missing(
+    model_file: Path, embeddings_file: Path, sha256s: list[str], cache: ContentCache
+) -> AssignSummary:
+    """Place the images the cache lacks (each distinct file once) into a new segment of it.
+
+    The model is loaded only when there is something to place: loading it imports UMAP.
+    """
+    distinct = len(set(sha256s))
+    missing = cache.missing(sha256s)
+    if not missing:
+        return AssignSummary(0, 0, distinct)
+    model = load_model(model_file)
+    rows = first_rows(sha256s, set(missing))  # in row order, as `missing` is
+    clusters = np.empty(len(missing), dtype=np.int32)
+    xy = np.empty((len(missing), 2), dtype=np.float32)
+    done = start = 0
+    for batch in common.embedding_batches(embeddings_file, BATCH_ROWS):
+        chosen = rows[(rows >= start) & (rows < start + len(batch))]
+        if len(chosen):
+            names = [sha256s[row] for row in chosen]
+            placed = place(model, batch[chosen - start], names)
+            clusters[done : done + len(chosen)], xy[done : done + len(chosen)] = placed
+            done += len(chosen)
+        start += len(batch)
+    cache.add(missing, {"cluster": clusters, "xy": xy})
+    fitted = set() if model.fitted is None else set(model.fitted.sha256.tolist())
+    from_fit = len(fitted.intersection(missing))
+    return AssignSummary(len(missing) - from_fit, from_fit, distinct - len(missing))
+
+
+def first_rows(sha256s: list[str], wanted: set[str]) -> np.ndarray:
+    """The first row of each wanted sha256, in row order."""
+    seen: set[str] = set()
+    rows = []
+    for row, sha in enumerate(sha256s):
+        if sha in wanted and sha not in seen:
+            seen.add(sha)
+            rows.append(row)
+    return np.array(rows, dtype=np.int64)
+
+
+def clusters_table(ids: list[str], sha256s: list[str], cache: ContentCache) -> pd.DataFrame:
+    """The (id, cluster, x, y) table of every image, in embeddings order, from the cache."""
+    clusters = np.concatenate([np.empty(0, np.int32), *cache.row_blocks(sha256s, "cluster")])
+    xy = np.concatenate([np.empty((0, 2), np.float32), *cache.row_blocks(sha256s, "xy")])
+    return pd.DataFrame({"id": ids, "cluster": clusters, "x": xy[:, 0], "y": xy[:, 1]})
+
+
+def cluster_colors(count: int) -> np.ndarray:
+    """`count` distinct RGB colors in 0..1: tab20 for up to 20 clusters, else evenly spaced hues."""
+    from matplotlib import colormaps
+
+    if count <= 20:
+        return colormaps["tab20"](np.arange(count))[:, :3]
+    return colormaps["hsv"](np.linspace(0, 1, count, endpoint=False))[:, :3]
+
+
+def write_map(table: pd.DataFrame, path: Path, title: str) -> None:
+    """A PNG scatter of the 2-D map, colored by cluster, each cluster labelled at its median."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    clustered = table[table["cluster"] != common.NOISE]
+    count = int(clustered["cluster"].max()) + 1 if len(clustered) else 0
+    colors = cluster_colors(max(count, 1))
+    size = max(1.0, min(12.0, 20000 / max(len(table), 1)))
+    figure, axes = pyplot.subplots(figsize=(9, 9), dpi=100)
+    noise = table[table["cluster"] == common.NOISE]
+    if len(noise):
+        axes.scatter(noise["x"], noise["y"], s=size, c="lightgray", label="noise", linewidths=0)
+    axes.scatter(
+        clustered["x"],
+        clustered["y"],
+        s=size,
+        c=colors[clustered["cluster"].to_numpy()],
+        linewidths=0,
+    )
+    for cluster, members in clustered.groupby("cluster"):
+        axes.annotate(
+            str(cluster),
+            (members["x"].median(), members["y"].median()),
+            ha="center",
+            va="center",
+            fontsize=9,
+            weight="bold",
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.7, "lw": 0},
+        )
+    axes.set_title(title)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    figure.tight_layout()
+    with common.atomic_output(path) as temporary:
+        # No software version or date in the file, so the same map gives the same bytes.
+        figure.savefig(temporary, format="png", metadata={"Software": None})
+    pyplot.close(figure)
+
+
+def main() -> None:
+    """Place what the cache lacks; write every image's placement and the map."""
+    started = time.perf_counter()
+    logger = common.get_logger(STAGE)
+    ids, sha256s, _ = common.read_image_keys(common.embedding_ids())
+    if not common.CLUSTER_MODEL_FILE.exists():
+        raise common.UserError(
+            f"{common.CLUSTER_MODEL_FILE} is missing: run `dvc repro cluster` first"
+        )
+    embed_key = common.parquet_keys(common.EMBEDDINGS_FILE, made_by="embed").get("embed_key", "")
+    # The cache's name is its key: the model file's hash and what the embeddings came from.
+    key = f"{file_key(common.CLUSTER_MODEL_FILE)}-{embed_key}"
+    cache = ContentCache(common.CACHE_DIR / STAGE / key, tuple(ARRAYS))
+    summary = place_missing(common.CLUSTER_MODEL_FILE, common.EMBEDDINGS_FILE, sha256s, cache)
+    table = clusters_table(ids, sha256s, cache)
+    common.write_parquet(table, common.CLUSTERS_FILE)
+    clustered = table["cluster"][table["cluster"] != common.NOISE]
+    found = int(clustered.max()) + 1 if len(clustered) else 0
+    write_map(table, MAP_FILE, f"{found} clusters of {len(table)} images")
+    logger.info(
+        "%d images: %d placed by the model, %d by the fit, %d from the cache; "
+        "%d clusters, %d noise; %.1f s",
+        len(ids),
+        summary.placed,
+        summary.from_fit,
+        summary.from_cache,
+        found,
+        len(table) - len(clustered),
+        time.perf_counter() - started,
+    )
+
+
+if __name__ == "__main__":
+    common.run_stage(main)

@@ -1,0 +1,118 @@
+"""Per-image arrays kept by image content, so that an image a stage has seen costs nothing
+the next time: prepare's decoded pixels, embed's latent vectors, assign's placements.
+
+A cache is a folder for one setting of everything else the arrays depend on (decode sizes,
+the encoder's hash, the cluster model's hash): its name says which. Rows are keyed by the
+image file's sha256, never by its name, so a renamed or copied file is still known.
+Each run that computes something adds one segment (one .npy file per array) and then
+rewrites the index; segments are only ever added, so a killed run loses nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stages import common
+
+BLOCK_ROWS = 1024  # rows read from the cache per step, to bound memory
+
+
+def file_key(path: Path, length: int = 16) -> str:
+    """The start of a file's sha256: names the cache of what was made with that file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
+
+
+class ContentCache:
+    """Arrays named `arrays`, stored in segments and indexed by sha256."""
+
+    def __init__(self, folder: Path, arrays: tuple[str, ...]) -> None:
+        self.folder = folder
+        self.arrays = arrays
+        self.index_path = folder / "index.parquet"
+        if self.index_path.exists():
+            self.index = pd.read_parquet(self.index_path)
+        else:
+            self.index = pd.DataFrame(
+                {
+                    "sha256": pd.Series(dtype="str"),
+                    "segment": pd.Series(dtype="str"),
+                    "row": pd.Series(dtype="int64"),
+                }
+            )
+
+    def missing(self, sha256s: list[str]) -> list[str]:
+        """The distinct sha256s the cache does not hold, in the order first given."""
+        known = set(self.index["sha256"])
+        return [sha for sha in dict.fromkeys(sha256s) if sha not in known]
+
+    def segment_path(self, segment: str, array: str) -> Path:
+        """The .npy file of one array of a segment."""
+        return self.folder / f"{segment}.{array}.npy"
+
+    @contextlib.contextmanager
+    def new_segment(
+        self, sha256s: list[str], shapes: dict[str, tuple[tuple[int, ...], Any]]
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Yield writable memory-mapped arrays, one row per sha256, named as `shapes`
+        says ({array: (row shape, dtype)}); they join the cache when the block succeeds."""
+        segment = f"segment-{uuid.uuid4().hex[:12]}"
+        with contextlib.ExitStack() as stack:
+            arrays = {
+                name: stack.enter_context(
+                    common.new_array(
+                        self.segment_path(segment, name), (len(sha256s), *shape), dtype
+                    )
+                )
+                for name, (shape, dtype) in shapes.items()
+            }
+            yield arrays
+        added = pd.DataFrame({"sha256": sha256s, "segment": segment, "row": range(len(sha256s))})
+        self.index = pd.concat([self.index, added], ignore_index=True)
+        common.write_parquet(self.index, self.index_path)
+
+    def add(self, sha256s: list[str], values: dict[str, np.ndarray]) -> None:
+        """Add rows already computed in memory (one row per sha256 in each array)."""
+        shapes = {name: (array.shape[1:], array.dtype) for name, array in values.items()}
+        with self.new_segment(sha256s, shapes) as arrays:
+            for name, array in values.items():
+                arrays[name][:] = array
+
+    def row_blocks(
+        self, sha256s: list[str], array: str, block_rows: int = BLOCK_ROWS
+    ) -> Iterator[np.ndarray]:
+        """The cached rows of sha256s, in order, as blocks of `block_rows` rows.
+
+        Segments are mapped afresh for each block, so the pages read leave memory with
+        the block.
+        """
+        located = pd.DataFrame({"sha256": sha256s}).merge(
+            self.index.drop_duplicates("sha256"), on="sha256", how="left", validate="many_to_one"
+        )
+        absent = located["sha256"][located["segment"].isna()]
+        if len(absent):
+            raise KeyError(f"{self.folder} does not hold {absent.iloc[0]}")
+        for start in range(0, len(located), block_rows):
+            rows = located.iloc[start : start + block_rows]
+            block = None
+            for segment, segment_rows in rows.groupby("segment", sort=True):
+                source = np.load(self.segment_path(str(segment), array), mmap_mode="r")
+                if block is None:
+                    block = np.empty((len(rows), *source.shape[1:]), dtype=source.dtype)
+                block[segment_rows.index.to_numpy() - start] = source[
+                    segment_rows["row"].to_numpy()
+                ]
+                del source
+            assert block is not None
+            yield block

@@ -1,0 +1,71 @@
+"""The daily loop: with the models frozen, new images in the source are seen by a plain
+`dvc repro`, and only they are decoded, encoded and placed; every earlier image keeps its
+cluster and map position, and a run with nothing new runs nothing after sync.
+
+Its own file so that a parallel test run (pytest -n) can place it beside the others.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from conftest import clean_copy, dvc, is_up_to_date, stages_run
+
+from tools.iss_frames import iss_frame
+
+FIRST_DAY = 40
+NEW = 3
+
+
+def write_frames(folder: Path, first: int, count: int) -> None:
+    """`count` small ISS-like frames of five scenes, numbered from `first`."""
+    folder.mkdir(exist_ok=True)
+    for index in range(first, first + count):
+        frame = iss_frame(index % 5, seed=index, width=96, height=54)
+        frame.save(folder / f"frame-{index:04d}.png")
+
+
+def small_project(project: Path, source: Path) -> None:
+    """The project's params with a folder source and settings small enough for a test."""
+    params_file = project / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["sync"]["source"] = str(source)
+    params["image"].update({"height": 16, "width": 24, "fit": "squash"})
+    params["train"].update({"filters": [8, 4], "epochs": 2, "batch_size": 16})
+    params["cluster"].update({"n_clusters": 5})
+    params["cluster"]["umap"]["n_neighbors"] = 5
+    params["posters"]["count"] = 1
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_new_images_flow_through_frozen_models_alone(tmp_path: Path) -> None:
+    source = tmp_path / "frames"
+    write_frames(source, 0, FIRST_DAY)
+    project = clean_copy(tmp_path / "project")
+    small_project(project, source)
+    dvc(["repro"], project)
+    clusters_file = project / "data/processed/clusters.parquet"
+    first_day = pd.read_parquet(clusters_file).set_index("id")
+
+    dvc(["freeze", "train", "cluster"], project)
+    write_frames(source, FIRST_DAY, NEW)
+    printed = dvc(["repro"], project)
+
+    ran = stages_run(printed)
+    assert "train" not in ran and "cluster" not in ran, "frozen"
+    assert {"sync", "prepare", "embed", "assign"} <= set(ran)
+    total, seen = FIRST_DAY + NEW, FIRST_DAY
+    decoded = f"prepare: {total} images: {NEW} distinct files decoded, {seen} from the cache"
+    assert decoded in printed
+    assert f"embed: {total} images: {NEW} encoded, {seen} from the cache" in printed
+    assert f"assign: {total} images: {NEW} placed by the model, 0 by the fit, {seen}" in printed
+    second_day = pd.read_parquet(clusters_file).set_index("id")
+    assert len(second_day) == total
+    pd.testing.assert_frame_equal(second_day.loc[first_day.index], first_day)
+    assert second_day["cluster"].between(0, 4).all()
+
+    printed = dvc(["repro"], project)
+    assert stages_run(printed) == ["sync"], "nothing new: nothing after sync runs"
+    assert is_up_to_date(project)
