@@ -114,7 +114,9 @@ class ClusterParams(settings.Section):
     classical: ClassicalParams = Field(default_factory=ClassicalParams)
     hdbscan: HdbscanParams = Field(default_factory=HdbscanParams)
     fit_sample: int = Field(
-        100000, ge=2, description="fit on at most this many images (seeded); the rest are assigned"
+        20000,
+        ge=2,
+        description="fit on at most this many images (seeded); assign places the rest",
     )
     random_state: int = Field(42, ge=0, description="seed of the sample, UMAP and the clustering")
 

@@ -48,6 +48,7 @@ from stages.quiet_start import keras  # isort: split
 
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
+from scmrepo.exceptions import SCMError
 
 STAGE = "train"
 PREVIEW_IMAGES = 8
@@ -105,10 +106,10 @@ class TrainParams(settings.Section):
         5, ge=0, description="stop after this many epochs without a better val_loss"
     )
     sample: int = Field(
-        100000,
+        5000,
         ge=1,
-        description="train, validate and test on at most this many images each (seeded): "
-        "a million images train in the time 100,000 do",
+        description="train, validate and test on at most this many images each (seeded), "
+        "so that training costs the same for a million images as for 10,000",
     )
     seed: int = Field(42, ge=0, description="seed of weights, shuffling and sampling")
     pretrained: PretrainedParams = Field(default_factory=PretrainedParams)
@@ -385,6 +386,21 @@ def log_results(live: Live, result: TrainResult, preview: Image.Image) -> None:
     live.log_image(PREVIEW_IMAGE, preview)
 
 
+def open_live() -> Live:
+    """DVCLive's logger for this run, in metrics/train.
+
+    DVCLive stops with a traceback in a git repository that has no commit yet; that is
+    one line saying what to do instead.
+    """
+    try:
+        return Live(dir=str(LIVE_DIR), dvcyaml=None, save_dvc_exp=False)
+    except SCMError as error:
+        raise common.UserError(
+            f"DVCLive cannot log in this git repository ({error}): commit the project "
+            "first (git add -A && git commit -m start), then run again"
+        ) from None
+
+
 def main() -> None:
     """Read params, the pixels and the split; train; write the models and metrics."""
     started = time.perf_counter()
@@ -396,7 +412,7 @@ def main() -> None:
     height, width = pixels.shape[1:3]
     models = build_models(height, width, params)
     preview_rows = next(rows[name] for name in ("test", "valid", "train") if len(rows[name]))
-    with Live(dir=str(LIVE_DIR), dvcyaml=None, save_dvc_exp=False) as live:
+    with open_live() as live:
         result = fit(models, pixels, rows, params, live)
         write_models(models, result, params)
         log_results(live, result, preview_image(models.autoencoder, pixels, preview_rows))

@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))
 # import Keras themselves, so it comes first here, or tests would run other kernels than
 # the pipeline does.
 import stages  # noqa: E402, F401
+from tools.project_copy import clean_copy  # noqa: E402, F401 (for the tests that run dvc)
 
 
 def pattern_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -203,23 +203,3 @@ def in_fresh_process(inputs: dict[str, Any], code: str, folder: Path) -> None:
     result = run_with_stages(["-c", script], folder, timeout=600)
     printed = result.stdout + result.stderr
     assert result.returncode == 0, f"returncode == {result.returncode}: {printed}"
-
-
-def clean_copy(destination: Path) -> Path:
-    """Copy the project's tracked and unignored files into a fresh git repository."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for relative in filter(None, listed.split("\0")):
-        source = REPO_ROOT / relative
-        if source.is_file():
-            target = destination / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
-        subprocess.run([*git, *command], cwd=destination, check=True, capture_output=True)
-    return destination

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from conftest import REPO_ROOT, clean_copy, dvc
+from conftest import clean_copy, dvc
 from PIL import Image
 
 from stages.common import read_embeddings
-from tools.iss_frames import ISS_SCENES, iss_frame
+from tools.iss_frames import ISS_SCENES, iss_frame, readme_iss_command
 
 
 def write_iss_frames(folder: Path, count: int) -> tuple[list[str], list[int]]:
@@ -35,16 +35,6 @@ def write_iss_frames(folder: Path, count: int) -> tuple[list[str], list[int]]:
         scenes.append(scene)
     (folder / "20170512-235959.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut off")
     return stems, scenes
-
-
-def readme_iss_command() -> list[str]:
-    """The `dvc exp run` arguments of the README's ISS preset (between its markers)."""
-    readme = (REPO_ROOT / "README.md").read_text()
-    block = readme.split("<!-- iss-preset -->")[1]
-    command = block.split("```bash")[1].split("```")[0].replace("\\\n", " ")
-    words = command.split()
-    assert words[:3] == ["dvc", "exp", "run"], command
-    return words[3:]
 
 
 def test_the_readme_iss_preset_runs_end_to_end(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -285,3 +286,12 @@ def test_batches_shuffle_reproducibly_and_cover_every_row(pixels: np.ndarray) ->
     batches.on_epoch_end()
     assert not np.array_equal(batches[0][0], first_epoch[0]), "a new order each epoch"
     assert first_epoch[0].dtype == np.float32 and first_epoch[0].max() <= 1.0
+
+
+def test_a_git_repository_without_a_commit_is_one_clear_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(common.UserError, match=re.escape("commit the project first")):
+        train.open_live()

@@ -1,8 +1,10 @@
-"""Synthetic frames like those the ISS HDEV camera sends, for tests and benchmarks: each a
+"""Synthetic frames like those the ISS HDEV camera sends, for tests and benchmarks (each a
 vertical blend of two colors of one scene kind, speckled, so that frames of one scene
-look alike and scenes differ."""
+look alike and scenes differ), and the README's ISS preset."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -24,3 +26,22 @@ def iss_frame(scene: int, seed: int, width: int = 1280, height: int = 720) -> Im
     small = top * (1 - blend) + bottom * blend + rng.normal(0, speckle, (45, 80, 3))
     small = np.clip(small, 0, 255).astype(np.uint8)
     return Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_iss_command() -> list[str]:
+    """The `dvc exp run` arguments of the README's ISS preset (between its markers)."""
+    block = README.read_text().split("<!-- iss-preset -->")[1]
+    command = block.split("```bash")[1].split("```")[0].replace("\\\n", " ")
+    words = command.split()
+    assert words[:3] == ["dvc", "exp", "run"], command
+    return words[3:]
+
+
+def readme_iss_settings() -> dict[str, str]:
+    """The preset's `-S key=value` settings, as text."""
+    words = readme_iss_command()
+    pairs = [words[index + 1] for index, word in enumerate(words) if word == "-S"]
+    return dict(pair.split("=", 1) for pair in pairs)
