@@ -1,7 +1,8 @@
 """assign: place every image with the fitted cluster model: its cluster and its (x, y) on
 the 2-D map.
 
-Params:  none (what it does is fixed by the model and the embeddings)
+Params:  none (what it does is fixed by the model and the embeddings); compute.scheduler
+         says where the placing runs (stages/compute.py)
 Inputs:  models/cluster.joblib, data/processed/embeddings.parquet, data/interim/ids.parquet
 Outputs: data/processed/clusters.parquet (id, cluster, x, y), reports/cluster/map.png
 
@@ -14,6 +15,7 @@ an image gets the same place whenever it arrived.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages import common
+from stages import common, compute, settings
 from stages.cluster_model import ClusterModel, load_model
 from stages.content_cache import ContentCache, file_key
 
 STAGE = "assign"
 MAP_FILE = Path("reports/cluster/map.png")
-BATCH_ROWS = 65536  # embeddings read and transformed at once
+BATCH_ROWS = 65536  # embeddings read at once
+TASK_ROWS = 4096  # embeddings placed per task
 ARRAYS = {"cluster": ((), np.int32), "xy": ((2,), np.float32)}
 
 
@@ -62,33 +65,64 @@ def place(
     return clusters, xy
 
 
+@dataclass(frozen=True)
+class PlaceTask:
+    """Latent vectors to place with the model file (on this process or a Dask worker)."""
+
+    model_file: Path
+    vectors: np.ndarray
+    sha256s: list[str]
+
+
+@functools.lru_cache(maxsize=2)
+def model_at(path: str, stamp: tuple[int, int]) -> ClusterModel:
+    """A cluster model file, loaded once per process (and again when the file changes)."""
+    return load_model(Path(path))
+
+
+def load_once(path: Path) -> ClusterModel:
+    """The model in `path`, loaded at most once per process while the file is unchanged."""
+    status = path.stat()
+    return model_at(str(path), (status.st_size, status.st_mtime_ns))
+
+
+def place_task(task: PlaceTask) -> tuple[np.ndarray, np.ndarray]:
+    """Place a task's vectors (see place)."""
+    return place(load_once(task.model_file), task.vectors, task.sha256s)
+
+
 def place_missing(
     model_file: Path, embeddings_file: Path, sha256s: list[str], cache: ContentCache
 ) -> AssignSummary:
     """Place the images the cache lacks (each distinct file once) into a new segment of it.
 
-    The model is loaded only when there is something to place: loading it imports UMAP.
+    The vectors are read a batch at a time and placed TASK_ROWS a task, here or on the
+    workers of compute.scheduler. The model is loaded only when there is something to
+    place: loading it imports UMAP.
     """
     distinct = len(set(sha256s))
     missing = cache.missing(sha256s)
     if not missing:
         return AssignSummary(0, 0, distinct)
-    model = load_model(model_file)
     rows = first_rows(sha256s, set(missing))  # in row order, as `missing` is
     clusters = np.empty(len(missing), dtype=np.int32)
     xy = np.empty((len(missing), 2), dtype=np.float32)
     done = start = 0
     for batch in common.embedding_batches(embeddings_file, BATCH_ROWS):
         chosen = rows[(rows >= start) & (rows < start + len(batch))]
-        if len(chosen):
-            names = [sha256s[row] for row in chosen]
-            placed = place(model, batch[chosen - start], names)
-            clusters[done : done + len(chosen)], xy[done : done + len(chosen)] = placed
-            done += len(chosen)
+        tasks = [
+            PlaceTask(model_file, batch[part - start], [sha256s[row] for row in part])
+            for part in np.split(chosen, range(TASK_ROWS, len(chosen), TASK_ROWS))
+            if len(part)
+        ]
+        for task_clusters, task_xy in compute.map_tasks(place_task, tasks, workers=1):
+            clusters[done : done + len(task_clusters)] = task_clusters
+            xy[done : done + len(task_clusters)] = task_xy
+            done += len(task_clusters)
         start += len(batch)
     cache.add(missing, {"cluster": clusters, "xy": xy})
-    fitted = set() if model.fitted is None else set(model.fitted.sha256.tolist())
-    from_fit = len(fitted.intersection(missing))
+    fitted = load_once(model_file).fitted
+    from_fit = 0 if fitted is None else len(set(fitted.sha256.tolist()).intersection(missing))
     return AssignSummary(len(missing) - from_fit, from_fit, distinct - len(missing))
 
 
@@ -165,6 +199,7 @@ def main() -> None:
     """Place what the cache lacks; write every image's placement and the map."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
+    compute.use_params(settings.load_params())
     ids, sha256s, _ = common.read_image_keys(common.embedding_ids())
     if not common.CLUSTER_MODEL_FILE.exists():
         raise common.UserError(
@@ -194,4 +229,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    common.run_stage(main)
+    # Run the importable module's main, so that the tasks sent to a Dask cluster name
+    # their functions stages.assign.*, which the cluster can import, not __main__.*.
+    from stages import assign
+
+    common.run_stage(assign.main)

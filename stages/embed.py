@@ -13,8 +13,10 @@ memory does not grow with the collection beyond the memory-mapped pixel array.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -23,12 +25,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from stages import common, settings
+from stages import common, compute, settings
 from stages.content_cache import ContentCache, file_key
 from stages.quiet_start import keras
 
 STAGE = "embed"
 ROW_GROUP_ROWS = 65536  # images per Parquet row group: the most held in memory at once
+TASK_BATCHES = 8  # batches encoded per task on a Dask worker
 
 
 class EmbedParams(settings.Section):
@@ -76,31 +79,75 @@ def embeddings_table(ids: list[str], codes: np.ndarray) -> pa.Table:
     return pa.table({"id": pa.array(ids, type=pa.string()), "embedding": embedding})
 
 
+@dataclass(frozen=True)
+class EncodeTask:
+    """Rows of the pixel file to encode, on a Dask worker (which reads both files)."""
+
+    encoder_file: Path
+    pixels_file: Path
+    rows: np.ndarray
+    batch_size: int
+
+
+@functools.lru_cache(maxsize=2)
+def encoder_at(path: str, stamp: tuple[int, int]) -> keras.Model:
+    """An encoder file, loaded once per process (and again when the file changes)."""
+    return keras.saving.load_model(path, compile=False)
+
+
+def encode_task(task: EncodeTask) -> np.ndarray:
+    """Encode a task's rows, batch by batch, as encode_missing does here."""
+    status = task.encoder_file.stat()
+    encoder = encoder_at(str(task.encoder_file), (status.st_size, status.st_mtime_ns))
+    pixels = np.load(task.pixels_file, mmap_mode="r")
+    batches = [
+        task.rows[at : at + task.batch_size] for at in range(0, len(task.rows), task.batch_size)
+    ]
+    return np.concatenate(
+        [encode_rows(encoder, pixels[batch], task.batch_size) for batch in batches]
+    )
+
+
 def encode_missing(
     encoder: keras.Model,
     pixels: np.ndarray,
     sha256s: list[str],
     cache: ContentCache,
     batch_size: int,
+    files: tuple[Path, Path] | None = None,
 ) -> int:
     """Encode the images whose vectors the cache lacks (each distinct file once) into a new
-    segment of it; return how many were encoded."""
+    segment of it; return how many were encoded.
+
+    With a Dask scheduler (compute.scheduler) and the (encoder, pixels) files, the
+    workers encode, TASK_BATCHES batches a task; else this process does.
+    """
     missing = cache.missing(sha256s)
     if not missing:
         return 0
     first_row = {sha: row for row, sha in reversed(list(enumerate(sha256s)))}
     rows = np.array([first_row[sha] for sha in missing])  # in manifest order
     dimension = int(math.prod(encoder.output_shape[1:]))
+    step = batch_size * TASK_BATCHES
+    if compute.distributed() and files is not None:
+        tasks = [
+            EncodeTask(*files, rows[at : at + step], batch_size) for at in range(0, len(rows), step)
+        ]
+        blocks = compute.map_tasks(encode_task, tasks, workers=1)
+    else:
+        blocks = (
+            encode_rows(encoder, pixels[rows[at : at + batch_size]], batch_size)
+            for at in range(0, len(rows), batch_size)
+        )
     with (
         cache.new_segment(missing, {"embedding": ((dimension,), np.float32)}) as arrays,
         common.progress_bar(len(rows), STAGE) as bar,
     ):
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            arrays["embedding"][start : start + len(batch)] = encode_rows(
-                encoder, pixels[batch], batch_size
-            )
-            bar.update(len(batch))
+        start = 0
+        for codes in blocks:
+            arrays["embedding"][start : start + len(codes)] = codes
+            start += len(codes)
+            bar.update(len(codes))
     return len(missing)
 
 
@@ -127,11 +174,13 @@ def embed_images(
     cache_folder: Path,
     path: Path,
     batch_size: int,
+    files: tuple[Path, Path] | None = None,
 ) -> int:
     """Encode what `cache_folder` lacks and write every image's vector to `path`;
-    return how many images were encoded."""
+    return how many images were encoded. `files` (the encoder and pixel files) let Dask
+    workers do the encoding (see encode_missing)."""
     cache = ContentCache(cache_folder, ("embedding",))
-    encoded = encode_missing(encoder, pixels, sha256s, cache, batch_size)
+    encoded = encode_missing(encoder, pixels, sha256s, cache, batch_size, files)
     dimension = int(math.prod(encoder.output_shape[1:]))
     write_embeddings(ids, sha256s, cache, dimension, path, cache_folder.name)
     return encoded
@@ -142,14 +191,17 @@ def main() -> None:
     embeddings."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
-    batch_size = EmbedParams.from_params(settings.load_params()).batch_size
+    all_params = settings.load_params()
+    batch_size = EmbedParams.from_params(all_params).batch_size
+    compute.use_params(all_params)
     ids, pixels = common.load_pixels(common.PIXELS_FILE)
     _, sha256s, pixels_key = common.read_image_keys(ids)
     encoder = load_encoder(common.ENCODER_FILE, pixels.shape[1:])
     # The cache's name is its key: the encoder file's hash and prepare's decode settings.
     cache_folder = common.CACHE_DIR / STAGE / f"{file_key(common.ENCODER_FILE)}-{pixels_key}"
+    files = (common.ENCODER_FILE, common.PIXELS_FILE)
     encoded = embed_images(
-        encoder, pixels, ids, sha256s, cache_folder, common.EMBEDDINGS_FILE, batch_size
+        encoder, pixels, ids, sha256s, cache_folder, common.EMBEDDINGS_FILE, batch_size, files
     )
     dimension = int(math.prod(encoder.output_shape[1:]))
     seconds = time.perf_counter() - started
@@ -167,4 +219,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    common.run_stage(main)
+    # Run the importable module's main, so that the tasks sent to a Dask cluster name
+    # their functions stages.embed.*, which the cluster can import, not __main__.*.
+    from stages import embed
+
+    common.run_stage(embed.main)

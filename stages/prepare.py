@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from stages import common, images, settings
+from stages import common, compute, images, settings
 from stages.content_cache import ContentCache
 
 STAGE = "prepare"
@@ -79,8 +79,12 @@ class DecodeSizes:
 
 
 def settings_key(settings: Any) -> str:
-    """A key that changes when decode settings (a dataclass) or the decoding code change."""
-    code = b"".join(Path(module).read_bytes() for module in (__file__, images.__file__))
+    """A key that changes when decode settings (a dataclass) or the decoding code change.
+
+    The decoding code is stages/images.py: an edit elsewhere in this module does not make
+    other pixels, so it does not throw the caches away (nor rerun train).
+    """
+    code = Path(images.__file__).read_bytes()
     text = json.dumps(asdict(settings), sort_keys=True).encode("utf-8")
     return hashlib.sha256(text + hashlib.sha256(code).digest()).hexdigest()[:16]
 
@@ -161,7 +165,7 @@ def decode_rows(task: DecodeTask) -> int:
 def run_decode_tasks(tasks: list[DecodeTask], workers: int, total: int) -> None:
     """Run decoding tasks on `workers` processes, with progress."""
     with common.progress_bar(total, STAGE) as bar:
-        for count in common.map_in_processes(decode_rows, tasks, workers):
+        for count in compute.map_tasks(decode_rows, tasks, workers):
             bar.update(count)
 
 
@@ -238,7 +242,9 @@ def main() -> None:
     """Read params and the manifest, write the arrays."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
-    params = DecodeSizes.from_params(settings.load_params())
+    all_params = settings.load_params()
+    params = DecodeSizes.from_params(all_params)
+    compute.use_params(all_params)
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     summary = prepare_arrays(
         manifest,
@@ -268,4 +274,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    common.run_stage(main)
+    # Run the importable module's main, so that the tasks sent to a Dask cluster name
+    # their functions stages.prepare.*, which the cluster can import, not __main__.*.
+    from stages import prepare
+
+    common.run_stage(prepare.main)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 import pandas as pd
 from pydantic import Field, field_validator
 
-from stages import common, remote, settings
+from stages import common, compute, remote, settings
 from stages.sync_files import BringTask, FileOutcome, MeasureTask, remove_temporary_files, run_task
 from stages.sync_manifest import (
     Description,
@@ -314,7 +314,7 @@ def remote_state_table(source_files: list[SourceFile], outcomes: list[FileOutcom
 
 def run_tasks(tasks: list[BringTask | MeasureTask], workers: int) -> list[FileOutcome]:
     """Run file tasks on `workers` processes, with progress."""
-    results = common.map_in_processes(run_task, tasks, workers, chunksize=16)
+    results = compute.map_tasks(run_task, tasks, workers, chunksize=16)
     return list(common.progress(results, len(tasks), STAGE))
 
 
@@ -337,7 +337,9 @@ def main() -> None:
     """Read params, sync the collection, write the manifest and the rejected list."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
-    params = SyncParams.from_params(settings.load_params())
+    all_params = settings.load_params()
+    params = SyncParams.from_params(all_params)
+    compute.use_params(all_params)
     result = sync_collection(
         params,
         common.COLLECTION_DIR,

@@ -9,7 +9,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages import cluster, embed, explore, posters, prepare, score, settings, split, sync, train
+from stages import (
+    cluster,
+    compute,
+    embed,
+    explore,
+    posters,
+    prepare,
+    score,
+    settings,
+    split,
+    sync,
+    train,
+)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN = "<!-- params table: written by `make params-doc` from the models in stages/ -->"
@@ -30,9 +42,13 @@ STAGE_MODELS: dict[str, list[type[settings.Section]]] = {
 }
 
 
+# Read by several stages and listed by none in dvc.yaml: where the work runs, not what it gives.
+SHARED_MODELS: list[type[settings.Section]] = [compute.ComputeParams]
+
+
 def all_models() -> list[type[settings.Section]]:
-    """Every params model, in pipeline order."""
-    return [model for models in STAGE_MODELS.values() for model in models]
+    """Every params model, in pipeline order, then the shared ones."""
+    return [model for models in STAGE_MODELS.values() for model in models] + SHARED_MODELS
 
 
 def readme_with_table(readme: str) -> str:
