@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Stage commands in dvc.yaml call `python`: the project's environment comes first on PATH.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH" TF_CPP_MIN_LOG_LEVEL=3
 
-.PHONY: setup browser demo test lint format params-doc bench lock clean-cache
+.PHONY: setup browser demo test lint format params-doc bench bench-scale lock clean-cache
 
 setup: $(STAMP)
 
@@ -55,6 +55,10 @@ bench: setup browser
 	$(RUN) $(BIN)/python bench/embed.py
 	$(RUN) $(BIN)/python bench/cluster.py
 	$(RUN) $(BIN)/python bench/explore.py
+
+## The whole pipeline at scale: 10,000 ISS-like frames, then 1% more with frozen models.
+bench-scale: setup
+	$(RUN) $(BIN)/python bench/scale.py --frames 10000 --grow 1
 
 ## Regenerate requirements.txt (every pin) from requirements.in (the direct dependencies).
 lock:

@@ -12,7 +12,8 @@ source's. With --grow P it then adds P% new frames, freezes train and cluster
 (`dvc freeze`) and prints the same for the incremental run, and its share of the full
 run's time.
 
-Usage: python bench/scale.py [--frames N] [--full-size] [--grow P] [--folder DIR] [--keep]
+Usage: python bench/scale.py [--frames N] [--full-size] [--grow P] [--set KEY=VALUE]...
+                             [--folder DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -65,11 +66,13 @@ def write_frames(folder: Path, first: int, count: int, size: tuple[int, int]) ->
 # ----------------------------------------------------------------------------- project
 
 
-def apply_preset(project: Path, source: Path) -> None:
-    """The README's ISS preset in params.yaml, with the frames as the source."""
+def apply_preset(project: Path, source: Path, changes: list[str]) -> None:
+    """The README's ISS preset in params.yaml, with the frames as the source, then
+    `changes` (key=value, as `dvc exp run -S` takes them)."""
     params_file = project / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
     settings = {**readme_iss_settings(), "sync.source": str(source), "sync.history": "null"}
+    settings.update(change.split("=", 1) for change in changes)
     for key, text in settings.items():
         *path, last = key.split(".")
         section = params
@@ -194,6 +197,9 @@ def main() -> None:
     parser.add_argument("--grow", type=float, default=0.0, help="then add this % of new frames")
     parser.add_argument("--folder", type=Path, default=ROOT / "bench/out/scale")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a param, after the preset"
+    )
     arguments = parser.parse_args()
 
     scratch = arguments.folder
@@ -208,7 +214,7 @@ def main() -> None:
     )
     project = scratch / "project"
     clean_copy(project)
-    apply_preset(project, source)
+    apply_preset(project, source, arguments.set)
 
     full = run_stages(project, f"full run, {arguments.frames} frames, the README's ISS preset")
     measure([sys.executable, "-m", "dvc", "repro"], project)  # DVC's state warm
