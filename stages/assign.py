@@ -15,7 +15,6 @@ an image gets the same place whenever it arrived.
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,21 +73,9 @@ class PlaceTask:
     sha256s: list[str]
 
 
-@functools.lru_cache(maxsize=2)
-def model_at(path: str, stamp: tuple[int, int]) -> ClusterModel:
-    """A cluster model file, loaded once per process (and again when the file changes)."""
-    return load_model(Path(path))
-
-
-def load_once(path: Path) -> ClusterModel:
-    """The model in `path`, loaded at most once per process while the file is unchanged."""
-    status = path.stat()
-    return model_at(str(path), (status.st_size, status.st_mtime_ns))
-
-
 def place_task(task: PlaceTask) -> tuple[np.ndarray, np.ndarray]:
     """Place a task's vectors (see place)."""
-    return place(load_once(task.model_file), task.vectors, task.sha256s)
+    return place(compute.load_once(task.model_file, load_model), task.vectors, task.sha256s)
 
 
 def place_missing(
@@ -101,10 +88,9 @@ def place_missing(
     place: loading it imports UMAP.
     """
     distinct = len(set(sha256s))
-    missing = cache.missing(sha256s)
+    missing, rows = cache.missing_rows(sha256s)
     if not missing:
         return AssignSummary(0, 0, distinct)
-    rows = first_rows(sha256s, set(missing))  # in row order, as `missing` is
     clusters = np.empty(len(missing), dtype=np.int32)
     xy = np.empty((len(missing), 2), dtype=np.float32)
     done = start = 0
@@ -121,20 +107,9 @@ def place_missing(
             done += len(task_clusters)
         start += len(batch)
     cache.add(missing, {"cluster": clusters, "xy": xy})
-    fitted = load_once(model_file).fitted
+    fitted = compute.load_once(model_file, load_model).fitted
     from_fit = 0 if fitted is None else len(set(fitted.sha256.tolist()).intersection(missing))
     return AssignSummary(len(missing) - from_fit, from_fit, distinct - len(missing))
-
-
-def first_rows(sha256s: list[str], wanted: set[str]) -> np.ndarray:
-    """The first row of each wanted sha256, in row order."""
-    seen: set[str] = set()
-    rows = []
-    for row, sha in enumerate(sha256s):
-        if sha in wanted and sha not in seen:
-            seen.add(sha)
-            rows.append(row)
-    return np.array(rows, dtype=np.int64)
 
 
 def clusters_table(ids: list[str], sha256s: list[str], cache: ContentCache) -> pd.DataFrame:

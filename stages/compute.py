@@ -61,6 +61,19 @@ def use_params(params: dict[str, Any]) -> None:
     SCHEDULER[0] = ComputeParams.from_params(params).scheduler
 
 
+@functools.lru_cache(maxsize=4)
+def loaded(loader: Callable[[Path], Any], path: str, stamp: tuple[int, int]) -> Any:
+    """What `loader` made of a file, kept for the next task of this process."""
+    return loader(Path(path))
+
+
+def load_once(path: Path, loader: Callable[[Path], R]) -> R:
+    """A model file through `loader` (a module-level function), loaded once per process
+    while the file is unchanged: a worker runs many tasks with the same model."""
+    status = path.stat()
+    return loaded(loader, str(path), (status.st_size, status.st_mtime_ns))
+
+
 def distributed() -> bool:
     """Whether tasks go to a Dask cluster."""
     return SCHEDULER[0] is not None

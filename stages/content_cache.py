@@ -57,6 +57,17 @@ class ContentCache:
         known = set(self.index["sha256"])
         return [sha for sha in dict.fromkeys(sha256s) if sha not in known]
 
+    def missing_rows(self, sha256s: list[str]) -> tuple[list[str], np.ndarray]:
+        """The distinct sha256s the cache lacks, in the order first given, and the row of
+        sha256s where each first appears: what a stage computes, each file once."""
+        missing = self.missing(sha256s)
+        wanted = set(missing)
+        first: dict[str, int] = {}
+        for row, sha in enumerate(sha256s):
+            if sha in wanted and sha not in first:
+                first[sha] = row
+        return missing, np.array([first[sha] for sha in missing], dtype=np.int64)
+
     def segment_path(self, segment: str, array: str) -> Path:
         """The .npy file of one array of a segment."""
         return self.folder / f"{segment}.{array}.npy"

@@ -13,7 +13,6 @@ memory does not grow with the collection beyond the memory-mapped pixel array.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -89,16 +88,14 @@ class EncodeTask:
     batch_size: int
 
 
-@functools.lru_cache(maxsize=2)
-def encoder_at(path: str, stamp: tuple[int, int]) -> keras.Model:
-    """An encoder file, loaded once per process (and again when the file changes)."""
+def read_encoder(path: Path) -> keras.Model:
+    """An encoder file, for compute.load_once."""
     return keras.saving.load_model(path, compile=False)
 
 
 def encode_task(task: EncodeTask) -> np.ndarray:
     """Encode a task's rows, batch by batch, as encode_missing does here."""
-    status = task.encoder_file.stat()
-    encoder = encoder_at(str(task.encoder_file), (status.st_size, status.st_mtime_ns))
+    encoder = compute.load_once(task.encoder_file, read_encoder)
     pixels = np.load(task.pixels_file, mmap_mode="r")
     batches = [
         task.rows[at : at + task.batch_size] for at in range(0, len(task.rows), task.batch_size)
@@ -122,11 +119,9 @@ def encode_missing(
     With a Dask scheduler (compute.scheduler) and the (encoder, pixels) files, the
     workers encode, TASK_BATCHES batches a task; else this process does.
     """
-    missing = cache.missing(sha256s)
+    missing, rows = cache.missing_rows(sha256s)
     if not missing:
         return 0
-    first_row = {sha: row for row, sha in reversed(list(enumerate(sha256s)))}
-    rows = np.array([first_row[sha] for sha in missing])  # in manifest order
     dimension = int(math.prod(encoder.output_shape[1:]))
     step = batch_size * TASK_BATCHES
     if compute.distributed() and files is not None:
