@@ -78,7 +78,7 @@ def main() -> None:
     rows = common.sample_rows(len(vectors), settings.fit_sample, settings.random_state)
     fit = cluster.fit_clusters(vectors[rows], [names[row] for row in rows], settings)
     fitted = time.perf_counter()
-    clusters, _ = assign.place(fit.model, vectors, names)
+    clusters, _, in_fit = assign.place(fit.model, vectors, names)
     placed = time.perf_counter()
     rest = len(vectors) - len(rows)
     print(
@@ -89,11 +89,12 @@ def main() -> None:
     )
 
     started = time.perf_counter()
-    silhouettes = score.silhouette_per_image(vectors, clusters, arguments.silhouette_sample, seed=0)
+    reference = score.reference_rows(clusters, in_fit, names, arguments.silhouette_sample, 0)
+    silhouettes = score.silhouette_per_image(vectors, clusters, reference)
     seconds = time.perf_counter() - started
     print(
         f"score: silhouettes of {arguments.images} images against "
-        f"{min(arguments.silhouette_sample, arguments.images)} in {seconds:.1f} s "
+        f"{len(reference)} of the fit sample in {seconds:.1f} s "
         f"({arguments.images / seconds:,.0f} images/s), mean {np.nanmean(silhouettes):.3f}"
     )
     print(f"peak memory: {peak_memory_mib():,.0f} MiB (vectors: {vectors.nbytes / 2**20:,.0f} MiB)")

@@ -4,7 +4,8 @@ the 2-D map.
 Params:  none (what it does is fixed by the model and the embeddings); compute.scheduler
          says where the placing runs (stages/compute.py)
 Inputs:  models/cluster.joblib, data/processed/embeddings.parquet, data/interim/ids.parquet
-Outputs: data/processed/clusters.parquet (id, cluster, x, y), reports/cluster/map.png
+Outputs: data/processed/clusters.parquet (id, cluster, x, y, fitted: whether the image was
+         in the fit sample), reports/cluster/map.png
 
 The images of the fit sample keep where the fit put them; every other image goes through
 the model's transform and predict, a batch at a time. Placements are kept in
@@ -30,7 +31,7 @@ STAGE = "assign"
 MAP_FILE = Path("reports/cluster/map.png")
 BATCH_ROWS = 65536  # embeddings read at once
 TASK_ROWS = 4096  # embeddings placed per task
-ARRAYS = {"cluster": ((), np.int32), "xy": ((2,), np.float32)}
+ARRAYS = {"cluster": ((), np.int32), "xy": ((2,), np.float32), "fitted": ((), np.bool_)}
 
 
 @dataclass
@@ -44,9 +45,10 @@ class AssignSummary:
 
 def place(
     model: ClusterModel, vectors: np.ndarray, sha256s: list[str]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster numbers and (x, y) map positions of latent vectors (`sha256s` names their
-    files): where the fit put the files of its sample, the model's transform for the rest."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cluster numbers, (x, y) map positions and fit-sample flags of latent vectors
+    (`sha256s` names their files): where the fit put the files of its sample, the model's
+    transform for the rest."""
     clusters = np.empty(len(vectors), dtype=np.int32)
     xy = np.empty((len(vectors), 2), dtype=np.float32)
     fitted_row = (
@@ -61,7 +63,7 @@ def place(
         xy[from_fit] = model.fitted.xy[rows]
     if not from_fit.all():
         clusters[~from_fit], xy[~from_fit] = model.predict_with_map(vectors[~from_fit])
-    return clusters, xy
+    return clusters, xy, from_fit
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class PlaceTask:
     sha256s: list[str]
 
 
-def place_task(task: PlaceTask) -> tuple[np.ndarray, np.ndarray]:
+def place_task(task: PlaceTask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Place a task's vectors (see place)."""
     return place(compute.load_once(task.model_file, load_model), task.vectors, task.sha256s)
 
@@ -93,6 +95,7 @@ def place_missing(
         return AssignSummary(0, 0, distinct)
     clusters = np.empty(len(missing), dtype=np.int32)
     xy = np.empty((len(missing), 2), dtype=np.float32)
+    fitted = np.empty(len(missing), dtype=np.bool_)
     done = start = 0
     for batch in common.embedding_batches(embeddings_file, BATCH_ROWS):
         chosen = rows[(rows >= start) & (rows < start + len(batch))]
@@ -101,22 +104,34 @@ def place_missing(
             for part in np.split(chosen, range(TASK_ROWS, len(chosen), TASK_ROWS))
             if len(part)
         ]
-        for task_clusters, task_xy in compute.map_tasks(place_task, tasks, workers=1):
-            clusters[done : done + len(task_clusters)] = task_clusters
-            xy[done : done + len(task_clusters)] = task_xy
-            done += len(task_clusters)
+        for task_clusters, task_xy, task_fitted in compute.map_tasks(place_task, tasks, 1):
+            done_after = done + len(task_clusters)
+            clusters[done:done_after], xy[done:done_after] = task_clusters, task_xy
+            fitted[done:done_after] = task_fitted
+            done = done_after
         start += len(batch)
-    cache.add(missing, {"cluster": clusters, "xy": xy})
-    fitted = compute.load_once(model_file, load_model).fitted
-    from_fit = 0 if fitted is None else len(set(fitted.sha256.tolist()).intersection(missing))
+    cache.add(missing, {"cluster": clusters, "xy": xy, "fitted": fitted})
+    from_fit = int(fitted.sum())
     return AssignSummary(len(missing) - from_fit, from_fit, distinct - len(missing))
 
 
 def clusters_table(ids: list[str], sha256s: list[str], cache: ContentCache) -> pd.DataFrame:
-    """The (id, cluster, x, y) table of every image, in embeddings order, from the cache."""
-    clusters = np.concatenate([np.empty(0, np.int32), *cache.row_blocks(sha256s, "cluster")])
-    xy = np.concatenate([np.empty((0, 2), np.float32), *cache.row_blocks(sha256s, "xy")])
-    return pd.DataFrame({"id": ids, "cluster": clusters, "x": xy[:, 0], "y": xy[:, 1]})
+    """The (id, cluster, x, y, fitted) table of every image, in embeddings order, from the
+    cache."""
+    columns = {
+        name: np.concatenate([np.empty((0, *shape), dtype), *cache.row_blocks(sha256s, name)])
+        for name, (shape, dtype) in ARRAYS.items()
+    }
+    xy = columns["xy"]
+    return pd.DataFrame(
+        {
+            "id": ids,
+            "cluster": columns["cluster"],
+            "x": xy[:, 0],
+            "y": xy[:, 1],
+            "fitted": columns["fitted"],
+        }
+    )
 
 
 def cluster_colors(count: int) -> np.ndarray:
@@ -186,7 +201,8 @@ def main() -> None:
     cache = ContentCache(common.CACHE_DIR / STAGE / key, tuple(ARRAYS))
     summary = place_missing(common.CLUSTER_MODEL_FILE, common.EMBEDDINGS_FILE, sha256s, cache)
     table = clusters_table(ids, sha256s, cache)
-    common.write_parquet(table, common.CLUSTERS_FILE)
+    # Score keys its own cache on this: what placed every image.
+    common.write_parquet(table, common.CLUSTERS_FILE, keys={"assign_key": key})
     clustered = table["cluster"][table["cluster"] != common.NOISE]
     found = int(clustered.max()) + 1 if len(clustered) else 0
     write_map(table, MAP_FILE, f"{found} clusters of {len(table)} images")

@@ -42,7 +42,7 @@ class ContentCache:
         self.arrays = arrays
         self.index_path = folder / "index.parquet"
         if self.index_path.exists():
-            self.index = pd.read_parquet(self.index_path)
+            self.index = self.complete_rows(pd.read_parquet(self.index_path))
         else:
             self.index = pd.DataFrame(
                 {
@@ -51,6 +51,16 @@ class ContentCache:
                     "row": pd.Series(dtype="int64"),
                 }
             )
+
+    def complete_rows(self, index: pd.DataFrame) -> pd.DataFrame:
+        """The rows of an index whose segments hold every array: a cache written before a
+        stage kept another array forgets those rows, which are then computed again."""
+        complete = [
+            segment
+            for segment in index["segment"].unique()
+            if all(self.segment_path(str(segment), name).exists() for name in self.arrays)
+        ]
+        return index[index["segment"].isin(complete)].reset_index(drop=True)
 
     def missing(self, sha256s: list[str]) -> list[str]:
         """The distinct sha256s the cache does not hold, in the order first given."""

@@ -12,10 +12,16 @@ Outputs: metrics/cluster.json (flat: silhouette, Calinski-Harabasz, Davies-Bould
 
 Silhouettes are measured on the latent space, as in the original project, so methods
 that cluster in different spaces are compared on the same ground. Noise (-1) has none.
+They are measured against a reference: the cluster fit sample (at most
+score.silhouette_sample of it, chosen by file content), so with frozen models an image's
+silhouette never changes; data/cache/score/ keeps them by file sha256, and a run computes
+only the new images'. The cheap scores (centers, Calinski-Harabasz, Davies-Bouldin) are
+computed over every image each run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydantic import Field
 
 from stages import common, settings
+from stages.content_cache import ContentCache
 
 STAGE = "score"
 CLUSTER_METRICS_FILE = common.METRICS_DIR / "cluster.json"
@@ -47,8 +54,9 @@ class ScoreParams(settings.Section):
     silhouette_sample: int = Field(
         20000,
         ge=2,
-        description="silhouettes are measured against at most this many images (seeded); "
-        "exact when the collection is no larger",
+        description="silhouettes are measured against at most this many images of the "
+        "cluster fit sample (seeded, chosen by file content); exact when the fit sample "
+        "holds every image and is no larger",
     )
     mosaic_side: int = Field(10, ge=1, description="a mosaic shows up to side x side thumbnails")
     outliers: int = Field(
@@ -60,29 +68,51 @@ class ScoreParams(settings.Section):
 # ----------------------------------------------------------------------------- scores
 
 
-def silhouette_per_image(
-    vectors: np.ndarray, clusters: np.ndarray, reference_size: int, seed: int
+def reference_rows(
+    clusters: np.ndarray, fitted: np.ndarray, sha256s: list[str], size: int, seed: int
 ) -> np.ndarray:
-    """The silhouette of every image; NaN for noise and when there are fewer than 2 clusters.
+    """The rows silhouettes are measured against, in row order: the clustered images of the
+    cluster fit sample (every clustered image when no row is flagged `fitted`), at most
+    `size` of them.
+
+    Beyond `size`, the images whose seeded hash of their file's sha256 ranks lowest are
+    kept (ties by row), so the choice depends on the images, never on the order they
+    arrived in; and with frozen models new images never change it, which lets every
+    earlier silhouette stay as it was.
+    """
+    clustered = clusters != common.NOISE
+    candidates = np.flatnonzero(clustered & fitted)
+    if not len(candidates):
+        candidates = np.flatnonzero(clustered)
+    if len(candidates) <= size:
+        return candidates
+    ranks = [hashlib.sha256(f"{seed}:{sha256s[row]}".encode()).digest() for row in candidates]
+    order = sorted(range(len(candidates)), key=lambda index: (ranks[index], index))
+    return np.sort(candidates[order[:size]])
+
+
+def silhouette_per_image(
+    vectors: np.ndarray,
+    clusters: np.ndarray,
+    reference: np.ndarray,
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """The silhouettes of `rows` (every row by default) against the `reference` rows; NaN
+    for noise and when the reference holds fewer than 2 clusters.
 
     a = mean distance to the other members of its cluster, b = the lowest mean distance to
     the members of another cluster, s = (b - a) / max(a, b), and 0 for a cluster of one
-    (as scikit-learn). The means run over a seeded reference sample of at most
-    `reference_size` clustered images, so the cost is N x reference_size, not N x N; with
-    every image in the reference the result equals scikit-learn's silhouette_samples.
+    (as scikit-learn). The means run over the reference, so the cost is rows x reference,
+    not N x N, and a row's value depends on its vector, its cluster and the reference
+    alone; with every clustered image in the reference it equals scikit-learn's
+    silhouette_samples.
     """
-    result = np.full(len(vectors), np.nan)
-    clustered = np.flatnonzero(clusters != common.NOISE)
-    labels, inverse = np.unique(clusters[clustered], return_inverse=True)
+    rows = np.arange(len(vectors)) if rows is None else rows
+    result = np.full(len(rows), np.nan)
+    labels, reference_label = np.unique(clusters[reference], return_inverse=True)
     if len(labels) < 2:
         return result
-    reference = clustered
-    if len(clustered) > reference_size:
-        picked = np.random.default_rng(seed).choice(len(clustered), reference_size, replace=False)
-        reference = clustered[np.sort(picked)]
-    position = np.full(len(vectors), -1)
-    position[clustered] = inverse
-    reference_label = position[reference]
+    clustered = np.flatnonzero(clusters[rows] != common.NOISE)
     members = np.zeros((len(reference), len(labels)))
     members[np.arange(len(reference)), reference_label] = 1.0
     counts = members.sum(axis=0)
@@ -91,26 +121,30 @@ def silhouette_per_image(
     reference_vectors = vectors[reference].astype(np.float64)
     reference_norms = (reference_vectors**2).sum(axis=1)
     for start in range(0, len(clustered), DISTANCE_BLOCK):
-        rows = clustered[start : start + DISTANCE_BLOCK]
-        block = vectors[rows].astype(np.float64)
+        places = clustered[start : start + DISTANCE_BLOCK]
+        block_rows = rows[places]
+        block = vectors[block_rows].astype(np.float64)
         squared = (block**2).sum(axis=1)[:, None] + reference_norms[None, :]
         distances = np.sqrt(np.maximum(squared - 2.0 * block @ reference_vectors.T, 0.0))
         # An image in the reference has distance 0 to itself; taking it out of its own
-        # cluster's count leaves the mean over the others.
-        sums = distances @ members
-        own = position[rows]
-        own_count = counts[own] - in_reference[rows]
+        # cluster's count leaves the mean over the others. A cluster the reference lacks
+        # has no column: its images get 0, as a cluster of one.
+        sums = np.hstack([distances @ members, np.zeros((len(block_rows), 1))])
+        column = np.searchsorted(labels, clusters[block_rows])
+        found = labels[np.minimum(column, len(labels) - 1)]
+        absent = (column >= len(labels)) | (found != clusters[block_rows])
+        own = np.where(absent, len(labels), column)
+        own_count = np.append(counts, 0.0)[own] - in_reference[block_rows]
         with np.errstate(invalid="ignore", divide="ignore"):
-            means = sums / counts[None, :]
-            a = sums[np.arange(len(rows)), own] / own_count
-        means[np.arange(len(rows)), own] = np.inf
-        means[:, counts == 0] = np.inf
+            means = sums[:, :-1] / counts[None, :]
+            a = sums[np.arange(len(block_rows)), own] / own_count
+        means[np.arange(len(block_rows))[~absent], own[~absent]] = np.inf
         b = means.min(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            s = (b - a) / np.maximum(a, b)
-        s[own_count <= 0] = 0.0
-        s[(a == 0) & (b == 0)] = 0.0
-        result[rows] = s
+            silhouettes = (b - a) / np.maximum(a, b)
+        silhouettes[own_count <= 0] = 0.0
+        silhouettes[(a == 0) & (b == 0)] = 0.0
+        result[places] = silhouettes
     return result
 
 
@@ -348,18 +382,50 @@ class ScoreResult:
     outlier_rows: np.ndarray  # rows of the outliers mosaic
 
 
+def cached_silhouettes(
+    vectors: np.ndarray,
+    clusters: np.ndarray,
+    reference: np.ndarray,
+    sha256s: list[str],
+    cache_key: str | None,
+) -> tuple[np.ndarray, int]:
+    """Every image's silhouette, and how many were computed: those data/cache/score/ lacks
+    for `cache_key` (what placed every image and the reference's files), each distinct
+    file once. Without a key every silhouette is computed and nothing is kept."""
+    if cache_key is None:
+        return silhouette_per_image(vectors, clusters, reference), len(vectors)
+    cache = ContentCache(common.CACHE_DIR / STAGE / cache_key, ("silhouette",))
+    missing, rows = cache.missing_rows(sha256s)
+    if missing:
+        computed = silhouette_per_image(vectors, clusters, reference, rows)
+        cache.add(missing, {"silhouette": computed})
+    blocks = cache.row_blocks(sha256s, "silhouette")
+    return np.concatenate([np.empty(0), *blocks]), len(missing)
+
+
+def silhouette_cache_key(assign_key: str | None, reference_sha256s: list[str]) -> str | None:
+    """The name of the silhouette cache: a digest of what placed every image (assign's key,
+    which names the cluster model and the embeddings) and of the reference's files."""
+    if not assign_key:
+        return None
+    digest = hashlib.sha256(assign_key.encode())
+    digest.update("\n".join(reference_sha256s).encode())
+    return digest.hexdigest()[:16]
+
+
 def score_clusters(
     ids: list[str],
     vectors: np.ndarray,
     clusters: np.ndarray,
+    silhouettes: np.ndarray,
     manifest: pd.DataFrame,
     params: ScoreParams,
 ) -> ScoreResult:
-    """Silhouettes, center distances, metrics, outliers and mosaic choices of a clustering.
+    """Center distances, metrics, outliers and mosaic choices of a clustering whose
+    silhouettes are given.
 
     `manifest` is indexed by id and gives each image's path and label.
     """
-    silhouettes = silhouette_per_image(vectors, clusters, params.silhouette_sample, params.seed)
     distances = center_distances(vectors, clusters, cluster_centers(vectors, clusters))
     per_cluster = silhouette_table(clusters, silhouettes)
     labels = manifest["label"].reindex(ids)
@@ -399,7 +465,15 @@ def main() -> None:
             "run `dvc repro assign`"
         )
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync").set_index("id")
-    result = score_clusters(ids, vectors, table["cluster"].to_numpy(), manifest, params)
+    _, sha256s, _ = common.read_image_keys(ids)
+    clusters = table["cluster"].to_numpy()
+    reference = reference_rows(
+        clusters, table["fitted"].to_numpy(), sha256s, params.silhouette_sample, params.seed
+    )
+    assign_key = common.parquet_keys(common.CLUSTERS_FILE, made_by="assign").get("assign_key")
+    key = silhouette_cache_key(assign_key, [sha256s[row] for row in reference])
+    silhouettes, computed = cached_silhouettes(vectors, clusters, reference, sha256s, key)
+    result = score_clusters(ids, vectors, clusters, silhouettes, manifest, params)
     metrics = result.metrics
     common.write_json(metrics, CLUSTER_METRICS_FILE)
     common.write_csv(result.per_cluster, SILHOUETTE_FILE)
@@ -415,10 +489,13 @@ def main() -> None:
             f"NMI {metrics['nmi']}"
         )
     logger.info(
-        "%d images in %d clusters: silhouette %s, Calinski-Harabasz %s, Davies-Bouldin %s%s; "
+        "%d images in %d clusters (%d silhouettes computed against %d reference images, "
+        "the others from the cache): silhouette %s, Calinski-Harabasz %s, Davies-Bouldin %s%s; "
         "%d outliers listed; %.1f s",
         len(ids),
         metrics["n_clusters"],
+        computed,
+        len(reference),
         metrics["silhouette"],
         metrics["calinski_harabasz"],
         metrics["davies_bouldin"],

@@ -71,7 +71,8 @@ def fit_and_place(vectors: np.ndarray, params: cluster.ClusterParams) -> Placed:
     """Fit on the seeded sample, then place every image."""
     rows = common.sample_rows(len(vectors), params.fit_sample, params.random_state)
     fit = cluster.fit_clusters(vectors[rows], [names(len(vectors))[row] for row in rows], params)
-    clusters, coordinates = assign.place(fit.model, vectors, names(len(vectors)))
+    clusters, coordinates, fitted = assign.place(fit.model, vectors, names(len(vectors)))
+    np.testing.assert_array_equal(np.flatnonzero(fitted), rows)
     return Placed(fit.model, fit.curve, clusters, coordinates)
 
 
@@ -222,7 +223,8 @@ def test_assign_places_only_what_its_cache_lacks(fits, blobs, tmp_path: Path) ->
     assert place(240) == later
     assert place(240) == assign.AssignSummary(placed=0, from_fit=0, from_cache=240)
     table = assign.clusters_table([f"image-{row}" for row in range(240)], shas, cache)
-    assert table.columns.tolist() == ["id", "cluster", "x", "y"]
+    assert table.columns.tolist() == ["id", "cluster", "x", "y", "fitted"]
+    np.testing.assert_array_equal(np.flatnonzero(table["fitted"]), common.sample_rows(240, 120, 42))
     np.testing.assert_array_equal(table["cluster"], fit.clusters)
     np.testing.assert_array_equal(table[["x", "y"]].to_numpy(), fit.coordinates)
 

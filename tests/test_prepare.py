@@ -272,3 +272,16 @@ def test_bad_params_give_one_line_naming_the_key(
     params[section][key] = value
     with pytest.raises(common.UserError, match=re.escape(words)):
         prepare.DecodeSizes.from_params(params)
+
+
+def test_a_cache_segment_without_one_of_its_arrays_is_forgotten(tmp_path: Path) -> None:
+    from stages.content_cache import ContentCache
+
+    old = ContentCache(tmp_path, ("cluster",))
+    old.add(["a", "b"], {"cluster": np.array([1, 2])})
+    new = ContentCache(tmp_path, ("cluster", "fitted"))
+    assert new.missing(["a", "b"]) == ["a", "b"]  # written before the cache kept "fitted"
+    new.add(["a"], {"cluster": np.array([3]), "fitted": np.array([True])})
+    again = ContentCache(tmp_path, ("cluster", "fitted"))
+    assert again.missing(["a", "b"]) == ["b"]
+    assert next(again.row_blocks(["a"], "cluster")).tolist() == [3]

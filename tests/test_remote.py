@@ -26,6 +26,7 @@ from conftest import (
     image_bytes,
     is_up_to_date,
     pattern_image,
+    stages_run,
 )
 
 from stages import common, remote, sync
@@ -481,7 +482,12 @@ def test_dvc_push_and_pull_through_an_s3_remote(
     dvc(["remote", "modify", "storage", "endpointurl", moto_endpoint], project)
     before = stage_outputs(project)
     assert "data/interim/pixels.npy" in before
-    assert {f"data/raw/collections/{name}" for name in good} <= before.keys()
+    # The images stay in their source: the manifest pins them, DVC neither hashes nor
+    # stores them.
+    assert not any(path.startswith("data/raw/collections") for path in before)
+    collection = project / "data/raw/collections"
+    originals = {path.name: path.read_bytes() for path in collection.rglob("*") if path.is_file()}
+    assert len(originals) == len(good)
     printed = dvc(["push", *FIRST_STAGES], project)
     assert "pushed" in printed
     stored = bucket.list_objects_v2(Bucket=BUCKET, Prefix="dvcstore/")["KeyCount"]
@@ -496,4 +502,12 @@ def test_dvc_push_and_pull_through_an_s3_remote(
     after = stage_outputs(project)
     assert after.keys() == before.keys()
     assert all(after[path] == before[path] for path in before), "every file byte-identical"
+    # A clone that pulled runs sync, which brings the images back from the source with
+    # the same manifest, so nothing after it runs again.
+    printed = dvc(["repro", *FIRST_STAGES], project)
+    assert f"{len(good)} copied" in printed
+    assert stages_run(printed) == ["sync"]
+    restored = {path.name: path.read_bytes() for path in collection.rglob("*") if path.is_file()}
+    assert restored == originals
+    assert stage_outputs(project) == before
     assert is_up_to_date(project, *FIRST_STAGES)

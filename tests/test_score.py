@@ -28,18 +28,32 @@ def blobs() -> tuple[np.ndarray, np.ndarray]:
     return vectors.astype(np.float32), truth
 
 
+def shas(count: int) -> list[str]:
+    """Distinct stand-ins for file sha256s."""
+    return [f"file-{row}" for row in range(count)]
+
+
+def reference_silhouettes(
+    vectors: np.ndarray, clusters: np.ndarray, size: int = 10000, seed: int = 0
+):
+    """Silhouettes against a reference of every clustered image (at most `size`)."""
+    nothing_fitted = np.zeros(len(clusters), dtype=bool)
+    reference = score.reference_rows(clusters, nothing_fitted, shas(len(clusters)), size, seed)
+    return score.silhouette_per_image(vectors, clusters, reference)
+
+
 def test_silhouette_equals_scikit_learn_when_exact(blobs) -> None:
     vectors, truth = blobs
-    ours = score.silhouette_per_image(vectors, truth, reference_size=10000, seed=0)
+    ours = reference_silhouettes(vectors, truth)
     np.testing.assert_allclose(ours, silhouette_samples(vectors, truth), atol=1e-5)
 
 
 def test_sampled_silhouette_is_close_and_seeded(blobs) -> None:
     vectors, truth = blobs
     exact = silhouette_samples(vectors, truth)
-    sampled = score.silhouette_per_image(vectors, truth, reference_size=120, seed=1)
-    again = score.silhouette_per_image(vectors, truth, reference_size=120, seed=1)
-    other = score.silhouette_per_image(vectors, truth, reference_size=120, seed=2)
+    sampled = reference_silhouettes(vectors, truth, size=120, seed=1)
+    again = reference_silhouettes(vectors, truth, size=120, seed=1)
+    other = reference_silhouettes(vectors, truth, size=120, seed=2)
     np.testing.assert_array_equal(sampled, again)
     assert not np.array_equal(sampled, other)
     assert np.isfinite(sampled).all()
@@ -47,19 +61,51 @@ def test_sampled_silhouette_is_close_and_seeded(blobs) -> None:
     assert np.abs(sampled - exact).max() < 0.15
 
 
+def test_the_reference_is_the_fit_sample_chosen_by_content(blobs) -> None:
+    _, truth = blobs
+    clusters = truth.copy()
+    clusters[:5] = common.NOISE
+    fitted = np.zeros(300, dtype=bool)
+    fitted[::2] = True
+    reference = score.reference_rows(clusters, fitted, shas(300), 10000, 0)
+    np.testing.assert_array_equal(reference, np.arange(6, 300, 2))  # clustered, fitted
+    some = score.reference_rows(clusters, fitted, shas(300), 50, 0)
+    assert len(some) == 50 and set(some) <= set(reference)
+    # The same files in another order, with others added: the same files are chosen.
+    order = np.random.default_rng(3).permutation(300)
+    grown = score.reference_rows(
+        np.append(clusters[order], [0] * 40),
+        np.append(fitted[order], [False] * 40),
+        [shas(300)[row] for row in order] + [f"new-{row}" for row in range(40)],
+        50,
+        0,
+    )
+    assert sorted(order[grown]) == sorted(some)
+
+
+def test_a_silhouette_depends_on_its_image_and_the_reference_alone(blobs) -> None:
+    vectors, truth = blobs
+    reference = np.arange(0, 300, 3)
+    whole = score.silhouette_per_image(vectors, truth, reference)
+    rows = np.array([299, 4, 3, 150])
+    np.testing.assert_array_equal(
+        score.silhouette_per_image(vectors, truth, reference, rows), whole[rows]
+    )
+
+
 def test_noise_and_single_image_clusters(blobs) -> None:
     vectors, truth = blobs
     clusters = truth.copy()
     clusters[:10] = common.NOISE
     clusters[10] = 7  # a cluster of one image
-    ours = score.silhouette_per_image(vectors, clusters, reference_size=10000, seed=0)
+    ours = reference_silhouettes(vectors, clusters)
     assert np.isnan(ours[:10]).all()
     assert ours[10] == 0.0
     kept = clusters != common.NOISE
     np.testing.assert_allclose(
         ours[kept], silhouette_samples(vectors[kept], clusters[kept]), atol=1e-5
     )
-    one_cluster = score.silhouette_per_image(vectors, np.zeros(300, int), 10000, 0)
+    one_cluster = reference_silhouettes(vectors, np.zeros(300, int))
     assert np.isnan(one_cluster).all()
 
 
@@ -95,7 +141,7 @@ def test_hungarian_accuracy_matches_clusters_to_labels() -> None:
 
 def test_metrics_are_flat_and_agree_with_labels(blobs) -> None:
     vectors, truth = blobs
-    silhouettes = score.silhouette_per_image(vectors, truth, 10000, 0)
+    silhouettes = reference_silhouettes(vectors, truth)
     per_cluster = score.silhouette_table(truth, silhouettes)
     labels = pd.Series([f"digit {value}" for value in truth])
     metrics = score.cluster_metrics(vectors, truth, silhouettes, per_cluster, labels)
@@ -109,7 +155,7 @@ def test_metrics_are_flat_and_agree_with_labels(blobs) -> None:
 
 def test_without_labels_there_is_no_agreement_metric(blobs) -> None:
     vectors, truth = blobs
-    silhouettes = score.silhouette_per_image(vectors, truth, 10000, 0)
+    silhouettes = reference_silhouettes(vectors, truth)
     per_cluster = score.silhouette_table(truth, silhouettes)
     unlabelled = pd.Series([None] * len(truth), dtype=object)
     metrics = score.cluster_metrics(vectors, truth, silhouettes, per_cluster, unlabelled)
@@ -120,7 +166,7 @@ def test_noise_share_and_undefined_scores_with_one_cluster(blobs) -> None:
     vectors, _ = blobs
     clusters = np.zeros(300, dtype=int)
     clusters[:30] = common.NOISE
-    silhouettes = score.silhouette_per_image(vectors, clusters, 10000, 0)
+    silhouettes = reference_silhouettes(vectors, clusters)
     per_cluster = score.silhouette_table(clusters, silhouettes)
     metrics = score.cluster_metrics(
         vectors, clusters, silhouettes, per_cluster, pd.Series([None] * 300)
@@ -188,10 +234,9 @@ def score_project(tmp_path: Path, monkeypatch, project_params: dict[str, Any]) -
     codes = vectors.astype(np.float32)
     common.EMBEDDINGS_FILE.parent.mkdir(parents=True)
     pq.write_table(embed.embeddings_table(ids, codes), common.EMBEDDINGS_FILE)
-    common.write_parquet(
-        pd.DataFrame({"id": ids, "cluster": truth, "x": vectors[:, 0], "y": vectors[:, 1]}),
-        common.CLUSTERS_FILE,
-    )
+    clusters = pd.DataFrame({"id": ids, "cluster": truth, "x": vectors[:, 0], "y": vectors[:, 1]})
+    clusters["fitted"] = np.arange(90) % 3 > 0  # a fit sample of 60
+    common.write_parquet(clusters, common.CLUSTERS_FILE, keys={"assign_key": "model-embeddings"})
     manifest = pd.DataFrame(
         {"id": ids, "path": [f"{i}.png" for i in ids], "label": [str(t) for t in truth]}
     )
@@ -199,7 +244,8 @@ def score_project(tmp_path: Path, monkeypatch, project_params: dict[str, Any]) -
     thumbs = np.random.default_rng(0).integers(0, 255, (90, 9, 16, 3), dtype=np.uint8)
     common.INTERIM_DIR.mkdir(parents=True)
     np.save(common.THUMBS_FILE, thumbs)
-    common.write_parquet(pd.DataFrame({"id": ids}), common.ARRAY_IDS_FILE)
+    sha256s = [f"sha-{row:03d}" for row in range(90)]
+    common.write_parquet(pd.DataFrame({"id": ids, "sha256": sha256s}), common.ARRAY_IDS_FILE)
     return tmp_path
 
 
@@ -218,6 +264,24 @@ def test_stage_writes_every_output(score_project: Path) -> None:
     assert outliers["path"].str.endswith(".png").all()
     assert len(list(score.MOSAICS_DIR.glob("cluster-*.png"))) == 3
     assert Image.open(score.OUTLIERS_MOSAIC_FILE).size[0] > 0
+
+
+def test_a_second_run_takes_every_silhouette_from_the_cache(score_project: Path, caplog) -> None:
+    score.main()
+    first = common.SCORES_FILE.read_bytes()
+    cached = [path for path in (common.CACHE_DIR / "score").rglob("*.npy")]
+    assert len(cached) == 1
+    caplog.clear()
+    score.main()
+    assert "(0 silhouettes computed against 60 reference images" in caplog.text
+    assert common.SCORES_FILE.read_bytes() == first
+    # Another placement of the images is another cache: everything is computed again.
+    table = pd.read_parquet(common.CLUSTERS_FILE)
+    common.write_parquet(table, common.CLUSTERS_FILE, keys={"assign_key": "another-model"})
+    caplog.clear()
+    score.main()
+    assert "(90 silhouettes computed against 60 reference images" in caplog.text
+    assert common.SCORES_FILE.read_bytes() == first
 
 
 def test_stage_refuses_clusters_of_other_images(score_project: Path) -> None:
