@@ -49,9 +49,17 @@ class Description:
     blank_max_std: float
 
 
+def file_stem(path: str) -> str:
+    """The name of a POSIX path without its last suffix, as PurePosixPath(path).stem gives
+    (`a/b.tar.gz` -> b.tar, `.profile` -> .profile), without pathlib's parsing cost."""
+    name = path.rsplit("/", 1)[-1]
+    dot = name.rfind(".")
+    return name[:dot] if 0 < dot < len(name) - 1 else name
+
+
 def assign_ids(paths: list[str]) -> list[str]:
     """Stable image ids: the file stem where no other file shares it, else the relative path."""
-    stems = [PurePosixPath(path).stem for path in paths]
+    stems = [file_stem(path) for path in paths]
     stem_counts = Counter(stems)
     ids = [stem if stem_counts[stem] == 1 else path for stem, path in zip(stems, paths)]
     # A unique stem can still equal another file's path id ("a.png" stem of "a.png.jpg").
@@ -64,7 +72,7 @@ def taken_at_from_name(path: str, pattern: str | None) -> datetime | None:
     if pattern is None:
         return None
     try:
-        return datetime.strptime(PurePosixPath(path).stem, pattern)
+        return datetime.strptime(file_stem(path), pattern)
     except ValueError:
         return None
 
@@ -227,7 +235,10 @@ def reusable_rows(previous: pd.DataFrame | None) -> dict[str, dict[str, Any]]:
     needed = {"path", "sha256", "bytes", "width", "height", "pixel_std", "exif_taken_at", "label"}
     if previous is None or not needed <= set(previous.columns):
         return {}
-    return {str(row["path"]): row for row in previous.to_dict("records")}
+    columns = previous.columns.tolist()
+    # Column lists zipped into rows: several times faster than to_dict("records").
+    rows = zip(*(previous[column].tolist() for column in columns), strict=True)
+    return {str(row["path"]): row for row in (dict(zip(columns, values)) for values in rows)}
 
 
 def outcome_from_row(row: dict[str, Any], label: str | None) -> FileOutcome:

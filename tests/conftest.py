@@ -112,6 +112,17 @@ def source_folder(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.fixture
+def logged(caplog: pytest.LogCaptureFixture, monkeypatch) -> pytest.LogCaptureFixture:
+    """caplog, with the records of the stages' loggers (which print on their own and do not
+    pass records up) passed to it."""
+    from stages import common
+
+    for stage in yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]:
+        monkeypatch.setattr(common.get_logger(stage), "propagate", True)
+    return caplog
+
+
 @pytest.fixture(scope="session")
 def project_params() -> dict[str, Any]:
     """The committed params.yaml."""

@@ -47,7 +47,9 @@ def test_new_images_flow_through_frozen_models_alone(tmp_path: Path) -> None:
     small_project(project, source)
     dvc(["repro"], project)
     clusters_file = project / "data/processed/clusters.parquet"
+    scores_file = project / "data/processed/scores.parquet"
     first_day = pd.read_parquet(clusters_file).set_index("id")
+    first_scores = pd.read_parquet(scores_file).set_index("id")
 
     dvc(["freeze", "train", "cluster"], project)
     write_frames(source, FIRST_DAY, NEW)
@@ -61,6 +63,13 @@ def test_new_images_flow_through_frozen_models_alone(tmp_path: Path) -> None:
     assert decoded in printed
     assert f"embed: {total} images: {NEW} encoded, {seen} from the cache" in printed
     assert f"assign: {total} images: {NEW} placed by the model, 0 by the fit, {seen}" in printed
+    # The reference of the silhouettes is the fit sample, which the new images do not join.
+    assert f"({NEW} silhouettes computed against {seen} reference images" in printed
+    second_scores = pd.read_parquet(scores_file).set_index("id")
+    kept = first_scores.index
+    pd.testing.assert_series_equal(
+        second_scores.loc[kept, "silhouette"], first_scores.loc[kept, "silhouette"]
+    )
     second_day = pd.read_parquet(clusters_file).set_index("id")
     assert len(second_day) == total
     pd.testing.assert_frame_equal(second_day.loc[first_day.index], first_day)
@@ -68,4 +77,5 @@ def test_new_images_flow_through_frozen_models_alone(tmp_path: Path) -> None:
 
     printed = dvc(["repro"], project)
     assert stages_run(printed) == ["sync"], "nothing new: nothing after sync runs"
+    assert f"sync: {total} source files, the collection, the params and the outputs are " in printed
     assert is_up_to_date(project)

@@ -266,21 +266,21 @@ def test_stage_writes_every_output(score_project: Path) -> None:
     assert Image.open(score.OUTLIERS_MOSAIC_FILE).size[0] > 0
 
 
-def test_a_second_run_takes_every_silhouette_from_the_cache(score_project: Path, caplog) -> None:
+def test_a_second_run_takes_every_silhouette_from_the_cache(score_project: Path, logged) -> None:
     score.main()
     first = common.SCORES_FILE.read_bytes()
     cached = [path for path in (common.CACHE_DIR / "score").rglob("*.npy")]
     assert len(cached) == 1
-    caplog.clear()
+    logged.clear()
     score.main()
-    assert "(0 silhouettes computed against 60 reference images" in caplog.text
+    assert "(0 silhouettes computed against 60 reference images" in logged.text
     assert common.SCORES_FILE.read_bytes() == first
     # Another placement of the images is another cache: everything is computed again.
     table = pd.read_parquet(common.CLUSTERS_FILE)
     common.write_parquet(table, common.CLUSTERS_FILE, keys={"assign_key": "another-model"})
-    caplog.clear()
+    logged.clear()
     score.main()
-    assert "(90 silhouettes computed against 60 reference images" in caplog.text
+    assert "(90 silhouettes computed against 60 reference images" in logged.text
     assert common.SCORES_FILE.read_bytes() == first
 
 

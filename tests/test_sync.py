@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import (
     bad_image_files,
     good_image_files,
@@ -342,3 +343,54 @@ def test_exif_time_is_read_from_the_exif_sub_ifd() -> None:
     measurement = sync_files.measure_image(data, max_pixels=10**8)
     assert isinstance(measurement, sync_files.Measurement)
     assert measurement.exif_taken_at == datetime(2020, 1, 2, 3, 4, 5)
+
+
+def test_a_run_that_finds_nothing_changed_writes_nothing(
+    params: dict[str, Any], source_folder: Path, tmp_path: Path, monkeypatch, logged
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    params["sync"]["source"] = str(source_folder)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    outputs = [common.MANIFEST_FILE, common.REJECTED_FILE, common.REMOTE_STATE_FILE]
+
+    def run() -> bool:
+        """Run the stage; whether it found nothing to do."""
+        logged.clear()
+        sync.main()
+        return "nothing to do" in logged.text
+
+    def stamps() -> list[tuple[bytes, int]]:
+        return [(path.read_bytes(), path.stat().st_mtime_ns) for path in outputs]
+
+    assert not run()
+    written = stamps()
+    assert run()
+    assert stamps() == written, "outputs untouched"
+
+    # Each change makes the next run do the work; the one after finds nothing again.
+    def source_touched() -> None:
+        os.utime(source_folder / "gray.png", ns=(10**18, 10**18))
+
+    def file_added() -> None:
+        write(source_folder / "new.jpg", image_bytes(pattern_image(30, 20, seed=7), "JPEG"))
+
+    def copy_removed() -> None:
+        (common.COLLECTION_DIR / "gray.png").unlink()
+
+    def param_changed() -> None:
+        params["sync"]["blank_max_std"] = 3.0
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+    def manifest_replaced() -> None:
+        table = pd.read_parquet(common.MANIFEST_FILE)
+        common.write_parquet(table.iloc[1:], common.MANIFEST_FILE)
+
+    for change in (source_touched, file_added, copy_removed, param_changed, manifest_replaced):
+        change()
+        assert not run(), change.__name__
+        assert run(), change.__name__
+    assert (common.COLLECTION_DIR / "gray.png").exists()
+    assert "new.jpg" in set(pd.read_parquet(common.MANIFEST_FILE)["path"])
+    assert len(pd.read_parquet(common.MANIFEST_FILE)) == len(good_image_files()) + 1
