@@ -125,7 +125,7 @@ def run_prepare(count: int, folder: Path, workers: int, cache: Path) -> dict:
         params,
         cache,
         folder / "pixels.npy",
-        folder / "thumbs.npy",
+        folder / "thumbs.parquet",
         folder / "ids.parquet",
         workers,
     )
@@ -135,7 +135,7 @@ def run_prepare(count: int, folder: Path, workers: int, cache: Path) -> dict:
         getattr(cpu_after, name) - getattr(cpu_before, name)
         for name in ("user", "system", "children_user", "children_system")
     )
-    output_bytes = sum((folder / name).stat().st_size for name in ("pixels.npy", "thumbs.npy"))
+    output_bytes = sum((folder / name).stat().st_size for name in ("pixels.npy", "thumbs.parquet"))
     return {
         "images": count,
         "decoded": summary.decoded,

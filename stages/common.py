@@ -39,7 +39,6 @@ REJECTED_FILE = RAW_DIR / "rejected.csv"
 REMOTE_STATE_FILE = RAW_DIR / "remote.parquet"
 INTERIM_DIR = Path("data/interim")
 PIXELS_FILE = INTERIM_DIR / "pixels.npy"
-THUMBS_FILE = INTERIM_DIR / "thumbs.npy"
 ARRAY_IDS_FILE = INTERIM_DIR / "ids.parquet"
 PROCESSED_DIR = Path("data/processed")
 SPLIT_FILE = PROCESSED_DIR / "split.parquet"
@@ -248,16 +247,6 @@ def load_pixels(path: Path = PIXELS_FILE) -> tuple[list[str], np.ndarray]:
     if len(ids) != len(array):
         raise UserError(f"{path} has {len(array)} rows for {len(ids)} ids: run `dvc repro prepare`")
     return ids, array
-
-
-def load_thumbs(ids: list[str]) -> np.ndarray:
-    """prepare's display thumbnails (memory-mapped), checked to be in the order of `ids`."""
-    thumb_ids, thumbs = load_pixels(THUMBS_FILE)
-    if thumb_ids != ids:
-        raise UserError(
-            f"{THUMBS_FILE} and {EMBEDDINGS_FILE} list different images: run `dvc repro`"
-        )
-    return thumbs
 
 
 def read_image_keys(ids: list[str] | None = None) -> tuple[list[str], list[str], str]:

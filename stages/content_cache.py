@@ -1,11 +1,13 @@
 """Per-image arrays kept by image content, so that an image a stage has seen costs nothing
-the next time: prepare's decoded pixels, embed's latent vectors, assign's placements.
+the next time: prepare's decoded pixels and thumbnails, embed's latent vectors, assign's
+placements, score's silhouettes.
 
 A cache is a folder for one setting of everything else the arrays depend on (decode sizes,
 the encoder's hash, the cluster model's hash): its name says which. Rows are keyed by the
 image file's sha256, never by its name, so a renamed or copied file is still known.
-Each run that computes something adds one segment (one .npy file per array) and then
-rewrites the index; segments are only ever added, so a killed run loses nothing.
+Each run that computes something adds one segment (one .npy file per array, one Parquet
+file per blob: bytes of any length, such as a thumbnail's JPEG) and then rewrites the
+index; segments are only ever added, so a killed run loses nothing.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from stages import common
 
 BLOCK_ROWS = 1024  # rows read from the cache per step, to bound memory
+BLOB_GROUP_ROWS = 1024  # rows of a Parquet row group of blobs
 
 
 def file_key(path: Path, length: int = 16) -> str:
@@ -34,12 +39,30 @@ def file_key(path: Path, length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
-class ContentCache:
-    """Arrays named `arrays`, stored in segments and indexed by sha256."""
+class SegmentWriter:
+    """A segment being written: its memory-mapped arrays, and its blobs appended in row
+    order."""
 
-    def __init__(self, folder: Path, arrays: tuple[str, ...]) -> None:
+    def __init__(self, arrays: dict[str, np.ndarray], blob_writers: dict[str, pq.ParquetWriter]):
+        self.arrays = arrays
+        self.blob_writers = blob_writers
+        self.blob_rows = dict.fromkeys(blob_writers, 0)
+
+    def append_blobs(self, name: str, values: list[bytes]) -> None:
+        """Add the next rows of blob `name`."""
+        table = pa.table({"value": pa.array(values, pa.binary())})
+        self.blob_writers[name].write_table(table, row_group_size=BLOB_GROUP_ROWS)
+        self.blob_rows[name] += len(values)
+
+
+class ContentCache:
+    """Arrays named `arrays` and blobs named `blobs`, stored in segments and indexed by
+    sha256."""
+
+    def __init__(self, folder: Path, arrays: tuple[str, ...], blobs: tuple[str, ...] = ()) -> None:
         self.folder = folder
         self.arrays = arrays
+        self.blobs = blobs
         self.index_path = folder / "index.parquet"
         if self.index_path.exists():
             self.index = self.complete_rows(pd.read_parquet(self.index_path))
@@ -59,6 +82,7 @@ class ContentCache:
             segment
             for segment in index["segment"].unique()
             if all(self.segment_path(str(segment), name).exists() for name in self.arrays)
+            and all(self.blob_path(str(segment), name).exists() for name in self.blobs)
         ]
         return index[index["segment"].isin(complete)].reset_index(drop=True)
 
@@ -82,13 +106,19 @@ class ContentCache:
         """The .npy file of one array of a segment."""
         return self.folder / f"{segment}.{array}.npy"
 
+    def blob_path(self, segment: str, blob: str) -> Path:
+        """The Parquet file of one blob of a segment."""
+        return self.folder / f"{segment}.{blob}.parquet"
+
     @contextlib.contextmanager
     def new_segment(
         self, sha256s: list[str], shapes: dict[str, tuple[tuple[int, ...], Any]]
-    ) -> Iterator[dict[str, np.ndarray]]:
-        """Yield writable memory-mapped arrays, one row per sha256, named as `shapes`
-        says ({array: (row shape, dtype)}); they join the cache when the block succeeds."""
+    ) -> Iterator[SegmentWriter]:
+        """Yield a segment of writable memory-mapped arrays, one row per sha256, named as
+        `shapes` says ({array: (row shape, dtype)}), and of the cache's blobs, to append in
+        row order; it joins the cache when the block succeeds with every row written."""
         segment = f"segment-{uuid.uuid4().hex[:12]}"
+        schema = pa.schema([("value", pa.binary())])
         with contextlib.ExitStack() as stack:
             arrays = {
                 name: stack.enter_context(
@@ -98,7 +128,15 @@ class ContentCache:
                 )
                 for name, (shape, dtype) in shapes.items()
             }
-            yield arrays
+            blob_writers = {}
+            for name in self.blobs:
+                temporary = stack.enter_context(common.atomic_output(self.blob_path(segment, name)))
+                blob_writers[name] = stack.enter_context(pq.ParquetWriter(temporary, schema))
+            writer = SegmentWriter(arrays, blob_writers)
+            yield writer
+            short = {name: rows for name, rows in writer.blob_rows.items() if rows != len(sha256s)}
+            if short:
+                raise ValueError(f"{self.folder}: blobs {short} for {len(sha256s)} rows")
         added = pd.DataFrame({"sha256": sha256s, "segment": segment, "row": range(len(sha256s))})
         self.index = pd.concat([self.index, added], ignore_index=True)
         common.write_parquet(self.index, self.index_path)
@@ -106,9 +144,44 @@ class ContentCache:
     def add(self, sha256s: list[str], values: dict[str, np.ndarray]) -> None:
         """Add rows already computed in memory (one row per sha256 in each array)."""
         shapes = {name: (array.shape[1:], array.dtype) for name, array in values.items()}
-        with self.new_segment(sha256s, shapes) as arrays:
+        with self.new_segment(sha256s, shapes) as segment:
             for name, array in values.items():
-                arrays[name][:] = array
+                segment.arrays[name][:] = array
+
+    def located(self, sha256s: list[str]) -> pd.DataFrame:
+        """The segment and row of each sha256, in order; KeyError for one not held."""
+        located = pd.DataFrame({"sha256": sha256s}).merge(
+            self.index.drop_duplicates("sha256"), on="sha256", how="left", validate="many_to_one"
+        )
+        absent = located["sha256"][located["segment"].isna()]
+        if len(absent):
+            raise KeyError(f"{self.folder} does not hold {absent.iloc[0]}")
+        return located
+
+    def blob_blocks(
+        self, sha256s: list[str], blob: str, block_rows: int = BLOCK_ROWS
+    ) -> Iterator[list[bytes]]:
+        """The cached blobs of sha256s, in order, as lists of `block_rows`; each block reads
+        only the row groups that hold its rows."""
+        located = self.located(sha256s)
+        for start in range(0, len(located), block_rows):
+            rows = located.iloc[start : start + block_rows]
+            block: list[bytes] = [b""] * len(rows)
+            for segment, segment_rows in rows.groupby("segment", sort=True):
+                file = pq.ParquetFile(self.blob_path(str(segment), blob))
+                sizes = [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)]
+                starts = np.cumsum([0, *sizes])
+                wanted = segment_rows["row"].to_numpy()
+                groups = np.unique(np.searchsorted(starts, wanted, side="right") - 1)
+                values = file.read_row_groups(groups.tolist(), columns=["value"]).column(0)
+                # Position of each wanted row among the rows of the groups read.
+                before = np.cumsum([0, *(sizes[group] for group in groups)])
+                group_of = np.searchsorted(starts, wanted, side="right") - 1
+                positions = before[np.searchsorted(groups, group_of)] + wanted - starts[group_of]
+                taken = values.take(pa.array(positions)).to_pylist()
+                for place, value in zip(segment_rows.index.to_numpy() - start, taken, strict=True):
+                    block[place] = value
+            yield block
 
     def row_blocks(
         self, sha256s: list[str], array: str, block_rows: int = BLOCK_ROWS
@@ -118,12 +191,7 @@ class ContentCache:
         Segments are mapped afresh for each block, so the pages read leave memory with
         the block.
         """
-        located = pd.DataFrame({"sha256": sha256s}).merge(
-            self.index.drop_duplicates("sha256"), on="sha256", how="left", validate="many_to_one"
-        )
-        absent = located["sha256"][located["segment"].isna()]
-        if len(absent):
-            raise KeyError(f"{self.folder} does not hold {absent.iloc[0]}")
+        located = self.located(sha256s)
         for start in range(0, len(located), block_rows):
             rows = located.iloc[start : start + block_rows]
             block = None

@@ -3,7 +3,7 @@
 Params:  ExploreParams below (params.yaml, section explore)
 Inputs:  data/processed/clusters.parquet (cluster, x, y), data/processed/scores.parquet
          (silhouette), data/processed/split.parquet, data/raw/manifest.parquet,
-         data/raw/rejected.csv, data/interim/thumbs.npy + ids.parquet
+         data/raw/rejected.csv, data/interim/thumbs.parquet + ids.parquet
 Outputs: reports/explorer/ (index.html, explorer.js, explorer.css, favicon.svg, data.js,
          atlas-NNN.jpg)
 
@@ -29,7 +29,7 @@ import pandas as pd
 from PIL import Image
 from pydantic import Field
 
-from stages import common, settings
+from stages import common, settings, thumbnails
 
 STAGE = "explore"
 EXPLORER_DIR = Path("reports/explorer")
@@ -185,7 +185,9 @@ def sprite(thumb: np.ndarray, grid: AtlasGrid) -> Image.Image:
     return image.resize((grid.width, grid.height), Image.Resampling.LANCZOS)
 
 
-def atlases(thumbs: np.ndarray, rows: np.ndarray, grid: AtlasGrid) -> Iterator[Image.Image]:
+def atlases(
+    thumbs: thumbnails.ThumbnailRows, rows: np.ndarray, grid: AtlasGrid
+) -> Iterator[Image.Image]:
     """The sprite atlases of thumbs[rows], in order: sprite i sits in atlas i // per_atlas,
     at column (i % per_atlas) % columns and row (i % per_atlas) // columns."""
     for start in range(0, len(rows), grid.per_atlas):
@@ -230,7 +232,7 @@ def read_rejected_count(path: Path = common.REJECTED_FILE) -> int:
 
 def build_explorer(
     table: pd.DataFrame,
-    thumbs: np.ndarray,
+    thumbs: thumbnails.ThumbnailRows,
     summary: dict[str, int],
     params: ExploreParams,
     directory: Path,
@@ -260,7 +262,7 @@ def main() -> None:
     split = common.read_parquet(common.SPLIT_FILE, made_by="split")
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     ids = clusters["id"].tolist()
-    thumbs = common.load_thumbs(ids)
+    thumbs = thumbnails.load(ids)
     table = explorer_table(clusters, scores, split, manifest)
     summary = collection_summary(manifest, read_rejected_count(), len(table))
     data = build_explorer(table, thumbs, summary, params, EXPLORER_DIR, common.COLLECTION_DIR)

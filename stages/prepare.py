@@ -3,12 +3,14 @@
 Params:  ImageParams and PrepareParams below (params.yaml, sections image and prepare)
 Inputs:  data/raw/manifest.parquet, data/raw/collections/
 Outputs: data/interim/pixels.npy  (N x image.height x image.width x 3, uint8)
-         data/interim/thumbs.npy  (N x thumb_height x thumb_width x 3, uint8)
+         data/interim/thumbs.parquet (id, jpeg: each display thumbnail of
+                                   thumb_height x thumb_width as a JPEG; see thumbnails.py)
          data/interim/ids.parquet (id and file sha256 of each row, in manifest order; its
                                    metadata's pixels_key names the decode settings)
 
-Decoded arrays are kept in data/cache/prepare/ keyed by sha256 and by the settings, so
-when a few images arrive only those are decoded. Byte-identical files are decoded once.
+Decoded pixels and encoded thumbnails are kept in data/cache/prepare/ keyed by sha256 and
+by the settings, so when a few images arrive only those are decoded. Byte-identical files
+are decoded once.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from stages import common, compute, images, settings
+from stages import common, compute, images, settings, thumbnails
 from stages.content_cache import ContentCache
 
 STAGE = "prepare"
@@ -90,8 +92,10 @@ def settings_key(settings: Any) -> str:
 
 
 def cache_key(params: DecodeSizes) -> str:
-    """The key of prepare's cache: both sizes, as its segments hold both arrays."""
-    return settings_key(params)
+    """The key of prepare's cache: both sizes, as its segments hold both, and the code
+    that stores thumbnails."""
+    code = hashlib.sha256(Path(thumbnails.__file__).read_bytes()).hexdigest()
+    return hashlib.sha256(f"{settings_key(params)}-{code}".encode()).hexdigest()[:16]
 
 
 def pixels_key(params: DecodeSizes) -> str:
@@ -102,10 +106,10 @@ def pixels_key(params: DecodeSizes) -> str:
 
 # ----------------------------------------------------------------------------- decoding
 
-# One decoding task: the segment's two array files with the byte offset of their first
-# row, the first row to fill, the files to decode into that row and the next ones (path and
-# expected sha256), and the target sizes (one per array file).
-DecodeTask = tuple[list[tuple[Path, int]], int, list[tuple[Path, str]], list[images.ImageSize]]
+# One decoding task: the segment's pixels file with the byte offset of its first row, the
+# first row to fill, the files to decode into that row and the next ones (path and
+# expected sha256), and the target sizes (model input, thumbnail).
+DecodeTask = tuple[tuple[Path, int], int, list[tuple[Path, str]], list[images.ImageSize]]
 
 
 def decode_file(
@@ -143,35 +147,31 @@ def task_ranges(count: int, workers: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def decode_rows(task: DecodeTask) -> int:
-    """Decode a run of files and write their rows into the segment files; return the count.
+def decode_rows(task: DecodeTask) -> list[bytes]:
+    """Decode a run of files, write their pixels into the segment's file and return their
+    thumbnails as JPEG bytes.
 
-    Workers write the rows themselves, one block write per array, so no pixels travel
-    between processes and no page of a half-filled file is faulted in one by one.
+    Workers write the pixel rows themselves, in one block write, so no pixels travel
+    between processes and no page of a half-filled file is faulted in one by one; the
+    thumbnails, a few KB each, go back to the stage.
     """
-    array_files, first_row, files, targets = task
-    blocks = [np.empty((len(files), t.height, t.width, 3), dtype=np.uint8) for t in targets]
+    (pixels_path, data_offset), first_row, files, (model_size, thumb_size) = task
+    block = np.empty((len(files), model_size.height, model_size.width, 3), dtype=np.uint8)
+    thumbs = []
     for offset, (path, expected_sha256) in enumerate(files):
-        for block, decoded in zip(blocks, decode_file(path, expected_sha256, targets)):
-            block[offset] = decoded
-    for (array_path, data_offset), block in zip(array_files, blocks):
-        row_bytes = block[0].nbytes
-        with open(array_path, "r+b") as file:
-            file.seek(data_offset + first_row * row_bytes)
-            file.write(block.data)
-    return len(files)
-
-
-def run_decode_tasks(tasks: list[DecodeTask], workers: int, total: int) -> None:
-    """Run decoding tasks on `workers` processes, with progress."""
-    with common.progress_bar(total, STAGE) as bar:
-        for count in compute.map_tasks(decode_rows, tasks, workers):
-            bar.update(count)
+        pixels, thumb = decode_file(path, expected_sha256, [model_size, thumb_size])
+        block[offset] = pixels
+        thumbs.append(thumbnails.encode(thumb))
+    with open(pixels_path, "r+b") as file:
+        file.seek(data_offset + first_row * block[0].nbytes)
+        file.write(block.data)
+    return thumbs
 
 
 # ----------------------------------------------------------------------------- the cache
 
-ARRAYS = ("pixels", "thumbs")  # the cache's arrays, one per decode target
+ARRAYS = ("pixels",)  # the cache's arrays
+BLOBS = ("thumbs",)  # and its blobs: a thumbnail's JPEG
 
 
 def decode_into_cache(
@@ -181,14 +181,19 @@ def decode_into_cache(
     workers: int,
 ) -> None:
     """Decode files (path, sha256) into a new segment of the cache, on `workers` processes."""
-    shapes = {name: ((t.height, t.width, 3), np.uint8) for name, t in zip(ARRAYS, targets)}
-    with cache.new_segment([sha for _, sha in files], shapes) as arrays:
-        array_files = [(Path(arrays[name].filename), arrays[name].offset) for name in ARRAYS]
+    model_size = targets[0]
+    shapes = {"pixels": ((model_size.height, model_size.width, 3), np.uint8)}
+    with cache.new_segment([sha for _, sha in files], shapes) as segment:
+        pixels = segment.arrays["pixels"]
+        pixels_file = (Path(pixels.filename), pixels.offset)
         tasks = [
-            (array_files, first, files[first:end], targets)
+            (pixels_file, first, files[first:end], targets)
             for first, end in task_ranges(len(files), workers)
         ]
-        run_decode_tasks(tasks, workers, len(files))
+        with common.progress_bar(len(files), STAGE) as bar:
+            for thumbs in compute.map_tasks(decode_rows, tasks, workers):
+                segment.append_blobs("thumbs", thumbs)
+                bar.update(len(thumbs))
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -218,7 +223,7 @@ def prepare_arrays(
     Only images whose sha256 the cache lacks are decoded; each distinct file once.
     """
     key = cache_key(params)
-    cache = ContentCache(cache_folder / key, ARRAYS)
+    cache = ContentCache(cache_folder / key, ARRAYS, BLOBS)
     first_path_of = manifest.drop_duplicates("sha256").set_index("sha256")["path"]
     missing = cache.missing(list(first_path_of.index))
     if missing:
@@ -227,9 +232,12 @@ def prepare_arrays(
 
     count = len(manifest)
     sha256s = manifest["sha256"].tolist()
-    for array, target, path in zip(ARRAYS, params.targets, (pixels_path, thumbs_path)):
-        shape = (count, target.height, target.width, 3)
-        common.write_array_in_blocks(path, shape, cache.row_blocks(sha256s, array))
+    model, thumb = params.model_size, params.thumb_size
+    shape = (count, model.height, model.width, 3)
+    common.write_array_in_blocks(pixels_path, shape, cache.row_blocks(sha256s, "pixels"))
+    blocks = cache.blob_blocks(sha256s, "thumbs")
+    ids = manifest["id"].tolist()
+    thumbnails.write_table(thumbs_path, ids, blocks, thumb.height, thumb.width)
     # The sha256 and the decode key name each row's pixels for the caches of later stages.
     keys = manifest[["id", "sha256"]].reset_index(drop=True)
     common.write_parquet(keys, ids_path, keys={"pixels_key": pixels_key(params)})
@@ -252,7 +260,7 @@ def main() -> None:
         params,
         common.CACHE_DIR / STAGE,
         common.PIXELS_FILE,
-        common.THUMBS_FILE,
+        thumbnails.THUMBS_FILE,
         common.ARRAY_IDS_FILE,
         common.worker_count(),
     )

@@ -2,7 +2,7 @@
 
 Params:  ScoreParams below (params.yaml, section score)
 Inputs:  data/processed/embeddings.parquet, data/processed/clusters.parquet,
-         data/raw/manifest.parquet (labels, paths), data/interim/thumbs.npy + ids.parquet
+         data/raw/manifest.parquet (labels, paths), data/interim/thumbs.parquet + ids.parquet
 Outputs: metrics/cluster.json (flat: silhouette, Calinski-Harabasz, Davies-Bouldin, sizes,
          noise share; accuracy, ARI and NMI where the manifest has labels),
          metrics/silhouette.csv (per cluster, a `dvc plots` bar chart),
@@ -32,7 +32,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import Field
 
-from stages import common, settings
+from stages import common, settings, thumbnails
 from stages.content_cache import ContentCache
 
 STAGE = "score"
@@ -306,7 +306,9 @@ def mosaic(thumbs: np.ndarray, columns: int) -> Image.Image:
 
 
 def overview_sheet(
-    thumbs: np.ndarray, rows_by_cluster: dict[int, np.ndarray], per_cluster: pd.DataFrame
+    thumbs: thumbnails.ThumbnailRows,
+    rows_by_cluster: dict[int, np.ndarray],
+    per_cluster: pd.DataFrame,
 ) -> Image.Image:
     """One line per cluster: its number, size and silhouette, then its most central images."""
     height, width = thumbs.shape[1:3]
@@ -352,7 +354,7 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 
 def write_mosaics(
-    thumbs: np.ndarray,
+    thumbs: thumbnails.ThumbnailRows,
     rows_by_cluster: dict[int, np.ndarray],
     per_cluster: pd.DataFrame,
     side: int,
@@ -479,7 +481,7 @@ def main() -> None:
     common.write_csv(result.per_cluster, SILHOUETTE_FILE)
     common.write_parquet(result.scores, common.SCORES_FILE)
     common.write_csv(result.outliers, OUTLIERS_FILE)
-    thumbs = common.load_thumbs(ids)
+    thumbs = thumbnails.load(ids)
     write_mosaics(thumbs, result.mosaic_rows, result.per_cluster, params.mosaic_side, MOSAICS_DIR)
     save_png(mosaic(thumbs[result.outlier_rows], params.mosaic_side), OUTLIERS_MOSAIC_FILE)
     agreement = ""

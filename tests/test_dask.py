@@ -23,7 +23,7 @@ OUTPUTS = (
     "data/raw/manifest.parquet",
     "data/raw/rejected.csv",
     "data/interim/pixels.npy",
-    "data/interim/thumbs.npy",
+    "data/interim/thumbs.parquet",
     "data/interim/ids.parquet",
     "data/processed/embeddings.parquet",
     "data/processed/clusters.parquet",

@@ -14,6 +14,7 @@ import yaml
 from conftest import clean_copy, dvc
 from PIL import Image
 
+from stages import thumbnails
 from stages.common import read_embeddings
 from tools.iss_frames import ISS_SCENES, iss_frame, readme_iss_command
 
@@ -68,7 +69,8 @@ def test_the_readme_iss_preset_runs_end_to_end(tmp_path: Path) -> None:
     rejected = pd.read_csv(project / "data/raw/rejected.csv")
     assert rejected["path"].tolist() == ["20170512-235959.jpg"]
     assert np.load(project / "data/interim/pixels.npy", mmap_mode="r").shape == (240, 27, 48, 3)
-    assert np.load(project / "data/interim/thumbs.npy", mmap_mode="r").shape == (240, 54, 96, 3)
+    thumbs = thumbnails.Thumbnails(project / "data/interim/thumbs.parquet")
+    assert thumbs.shape == (240, 54, 96, 3)
     ids, embeddings = read_embeddings(project / "data/processed/embeddings.parquet")
     assert embeddings.shape == (240, 288), "3x6x16, the original's latent"
     assert sorted(ids) == sorted(stems)

@@ -16,7 +16,7 @@ from PIL import Image
 from sklearn.datasets import make_blobs
 from sklearn.metrics import silhouette_samples
 
-from stages import common, embed, score
+from stages import common, embed, score, thumbnails
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,8 @@ def score_project(tmp_path: Path, monkeypatch, project_params: dict[str, Any]) -
     common.write_parquet(manifest, common.MANIFEST_FILE)
     thumbs = np.random.default_rng(0).integers(0, 255, (90, 9, 16, 3), dtype=np.uint8)
     common.INTERIM_DIR.mkdir(parents=True)
-    np.save(common.THUMBS_FILE, thumbs)
+    encoded = [thumbnails.encode(thumb) for thumb in thumbs]
+    thumbnails.write_table(thumbnails.THUMBS_FILE, ids, [encoded], 9, 16)
     sha256s = [f"sha-{row:03d}" for row in range(90)]
     common.write_parquet(pd.DataFrame({"id": ids, "sha256": sha256s}), common.ARRAY_IDS_FILE)
     return tmp_path
