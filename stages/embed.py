@@ -135,12 +135,12 @@ def encode_missing(
             for at in range(0, len(rows), batch_size)
         )
     with (
-        cache.new_segment(missing, {"embedding": ((dimension,), np.float32)}) as arrays,
+        cache.new_segment(missing, {"embedding": ((dimension,), np.float32)}) as segment,
         common.progress_bar(len(rows), STAGE) as bar,
     ):
         start = 0
         for codes in blocks:
-            arrays["embedding"][start : start + len(codes)] = codes
+            segment.arrays["embedding"][start : start + len(codes)] = codes
             start += len(codes)
             bar.update(len(codes))
     return len(missing)
