@@ -172,17 +172,13 @@ def report_disk(project: Path, source_mib: float) -> None:
     seen: set[tuple[int, int]] = set()
     parts = {
         "collection copy": [project / "data/raw/collections"],
-        "other outputs": [
-            project / "data",
-            project / "models",
-            project / "reports",
-            project / "metrics",
-        ],
-        "DVC cache": [project / ".dvc/cache"],
+        "per-image caches (data/cache)": [project / "data/cache"],
+        "outputs": [project / "data", project / "models", project / "reports", project / "metrics"],
+        "DVC cache, beyond the outputs it links": [project / ".dvc/cache"],
     }
     sizes = {}
     for name, paths in parts.items():
-        sizes[name] = disk_mib(paths, seen)  # the collection first: not counted twice
+        sizes[name] = disk_mib(paths, seen)  # in this order, each file counted once
     total = sum(sizes.values())
     print(f"\nsource images: {source_mib:,.1f} MiB")
     for name, size in sizes.items():
