@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stages import assign, cluster, common, score  # noqa: E402, I001
+from stages import assign, cluster, common, silhouettes  # noqa: E402, I001
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
@@ -89,13 +89,13 @@ def main() -> None:
     )
 
     started = time.perf_counter()
-    reference = score.reference_rows(clusters, in_fit, names, arguments.silhouette_sample, 0)
-    silhouettes = score.silhouette_per_image(vectors, clusters, reference)
+    reference = silhouettes.reference_rows(clusters, in_fit, names, arguments.silhouette_sample, 0)
+    per_image = silhouettes.silhouette_per_image(vectors, clusters, reference)
     seconds = time.perf_counter() - started
     print(
         f"score: silhouettes of {arguments.images} images against "
         f"{len(reference)} of the fit sample in {seconds:.1f} s "
-        f"({arguments.images / seconds:,.0f} images/s), mean {np.nanmean(silhouettes):.3f}"
+        f"({arguments.images / seconds:,.0f} images/s), mean {np.nanmean(per_image):.3f}"
     )
     print(f"peak memory: {peak_memory_mib():,.0f} MiB (vectors: {vectors.nbytes / 2**20:,.0f} MiB)")
 

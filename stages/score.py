@@ -21,7 +21,6 @@ computed over every image each run.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydantic import Field
 
 from stages import common, settings, thumbnails
-from stages.content_cache import ContentCache
+from stages.silhouettes import cached_silhouettes, reference_rows, silhouette_cache_key
 
 STAGE = "score"
 CLUSTER_METRICS_FILE = common.METRICS_DIR / "cluster.json"
@@ -41,7 +40,7 @@ SILHOUETTE_FILE = common.METRICS_DIR / "silhouette.csv"
 MOSAICS_DIR = Path("reports/mosaics")
 OUTLIERS_FILE = Path("reports/outliers.csv")
 OUTLIERS_MOSAIC_FILE = Path("reports/outliers.png")
-DISTANCE_BLOCK = 2048  # images whose distances to the reference are held at once
+DISTANCE_BLOCK = 2048  # images whose distances to the centers are held at once
 GUTTER = 2  # pixels between thumbnails in a mosaic
 OVERVIEW_THUMBS = 12  # thumbnails per cluster on the overview sheet
 OVERVIEW_LABEL_WIDTH = 150
@@ -66,86 +65,6 @@ class ScoreParams(settings.Section):
 
 
 # ----------------------------------------------------------------------------- scores
-
-
-def reference_rows(
-    clusters: np.ndarray, fitted: np.ndarray, sha256s: list[str], size: int, seed: int
-) -> np.ndarray:
-    """The rows silhouettes are measured against, in row order: the clustered images of the
-    cluster fit sample (every clustered image when no row is flagged `fitted`), at most
-    `size` of them.
-
-    Beyond `size`, the images whose seeded hash of their file's sha256 ranks lowest are
-    kept (ties by row), so the choice depends on the images, never on the order they
-    arrived in; and with frozen models new images never change it, which lets every
-    earlier silhouette stay as it was.
-    """
-    clustered = clusters != common.NOISE
-    candidates = np.flatnonzero(clustered & fitted)
-    if not len(candidates):
-        candidates = np.flatnonzero(clustered)
-    if len(candidates) <= size:
-        return candidates
-    ranks = [hashlib.sha256(f"{seed}:{sha256s[row]}".encode()).digest() for row in candidates]
-    order = sorted(range(len(candidates)), key=lambda index: (ranks[index], index))
-    return np.sort(candidates[order[:size]])
-
-
-def silhouette_per_image(
-    vectors: np.ndarray,
-    clusters: np.ndarray,
-    reference: np.ndarray,
-    rows: np.ndarray | None = None,
-) -> np.ndarray:
-    """The silhouettes of `rows` (every row by default) against the `reference` rows; NaN
-    for noise and when the reference holds fewer than 2 clusters.
-
-    a = mean distance to the other members of its cluster, b = the lowest mean distance to
-    the members of another cluster, s = (b - a) / max(a, b), and 0 for a cluster of one
-    (as scikit-learn). The means run over the reference, so the cost is rows x reference,
-    not N x N, and a row's value depends on its vector, its cluster and the reference
-    alone; with every clustered image in the reference it equals scikit-learn's
-    silhouette_samples.
-    """
-    rows = np.arange(len(vectors)) if rows is None else rows
-    result = np.full(len(rows), np.nan)
-    labels, reference_label = np.unique(clusters[reference], return_inverse=True)
-    if len(labels) < 2:
-        return result
-    clustered = np.flatnonzero(clusters[rows] != common.NOISE)
-    members = np.zeros((len(reference), len(labels)))
-    members[np.arange(len(reference)), reference_label] = 1.0
-    counts = members.sum(axis=0)
-    in_reference = np.zeros(len(vectors), dtype=bool)
-    in_reference[reference] = True
-    reference_vectors = vectors[reference].astype(np.float64)
-    reference_norms = (reference_vectors**2).sum(axis=1)
-    for start in range(0, len(clustered), DISTANCE_BLOCK):
-        places = clustered[start : start + DISTANCE_BLOCK]
-        block_rows = rows[places]
-        block = vectors[block_rows].astype(np.float64)
-        squared = (block**2).sum(axis=1)[:, None] + reference_norms[None, :]
-        distances = np.sqrt(np.maximum(squared - 2.0 * block @ reference_vectors.T, 0.0))
-        # An image in the reference has distance 0 to itself; taking it out of its own
-        # cluster's count leaves the mean over the others. A cluster the reference lacks
-        # has no column: its images get 0, as a cluster of one.
-        sums = np.hstack([distances @ members, np.zeros((len(block_rows), 1))])
-        column = np.searchsorted(labels, clusters[block_rows])
-        found = labels[np.minimum(column, len(labels) - 1)]
-        absent = (column >= len(labels)) | (found != clusters[block_rows])
-        own = np.where(absent, len(labels), column)
-        own_count = np.append(counts, 0.0)[own] - in_reference[block_rows]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = sums[:, :-1] / counts[None, :]
-            a = sums[np.arange(len(block_rows)), own] / own_count
-        means[np.arange(len(block_rows))[~absent], own[~absent]] = np.inf
-        b = means.min(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            silhouettes = (b - a) / np.maximum(a, b)
-        silhouettes[own_count <= 0] = 0.0
-        silhouettes[(a == 0) & (b == 0)] = 0.0
-        result[places] = silhouettes
-    return result
 
 
 def cluster_centers(vectors: np.ndarray, clusters: np.ndarray) -> dict[int, np.ndarray]:
@@ -384,37 +303,6 @@ class ScoreResult:
     outlier_rows: np.ndarray  # rows of the outliers mosaic
 
 
-def cached_silhouettes(
-    vectors: np.ndarray,
-    clusters: np.ndarray,
-    reference: np.ndarray,
-    sha256s: list[str],
-    cache_key: str | None,
-) -> tuple[np.ndarray, int]:
-    """Every image's silhouette, and how many were computed: those data/cache/score/ lacks
-    for `cache_key` (what placed every image and the reference's files), each distinct
-    file once. Without a key every silhouette is computed and nothing is kept."""
-    if cache_key is None:
-        return silhouette_per_image(vectors, clusters, reference), len(vectors)
-    cache = ContentCache(common.CACHE_DIR / STAGE / cache_key, ("silhouette",))
-    missing, rows = cache.missing_rows(sha256s)
-    if missing:
-        computed = silhouette_per_image(vectors, clusters, reference, rows)
-        cache.add(missing, {"silhouette": computed})
-    blocks = cache.row_blocks(sha256s, "silhouette")
-    return np.concatenate([np.empty(0), *blocks]), len(missing)
-
-
-def silhouette_cache_key(assign_key: str | None, reference_sha256s: list[str]) -> str | None:
-    """The name of the silhouette cache: a digest of what placed every image (assign's key,
-    which names the cluster model and the embeddings) and of the reference's files."""
-    if not assign_key:
-        return None
-    digest = hashlib.sha256(assign_key.encode())
-    digest.update("\n".join(reference_sha256s).encode())
-    return digest.hexdigest()[:16]
-
-
 def score_clusters(
     ids: list[str],
     vectors: np.ndarray,
@@ -474,8 +362,8 @@ def main() -> None:
     )
     assign_key = common.parquet_keys(common.CLUSTERS_FILE, made_by="assign").get("assign_key")
     key = silhouette_cache_key(assign_key, [sha256s[row] for row in reference])
-    silhouettes, computed = cached_silhouettes(vectors, clusters, reference, sha256s, key)
-    result = score_clusters(ids, vectors, clusters, silhouettes, manifest, params)
+    per_image, computed = cached_silhouettes(vectors, clusters, reference, sha256s, key)
+    result = score_clusters(ids, vectors, clusters, per_image, manifest, params)
     metrics = result.metrics
     common.write_json(metrics, CLUSTER_METRICS_FILE)
     common.write_csv(result.per_cluster, SILHOUETTE_FILE)

@@ -15,14 +15,14 @@ offers), sync_files (measuring and copying) and sync_manifest (history and manif
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pandas as pd
 from pydantic import Field, field_validator
 
-from stages import common, compute, remote, settings, sync_last_run
+from stages import common, compute, remote, settings, sync_last_run, sync_remote_state
 from stages.sync_files import BringTask, FileOutcome, MeasureTask, remove_temporary_files, run_task
 from stages.sync_manifest import (
     Description,
@@ -35,7 +35,6 @@ from stages.sync_manifest import (
 from stages.sync_sources import (
     BUILTIN_DIGITS,
     FolderListing,
-    SourceFile,
     collection_files,
     is_unchanged,
     list_folder,
@@ -45,7 +44,6 @@ from stages.sync_sources import (
 )
 
 STAGE = "sync"
-REMOTE_STATE_COLUMNS = ["path", "url", "etag", "size", "reason"]
 REMOTE_WORKERS = 8  # downloads wait on the network: more of them than cores
 SOURCE_WORDS = f"expected a folder, s3://bucket/prefix, a URL list or {BUILTIN_DIGITS}"
 PATTERN_WORDS = "expected a strptime pattern such as %Y%m%d-%H%M%S"
@@ -176,7 +174,7 @@ class SyncResult:
     rejected: pd.DataFrame  # path, reason
     summary: SyncSummary
     history: HistoryReport | None
-    remote_state: pd.DataFrame  # REMOTE_STATE_COLUMNS; empty for local sources
+    remote_state: pd.DataFrame  # sync_remote_state.COLUMNS; empty for local sources
 
 
 def sync_collection(
@@ -198,7 +196,7 @@ def sync_collection(
     if params.history is not None:
         history, history_report = read_history(params.history)
     if remote.is_remote(params.source):
-        state = remote_state_rows(previous_remote)
+        state = sync_remote_state.remote_state_rows(previous_remote)
         source_files, hidden, refused = remote_source_files(params.source, params.remote, state)
         workers = max(workers, REMOTE_WORKERS)
     else:
@@ -219,7 +217,7 @@ def sync_collection(
             continue
         row = previous_rows.get(item.relative_path)
         if item.remote is not None:
-            reused = reuse_remote_outcome(item, row, collection)
+            reused = sync_remote_state.reuse_remote_outcome(item, row, collection)
             if reused is not None:
                 outcomes.append(reused)
                 continue
@@ -259,63 +257,8 @@ def sync_collection(
             f"sync.source: {params.source} gave no usable image"
             + (f" ({len(rejected)} rejected; see the reasons above)" if len(rejected) else "")
         )
-    remote_state = remote_state_table(source_files, outcomes)
+    remote_state = sync_remote_state.remote_state_table(source_files, outcomes)
     return SyncResult(manifest, rejected, summary, history_report, remote_state)
-
-
-def remote_state_rows(previous: pd.DataFrame | None) -> dict[str, dict[str, Any]]:
-    """The last run's remote state by path (empty when there is none)."""
-    if previous is None or not set(REMOTE_STATE_COLUMNS) <= set(previous.columns):
-        return {}
-    rows = previous.astype(object).where(previous.notna(), None).to_dict("records")
-    return {str(row["path"]): row for row in rows}
-
-
-def reuse_remote_outcome(
-    item: SourceFile, row: dict[str, Any] | None, collection: Path
-) -> FileOutcome | None:
-    """The outcome of a remote object that has not changed since the last run (same ETag
-    and size, its copy in place or its rejection on record), without downloading it;
-    None when it must be fetched. URL lists tell no ETag: the server is asked instead."""
-    assert item.remote is not None
-    known = item.known
-    if known is None or item.remote.etag is None or known.get("etag") != item.remote.etag:
-        return None
-    if known.get("size") is None or int(known["size"]) != item.size:
-        return None
-    if known.get("reason"):
-        return FileOutcome(item.relative_path, None, str(known["reason"]), etag=item.remote.etag)
-    destination = collection / item.relative_path
-    if row is None or not destination.exists() or destination.stat().st_size != item.size:
-        return None
-    return replace(outcome_from_row(row, item.label), etag=item.remote.etag)
-
-
-def remote_state_table(source_files: list[SourceFile], outcomes: list[FileOutcome]) -> pd.DataFrame:
-    """What this run saw of each remote object, for the next run to compare against.
-
-    A failed download has no ETag in its outcome, so the next run tries it again.
-    """
-    by_path = {outcome.relative_path: outcome for outcome in outcomes}
-    rows = []
-    for item in source_files:
-        outcome = by_path.get(item.relative_path)
-        if item.remote is None or outcome is None:
-            continue
-        size = outcome.measurement.bytes if outcome.measurement is not None else item.size
-        rows.append(
-            {
-                "path": item.relative_path,
-                "url": item.remote.url,
-                "etag": outcome.etag,
-                "size": size,
-                "reason": outcome.reason,
-            }
-        )
-    table = pd.DataFrame(rows, columns=REMOTE_STATE_COLUMNS)
-    return table.astype(
-        {"path": str, "url": str, "etag": object, "size": "Int64", "reason": object}
-    )
 
 
 def run_tasks(tasks: list[BringTask | MeasureTask], workers: int) -> list[FileOutcome]:

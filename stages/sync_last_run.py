@@ -20,11 +20,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from stages import common, images, remote, sync_files, sync_manifest, sync_sources
+from stages import (
+    common,
+    images,
+    remote,
+    sync_files,
+    sync_manifest,
+    sync_remote_state,
+    sync_sources,
+)
 
 LAST_RUN_FILE = common.CACHE_DIR / "sync" / "last-run.json"
 # The modules whose code decides what sync writes (sync.py itself is passed in).
-CODE_MODULES = (common, images, remote, sync_files, sync_manifest, sync_sources)
+CODE_MODULES = (common, images, remote, sync_files, sync_manifest, sync_remote_state, sync_sources)
 
 
 @dataclass(frozen=True)

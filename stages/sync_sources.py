@@ -33,7 +33,7 @@ class SourceFile:
     label: str | None = None  # ground truth the source itself knows
     remote: remote.RemoteObject | None = None  # set for files of an S3 or URL-list source
     known: dict[str, Any] | None = (
-        None  # remote: what the last run saw (see sync.REMOTE_STATE_COLUMNS)
+        None  # remote: what the last run saw (see sync_remote_state.COLUMNS)
     )
 
 

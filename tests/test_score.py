@@ -16,7 +16,7 @@ from PIL import Image
 from sklearn.datasets import make_blobs
 from sklearn.metrics import silhouette_samples
 
-from stages import common, embed, score, thumbnails
+from stages import common, embed, score, silhouettes, thumbnails
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,10 @@ def reference_silhouettes(
 ):
     """Silhouettes against a reference of every clustered image (at most `size`)."""
     nothing_fitted = np.zeros(len(clusters), dtype=bool)
-    reference = score.reference_rows(clusters, nothing_fitted, shas(len(clusters)), size, seed)
-    return score.silhouette_per_image(vectors, clusters, reference)
+    reference = silhouettes.reference_rows(
+        clusters, nothing_fitted, shas(len(clusters)), size, seed
+    )
+    return silhouettes.silhouette_per_image(vectors, clusters, reference)
 
 
 def test_silhouette_equals_scikit_learn_when_exact(blobs) -> None:
@@ -67,13 +69,13 @@ def test_the_reference_is_the_fit_sample_chosen_by_content(blobs) -> None:
     clusters[:5] = common.NOISE
     fitted = np.zeros(300, dtype=bool)
     fitted[::2] = True
-    reference = score.reference_rows(clusters, fitted, shas(300), 10000, 0)
+    reference = silhouettes.reference_rows(clusters, fitted, shas(300), 10000, 0)
     np.testing.assert_array_equal(reference, np.arange(6, 300, 2))  # clustered, fitted
-    some = score.reference_rows(clusters, fitted, shas(300), 50, 0)
+    some = silhouettes.reference_rows(clusters, fitted, shas(300), 50, 0)
     assert len(some) == 50 and set(some) <= set(reference)
     # The same files in another order, with others added: the same files are chosen.
     order = np.random.default_rng(3).permutation(300)
-    grown = score.reference_rows(
+    grown = silhouettes.reference_rows(
         np.append(clusters[order], [0] * 40),
         np.append(fitted[order], [False] * 40),
         [shas(300)[row] for row in order] + [f"new-{row}" for row in range(40)],
@@ -86,10 +88,10 @@ def test_the_reference_is_the_fit_sample_chosen_by_content(blobs) -> None:
 def test_a_silhouette_depends_on_its_image_and_the_reference_alone(blobs) -> None:
     vectors, truth = blobs
     reference = np.arange(0, 300, 3)
-    whole = score.silhouette_per_image(vectors, truth, reference)
+    whole = silhouettes.silhouette_per_image(vectors, truth, reference)
     rows = np.array([299, 4, 3, 150])
     np.testing.assert_array_equal(
-        score.silhouette_per_image(vectors, truth, reference, rows), whole[rows]
+        silhouettes.silhouette_per_image(vectors, truth, reference, rows), whole[rows]
     )
 
 
@@ -141,10 +143,10 @@ def test_hungarian_accuracy_matches_clusters_to_labels() -> None:
 
 def test_metrics_are_flat_and_agree_with_labels(blobs) -> None:
     vectors, truth = blobs
-    silhouettes = reference_silhouettes(vectors, truth)
-    per_cluster = score.silhouette_table(truth, silhouettes)
+    per_image = reference_silhouettes(vectors, truth)
+    per_cluster = score.silhouette_table(truth, per_image)
     labels = pd.Series([f"digit {value}" for value in truth])
-    metrics = score.cluster_metrics(vectors, truth, silhouettes, per_cluster, labels)
+    metrics = score.cluster_metrics(vectors, truth, per_image, per_cluster, labels)
     assert metrics["accuracy"] == metrics["ari"] == metrics["nmi"] == 1.0
     assert metrics["n_clusters"] == 3
     assert metrics["size_min"] + metrics["size_max"] + metrics["size_median"] == 300
@@ -155,10 +157,10 @@ def test_metrics_are_flat_and_agree_with_labels(blobs) -> None:
 
 def test_without_labels_there_is_no_agreement_metric(blobs) -> None:
     vectors, truth = blobs
-    silhouettes = reference_silhouettes(vectors, truth)
-    per_cluster = score.silhouette_table(truth, silhouettes)
+    per_image = reference_silhouettes(vectors, truth)
+    per_cluster = score.silhouette_table(truth, per_image)
     unlabelled = pd.Series([None] * len(truth), dtype=object)
-    metrics = score.cluster_metrics(vectors, truth, silhouettes, per_cluster, unlabelled)
+    metrics = score.cluster_metrics(vectors, truth, per_image, per_cluster, unlabelled)
     assert "accuracy" not in metrics and "ari" not in metrics
 
 
@@ -166,10 +168,10 @@ def test_noise_share_and_undefined_scores_with_one_cluster(blobs) -> None:
     vectors, _ = blobs
     clusters = np.zeros(300, dtype=int)
     clusters[:30] = common.NOISE
-    silhouettes = reference_silhouettes(vectors, clusters)
-    per_cluster = score.silhouette_table(clusters, silhouettes)
+    per_image = reference_silhouettes(vectors, clusters)
+    per_cluster = score.silhouette_table(clusters, per_image)
     metrics = score.cluster_metrics(
-        vectors, clusters, silhouettes, per_cluster, pd.Series([None] * 300)
+        vectors, clusters, per_image, per_cluster, pd.Series([None] * 300)
     )
     assert metrics["noise_share"] == 0.1
     assert metrics["n_clusters"] == 1
