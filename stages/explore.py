@@ -14,6 +14,7 @@ relative path into data/raw/collections/. The page's own code is in stages/explo
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -177,42 +178,77 @@ def atlas_grid(thumb_shape: tuple[int, int], sprite_height: int, count: int) -> 
     return AtlasGrid(width=width, height=height, columns=columns, rows=rows)
 
 
-def sprite(thumb: np.ndarray, grid: AtlasGrid) -> Image.Image:
+def sprite(thumb: np.ndarray | Image.Image, grid: AtlasGrid) -> Image.Image:
     """One thumbnail at sprite size."""
-    image = Image.fromarray(np.asarray(thumb))
+    image = thumb if isinstance(thumb, Image.Image) else Image.fromarray(np.asarray(thumb))
     if image.size == (grid.width, grid.height):
         return image
     return image.resize((grid.width, grid.height), Image.Resampling.LANCZOS)
 
 
+def atlas(thumbs: thumbnails.ThumbnailRows, rows: np.ndarray, grid: AtlasGrid) -> Image.Image:
+    """One atlas of the sprites of thumbs[rows], row by row."""
+    used_rows = math.ceil(len(rows) / grid.columns)
+    image = Image.new("RGB", (grid.columns * grid.width, used_rows * grid.height))
+    stored = isinstance(thumbs, thumbnails.Thumbnails)
+    for index, row in enumerate(rows):
+        thumb = thumbs.image(int(row)) if stored else thumbs[row]
+        column, line = index % grid.columns, index // grid.columns
+        image.paste(sprite(thumb, grid), (column * grid.width, line * grid.height))
+    return image
+
+
+def atlas_blocks(rows: np.ndarray, grid: AtlasGrid) -> list[np.ndarray]:
+    """The rows of each atlas: sprite i sits in atlas i // per_atlas, at column
+    (i % per_atlas) % columns and row (i % per_atlas) // columns."""
+    return [rows[start : start + grid.per_atlas] for start in range(0, len(rows), grid.per_atlas)]
+
+
 def atlases(
     thumbs: thumbnails.ThumbnailRows, rows: np.ndarray, grid: AtlasGrid
 ) -> Iterator[Image.Image]:
-    """The sprite atlases of thumbs[rows], in order: sprite i sits in atlas i // per_atlas,
-    at column (i % per_atlas) % columns and row (i % per_atlas) // columns."""
-    for start in range(0, len(rows), grid.per_atlas):
-        block = rows[start : start + grid.per_atlas]
-        used_rows = math.ceil(len(block) / grid.columns)
-        atlas = Image.new("RGB", (grid.columns * grid.width, used_rows * grid.height))
-        for index, row in enumerate(block):
-            column, line = index % grid.columns, index // grid.columns
-            atlas.paste(sprite(thumbs[row], grid), (column * grid.width, line * grid.height))
-        yield atlas
+    """The sprite atlases of thumbs[rows], in order (see atlas_blocks)."""
+    for block in atlas_blocks(rows, grid):
+        yield atlas(thumbs, block, grid)
+
+
+def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
+    """An image as JPEG bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def atlas_file_task(task: tuple[Path, np.ndarray, AtlasGrid, int]) -> bytes:
+    """One atlas of thumbnails stored in a file, as JPEG bytes (a task for a process)."""
+    path, rows, grid, quality = task
+    return jpeg_bytes(atlas(thumbnails.Thumbnails(path), rows, grid), quality)
+
+
+def atlas_files(
+    thumbs: thumbnails.ThumbnailRows, rows: np.ndarray, grid: AtlasGrid, quality: int, workers: int
+) -> Iterator[bytes]:
+    """The atlases of thumbs[rows] as JPEG files' bytes, in order. Stored thumbnails are
+    decoded and encoded on `workers` processes, an atlas a task, which send back only the
+    few MB of its JPEG."""
+    if not isinstance(thumbs, thumbnails.Thumbnails):
+        yield from (jpeg_bytes(image, quality) for image in atlases(thumbs, rows, grid))
+        return
+    tasks = [(thumbs.path, block, grid, quality) for block in atlas_blocks(rows, grid)]
+    yield from common.map_in_processes(atlas_file_task, tasks, workers)
 
 
 # ----------------------------------------------------------------------------- output
 
 
-def write_explorer(
-    directory: Path, data: dict[str, Any], atlas_images: Iterator[Image.Image], quality: int
-) -> None:
+def write_explorer(directory: Path, data: dict[str, Any], atlas_jpegs: Iterator[bytes]) -> None:
     """Write the page, its data script and atlases into `directory`, replacing it as a whole.
 
     Each atlas is saved under its name in data["atlas"]["files"]; the counts must agree.
     """
     with common.replace_folder(directory) as staging:
-        for name, atlas in zip(data["atlas"]["files"], atlas_images, strict=True):
-            atlas.save(staging / name, format="JPEG", quality=quality)
+        for name, jpeg in zip(data["atlas"]["files"], atlas_jpegs, strict=True):
+            (staging / name).write_bytes(jpeg)
         (staging / DATA_SCRIPT).write_text(data_script(data), encoding="ascii")
         for name in PAGE_FILES:
             shutil.copyfile(PAGE_FILES_DIR / name, staging / name)
@@ -248,7 +284,8 @@ def build_explorer(
     collection = Path(os.path.relpath(collection_dir, directory)).as_posix() + "/"
     summary = {**summary, "shown_images": len(rows)}
     data = page_data(shown, grid, atlas_names(len(rows), grid), summary, collection)
-    write_explorer(directory, data, atlases(thumbs, rows, grid), params.atlas_quality)
+    jpegs = atlas_files(thumbs, rows, grid, params.atlas_quality, common.worker_count())
+    write_explorer(directory, data, jpegs)
     return data
 
 

@@ -92,10 +92,11 @@ def settings_key(settings: Any) -> str:
 
 
 def cache_key(params: DecodeSizes) -> str:
-    """The key of prepare's cache: both sizes, as its segments hold both, and the code
-    that stores thumbnails."""
-    code = hashlib.sha256(Path(thumbnails.__file__).read_bytes()).hexdigest()
-    return hashlib.sha256(f"{settings_key(params)}-{code}".encode()).hexdigest()[:16]
+    """The key of prepare's cache: both sizes, as its segments hold both, and how
+    thumbnails are encoded (not the code of thumbnails.py, whose reader may change
+    without a thumbnail being decoded again)."""
+    encoding = thumbnails.ENCODING.encode()
+    return hashlib.sha256(settings_key(params).encode() + encoding).hexdigest()[:16]
 
 
 def pixels_key(params: DecodeSizes) -> str:

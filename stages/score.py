@@ -44,6 +44,7 @@ DISTANCE_BLOCK = 2048  # images whose distances to the centers are held at once
 GUTTER = 2  # pixels between thumbnails in a mosaic
 OVERVIEW_THUMBS = 12  # thumbnails per cluster on the overview sheet
 OVERVIEW_LABEL_WIDTH = 150
+OUTLIERS = -2  # the key of the outliers' rows among the clusters' (noise is -1)
 
 
 class ScoreParams(settings.Section):
@@ -369,9 +370,15 @@ def main() -> None:
     common.write_csv(result.per_cluster, SILHOUETTE_FILE)
     common.write_parquet(result.scores, common.SCORES_FILE)
     common.write_csv(result.outliers, OUTLIERS_FILE)
-    thumbs = thumbnails.load(ids)
-    write_mosaics(thumbs, result.mosaic_rows, result.per_cluster, params.mosaic_side, MOSAICS_DIR)
-    save_png(mosaic(thumbs[result.outlier_rows], params.mosaic_side), OUTLIERS_MOSAIC_FILE)
+    # Only the thumbnails the pictures show are decoded: a cluster's first rows, the outliers.
+    shown = max(params.mosaic_side**2, OVERVIEW_THUMBS)
+    row_sets = {cluster: rows[:shown] for cluster, rows in result.mosaic_rows.items()}
+    thumbs, picked = thumbnails.pick(
+        thumbnails.load(ids), {**row_sets, OUTLIERS: result.outlier_rows}
+    )
+    outlier_rows = picked.pop(OUTLIERS)
+    write_mosaics(thumbs, picked, result.per_cluster, params.mosaic_side, MOSAICS_DIR)
+    save_png(mosaic(thumbs[outlier_rows], params.mosaic_side), OUTLIERS_MOSAIC_FILE)
     agreement = ""
     if "accuracy" in metrics:
         agreement = (

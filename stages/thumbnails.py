@@ -26,6 +26,8 @@ from stages import common
 
 QUALITY = 90
 SUBSAMPLING = 0  # 4:4:4: a thumbnail is too small to halve its colors' resolution
+# Names how thumbnails are encoded, for prepare's cache key: change it with encode().
+ENCODING = f"jpeg quality {QUALITY} subsampling {SUBSAMPLING}"
 ROW_GROUP_ROWS = 1024
 THUMBS_FILE = common.INTERIM_DIR / "thumbs.parquet"
 
@@ -38,10 +40,15 @@ def encode(thumbnail: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def decode_image(data: bytes) -> Image.Image:
+    """JPEG bytes back to an RGB thumbnail image."""
+    image = Image.open(io.BytesIO(data))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def decode(data: bytes) -> np.ndarray:
     """JPEG bytes back to a height x width x 3 uint8 thumbnail."""
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+    return np.asarray(decode_image(data))
 
 
 def write_table(
@@ -74,6 +81,7 @@ class Thumbnails:
     `thumbnails[row]` or `thumbnails[rows]` decodes just those rows."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self.file = pq.ParquetFile(path)
         metadata = self.file.schema_arrow.metadata or {}
         height, width = int(metadata[b"height"]), int(metadata[b"width"])
@@ -99,6 +107,10 @@ class Thumbnails:
         group = int(np.searchsorted(self.group_starts, row, side="right")) - 1
         return self.read_group(group)[row - int(self.group_starts[group])]
 
+    def image(self, row: int) -> Image.Image:
+        """One row as an image (no array made: the explorer pastes it as it is)."""
+        return decode_image(self.jpeg(row))
+
     def __getitem__(self, rows: int | np.integer | np.ndarray | list[int]) -> np.ndarray:
         if isinstance(rows, int | np.integer):
             return decode(self.jpeg(int(rows)))
@@ -108,6 +120,21 @@ class Thumbnails:
         for index in np.argsort(rows, kind="stable"):
             result[index] = decode(self.jpeg(int(rows[index])))
         return result
+
+
+def pick(
+    thumbs: Thumbnails | np.ndarray, row_sets: dict[int, np.ndarray]
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """The thumbnails of several sets of rows, decoded in one pass over the row groups (a
+    set at a time would read most groups again for each set), and each set's rows as
+    positions in what is returned."""
+    needed = np.unique(np.concatenate([np.empty(0, np.int64), *row_sets.values()]))
+    position = {int(row): index for index, row in enumerate(needed)}
+    remapped = {
+        key: np.array([position[int(row)] for row in rows], dtype=np.int64)
+        for key, rows in row_sets.items()
+    }
+    return thumbs[needed], remapped
 
 
 # What score and explore take thumbnails from: the stored table, or an array in tests.

@@ -303,5 +303,9 @@ def test_thumbnails_are_read_by_row_across_row_groups(tmp_path: Path, monkeypatc
     for index, row in enumerate(rows):
         np.testing.assert_array_equal(picked[index], stored[int(row)])
         assert stored.jpeg(int(row)) == thumbnails.encode(arrays[row])
+    picked, positions = thumbnails.pick(stored, {0: np.array([9, 1]), 1: np.array([1, 4])})
+    assert len(picked) == 3  # rows 1, 4 and 9, each decoded once
+    for rows_of, rows in ((0, [9, 1]), (1, [1, 4])):
+        np.testing.assert_array_equal(picked[positions[rows_of]], stored[np.array(rows)])
     with pytest.raises(common.UserError, match="list different images"):
         thumbnails.load(ids[::-1], tmp_path / "thumbs.parquet")
