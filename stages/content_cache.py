@@ -172,11 +172,11 @@ class ContentCache:
                 sizes = [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)]
                 starts = np.cumsum([0, *sizes])
                 wanted = segment_rows["row"].to_numpy()
-                groups = np.unique(np.searchsorted(starts, wanted, side="right") - 1)
+                group_of = np.searchsorted(starts, wanted, side="right") - 1
+                groups = np.unique(group_of)
                 values = file.read_row_groups(groups.tolist(), columns=["value"]).column(0)
                 # Position of each wanted row among the rows of the groups read.
                 before = np.cumsum([0, *(sizes[group] for group in groups)])
-                group_of = np.searchsorted(starts, wanted, side="right") - 1
                 positions = before[np.searchsorted(groups, group_of)] + wanted - starts[group_of]
                 taken = values.take(pa.array(positions)).to_pylist()
                 for place, value in zip(segment_rows.index.to_numpy() - start, taken, strict=True):

@@ -36,6 +36,7 @@ from stages.sync_sources import (
     BUILTIN_DIGITS,
     FolderListing,
     collection_files,
+    collection_listing,
     is_unchanged,
     list_folder,
     list_source,
@@ -184,13 +185,15 @@ def sync_collection(
     workers: int,
     previous_remote: pd.DataFrame | None = None,
     source_listing: FolderListing | None = None,
+    collection_walk: FolderListing | None = None,
 ) -> SyncResult:
     """Bring the source into `collection`; return the manifest, the rejected table and counts.
 
     Files the source lost stay in the collection and the manifest unless params.mirror is
     set. Measurements are reused from `previous_manifest` for files that did not change;
     remote objects whose ETag and size match `previous_remote` are not downloaded again.
-    `source_listing` is the source folder's walk, when the caller has made it.
+    `source_listing` and `collection_walk` are the source folder's and the collection's
+    walks, when the caller has made them.
     """
     history, history_report = (None, None)
     if params.history is not None:
@@ -228,7 +231,8 @@ def sync_collection(
         tasks.append(BringTask(item, collection, params.max_pixels))
 
     offered_paths = {item.relative_path for item in source_files}
-    leftovers = [path for path in collection_files(collection) if path not in offered_paths]
+    existing = collection_files(collection, collection_walk)
+    leftovers = [path for path in existing if path not in offered_paths]
     if params.mirror:
         for path in leftovers:
             (collection / path).unlink()
@@ -282,7 +286,9 @@ def read_previous_manifest(path: Path) -> pd.DataFrame | None:
         return None
 
 
-def local_inputs_digest(params: SyncParams, source: FolderListing, collection: Path) -> str | None:
+def local_inputs_digest(
+    params: SyncParams, source: FolderListing, collection: FolderListing
+) -> str | None:
     """The digest of what a sync of a local folder reads (see sync_last_run); None when
     the history file is not a plain file, which the run itself reports."""
     history = sync_last_run.history_stamp(params.history)
@@ -293,7 +299,7 @@ def local_inputs_digest(params: SyncParams, source: FolderListing, collection: P
         sync_last_run.code_files(__file__),
         history,
         source,
-        list_folder(collection) if collection.is_dir() else FolderListing([], 0, []),
+        collection,
     )
 
 
@@ -312,11 +318,12 @@ def main() -> None:
     outputs = [common.MANIFEST_FILE, common.REJECTED_FILE, common.REMOTE_STATE_FILE]
     folder = None if remote.is_remote(params.source) else source_folder(params.source, collection)
     source_listing = None if folder is None else list_folder(folder)
-    if source_listing is not None:
+    collection_before = None if folder is None else collection_listing(collection)
+    if source_listing is not None and collection_before is not None:
         last = sync_last_run.read_last_run()
         if (
             last is not None
-            and last.inputs == local_inputs_digest(params, source_listing, collection)
+            and last.inputs == local_inputs_digest(params, source_listing, collection_before)
             and last.outputs == sync_last_run.outputs_digest(outputs)
         ):
             logger.info(
@@ -333,6 +340,7 @@ def main() -> None:
         common.worker_count(),
         read_previous_manifest(common.REMOTE_STATE_FILE),
         source_listing,
+        collection_before,
     )
     manifest, rejected, summary = result.manifest, result.rejected, result.summary
     history_report = result.history
@@ -340,7 +348,7 @@ def main() -> None:
     common.write_bytes_atomic(rejected.to_csv(index=False).encode("utf-8"), common.REJECTED_FILE)
     common.write_parquet(result.remote_state, common.REMOTE_STATE_FILE)
     if source_listing is not None:
-        inputs = local_inputs_digest(params, source_listing, collection)
+        inputs = local_inputs_digest(params, source_listing, collection_listing(collection))
         written = sync_last_run.outputs_digest(outputs)
         if inputs is not None and written is not None:
             sync_last_run.write_last_run(sync_last_run.LastRun(inputs, written))

@@ -225,8 +225,13 @@ def list_source(
     return folder_source_files(folder, listing)
 
 
-def collection_files(collection: Path) -> list[str]:
-    """Relative POSIX paths of the files in the collection, hidden ones left out."""
-    if not collection.exists():
-        return []
-    return [relative for relative, _, _ in list_folder(collection).files]
+def collection_listing(collection: Path) -> FolderListing:
+    """The walk of the collection (see list_folder); empty when there is none yet."""
+    return list_folder(collection) if collection.is_dir() else FolderListing([], 0, [])
+
+
+def collection_files(collection: Path, listing: FolderListing | None = None) -> list[str]:
+    """Relative POSIX paths of the files in the collection, hidden ones left out (from
+    `listing`, its walk, when the caller has made it)."""
+    listing = collection_listing(collection) if listing is None else listing
+    return [relative for relative, _, _ in listing.files]
