@@ -85,12 +85,12 @@ def main() -> None:
         summary.update(rejected_files=0, with_location=0, blank_images=0, duplicate_images=0)
         params = explore.ExploreParams(max_images=10**6, sprite_height=54, atlas_quality=85, seed=0)
         started = time.perf_counter()
-        data = explore.build_explorer(
+        data, _ = explore.build_explorer(
             table, thumbs, summary, params, root / "explorer", root / "collections"
         )
         build_seconds = time.perf_counter() - started
         sizes = {p.name: p.stat().st_size for p in (root / "explorer").iterdir()}
-        atlas_mib = sum(v for k, v in sizes.items() if k.startswith("atlas")) / 2**20
+        atlas_mib = sum(v for k, v in sizes.items() if k.startswith("atlas-")) / 2**20
         print(f"images: {arguments.images:,}, {len(data['atlas']['files'])} atlas(es)")
         print(f"stage work: {build_seconds:.1f} s")
         print(f"files: data.js {sizes['data.js'] / 2**20:.1f} MiB, atlases {atlas_mib:.1f} MiB")

@@ -190,7 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=10000)
     parser.add_argument("--full-size", action="store_true", help="1280x720 frames")
-    parser.add_argument("--grow", type=float, default=0.0, help="then add this % of new frames")
+    parser.add_argument("--grow", type=float, default=0.0, help="then add this %% of new frames")
     parser.add_argument("--folder", type=Path, default=ROOT / "bench/out/scale")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     parser.add_argument(

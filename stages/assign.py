@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages import common, compute, settings
+from stages import cluster_model, common, compute, settings
 from stages.cluster_model import ClusterModel, load_model
 from stages.content_cache import ContentCache, file_key
 
@@ -196,8 +196,9 @@ def main() -> None:
             f"{common.CLUSTER_MODEL_FILE} is missing: run `dvc repro cluster` first"
         )
     embed_key = common.parquet_keys(common.EMBEDDINGS_FILE, made_by="embed").get("embed_key", "")
-    # The cache's name is its key: the model file's hash and what the embeddings came from.
-    key = f"{file_key(common.CLUSTER_MODEL_FILE)}-{embed_key}"
+    # The cache's name is its key: the model file's hash, what the embeddings came from,
+    # and the version of how a new vector is placed.
+    key = f"{file_key(common.CLUSTER_MODEL_FILE)}-{embed_key}-{cluster_model.PLACEMENT_VERSION}"
     cache = ContentCache(common.CACHE_DIR / STAGE / key, tuple(ARRAYS))
     summary = place_missing(common.CLUSTER_MODEL_FILE, common.EMBEDDINGS_FILE, sha256s, cache)
     table = clusters_table(ids, sha256s, cache)

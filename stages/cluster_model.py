@@ -107,6 +107,9 @@ class ClusterModel:
 
 
 PLACE_BLOCK = 256  # new vectors measured against the fitted ones at once
+# Part of assign's cache key: change it with any change to where place_with_umap puts a
+# vector. 2: smooth_knn_dist in numpy (UMAP's numba version placed within 3e-5 of it).
+PLACEMENT_VERSION = "place2"
 
 
 def project(estimator: Any, vectors: np.ndarray) -> np.ndarray:
@@ -128,7 +131,6 @@ def place_with_umap(reducer: Any, vectors: np.ndarray) -> np.ndarray:
     a fitted one takes its place.
     """
     from sklearn.metrics import pairwise_distances
-    from umap.umap_ import smooth_knn_dist
 
     count = reducer._n_neighbors
     fitted, places = reducer._raw_data, reducer.embedding_
@@ -155,6 +157,72 @@ def place_with_umap(reducer: Any, vectors: np.ndarray) -> np.ndarray:
         own = places[nearest[np.arange(len(block)), first_full]]
         result[start : start + len(block)] = np.where(full.any(axis=1)[:, None], own, mean)
     return result
+
+
+SMOOTH_K_TOLERANCE = 1e-5  # as umap.umap_.smooth_knn_dist
+MIN_K_DIST_SCALE = 1e-3
+FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
+
+
+def smooth_knn_dist(
+    distances: np.ndarray, k: float, local_connectivity: float = 1.0, iterations: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """UMAP's smooth_knn_dist (umap.umap_), in float32 as it computes, for every row at once.
+
+    Returns each row's sigma (the kernel width that gives it log2(k) of membership) and rho
+    (the distance to its local_connectivity-th nonzero neighbour). `distances` rows are
+    sorted ascending. Written with numpy because UMAP's numba version compiles on its first
+    call in every process: 3.6 s of every assign run that places a new image.
+    """
+    distances = np.asarray(distances, dtype=np.float32)
+    rows, columns = distances.shape
+    target = np.float32(np.log2(k))
+    zeros = (distances <= 0).sum(axis=1)  # sorted rows: the nonzero distances come last
+    nonzero = columns - zeros
+    every_row = np.arange(rows)
+    index = int(np.floor(local_connectivity))
+    interpolation = local_connectivity - index  # a float64, as in UMAP
+
+    def nonzero_at(position: int) -> np.ndarray:
+        return distances[every_row, np.minimum(zeros + position, columns - 1)]
+
+    if index > 0:
+        connected = nonzero_at(index - 1).astype(np.float64)
+        if interpolation > SMOOTH_K_TOLERANCE:
+            step = nonzero_at(index) - nonzero_at(index - 1)  # float32, as in UMAP
+            connected = connected + interpolation * step.astype(np.float64)
+    else:
+        connected = interpolation * nonzero_at(0).astype(np.float64)
+    rho = np.where(
+        nonzero >= local_connectivity, connected, np.where(nonzero > 0, distances[:, -1], 0)
+    ).astype(np.float32)
+
+    low = np.zeros(rows, dtype=np.float32)
+    high = np.full(rows, FLOAT32_MAX, dtype=np.float32)
+    middle = np.ones(rows, dtype=np.float32)
+    searching = np.ones(rows, dtype=bool)
+    for _ in range(iterations):
+        total = np.zeros(rows, dtype=np.float32)
+        for column in range(1, columns):  # summed in UMAP's order, for its rounding
+            beyond = distances[:, column] - rho
+            with np.errstate(over="ignore"):
+                kernel = np.exp(-(beyond / middle))
+            total = (total + np.where(beyond > 0, kernel, np.float32(1.0))).astype(np.float32)
+        searching &= np.abs(total - target) >= SMOOTH_K_TOLERANCE
+        if not searching.any():
+            break
+        too_wide = searching & (total > target)
+        too_narrow = searching & ~(total > target)
+        high = np.where(too_wide, middle, high)
+        low = np.where(too_narrow, middle, low)
+        halfway = ((low + high) / np.float32(2.0)).astype(np.float32)
+        doubled = np.where(high >= FLOAT32_MAX, middle * np.float32(2.0), halfway)
+        middle = np.where(too_wide, halfway, np.where(too_narrow, doubled, middle))
+    floor = np.where(
+        rho > 0, MIN_K_DIST_SCALE * distances.mean(axis=1), MIN_K_DIST_SCALE * distances.mean()
+    )
+    sigma = np.where(middle < floor, floor, middle).astype(np.float32)
+    return sigma, rho
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -411,6 +412,20 @@ def run_stage(main: Callable[[], None]) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+
+
+def content_sample(keys: list[str], limit: int, seed: int) -> np.ndarray:
+    """Row numbers of a sample of at most `limit` rows, in row order, chosen by content:
+    the rows whose seeded hash of their key (a file's sha256) ranks lowest, ties by row.
+
+    The choice depends on the keys, never on the order rows arrived in, and a new row
+    changes it by at most one row in and one out.
+    """
+    if len(keys) <= limit:
+        return np.arange(len(keys))
+    ranks = [hashlib.sha256(f"{seed}:{key}".encode()).digest() for key in keys]
+    order = sorted(range(len(keys)), key=lambda index: (ranks[index], index))
+    return np.sort(np.array(order[:limit], dtype=np.int64))
 
 
 def sample_rows(count: int, limit: int, seed: int) -> np.ndarray:

@@ -5,7 +5,10 @@ Inputs:  data/processed/clusters.parquet (cluster, x, y), data/processed/scores.
          (silhouette), data/processed/split.parquet, data/raw/manifest.parquet,
          data/raw/rejected.csv, data/interim/thumbs.parquet + ids.parquet
 Outputs: reports/explorer/ (index.html, explorer.js, explorer.css, favicon.svg, data.js,
-         atlas-NNN.jpg)
+         atlas-NNN.jpg, atlases.json: each atlas's key)
+
+The folder is a persistent output: a run keeps the atlases whose sprites are unchanged
+(by key) and makes only the others, so new images cost the atlases they land in.
 
 The page is self-contained: it loads only files of its own folder, so it opens from disk
 (file://) and over HTTP alike, offline. The detail panel links the full-size image by a
@@ -14,6 +17,8 @@ relative path into data/raw/collections/. The page's own code is in stages/explo
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -27,6 +32,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+import PIL
 from PIL import Image
 from pydantic import Field
 
@@ -37,6 +43,9 @@ EXPLORER_DIR = Path("reports/explorer")
 PAGE_FILES_DIR = Path(__file__).with_name("explorer_page")
 PAGE_FILES = ("index.html", "explorer.js", "explorer.css", "favicon.svg")
 DATA_SCRIPT = "data.js"
+# Each atlas's key (see atlas_key), so that the next run keeps the atlases whose sprites
+# are unchanged instead of decoding and encoding them again.
+ATLAS_KEYS_FILE = "atlases.json"
 MAX_ATLAS_SIDE = 8192  # px; larger images fail to decode or draw in some browsers
 TEXT_COLUMNS = ("id", "path", "subset", "place", "label", "taken_at", "month")
 NUMBER_COLUMNS = ("x", "y", "silhouette", "latitude", "longitude")
@@ -225,30 +234,76 @@ def atlas_file_task(task: tuple[Path, np.ndarray, AtlasGrid, int]) -> bytes:
     return jpeg_bytes(atlas(thumbnails.Thumbnails(path), rows, grid), quality)
 
 
+def atlas_key(
+    thumbs: thumbnails.ThumbnailRows, rows: np.ndarray, grid: AtlasGrid, quality: int
+) -> str:
+    """What an atlas's bytes depend on: its grid, the JPEG quality and encoder, and its
+    sprites' stored JPEG bytes (or pixels, for an array) in order."""
+    digest = hashlib.sha256(
+        json.dumps([dataclasses.astuple(grid), quality, PIL.__version__]).encode()
+    )
+    if isinstance(thumbs, thumbnails.Thumbnails):
+        for row in rows:
+            digest.update(hashlib.sha256(thumbs.jpeg(int(row))).digest())
+    else:
+        digest.update(np.ascontiguousarray(thumbs[rows]).tobytes())
+    return digest.hexdigest()
+
+
+def earlier_atlases(directory: Path) -> dict[str, Path]:
+    """The atlases the last run left in `directory`, by key (none when it left no keys)."""
+    try:
+        names = json.loads((directory / ATLAS_KEYS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(names, dict):
+        return {}
+    return {
+        str(key): directory / str(name)
+        for name, key in names.items()
+        if (directory / str(name)).is_file()
+    }
+
+
 def atlas_files(
-    thumbs: thumbnails.ThumbnailRows, rows: np.ndarray, grid: AtlasGrid, quality: int, workers: int
+    thumbs: thumbnails.ThumbnailRows,
+    blocks: list[np.ndarray],
+    grid: AtlasGrid,
+    quality: int,
+    workers: int,
+    kept: dict[int, Path] | None = None,
 ) -> Iterator[bytes]:
-    """The atlases of thumbs[rows] as JPEG files' bytes, in order. Stored thumbnails are
-    decoded and encoded on `workers` processes, an atlas a task, which send back only the
-    few MB of its JPEG."""
-    if not isinstance(thumbs, thumbnails.Thumbnails):
-        yield from (jpeg_bytes(image, quality) for image in atlases(thumbs, rows, grid))
-        return
-    tasks = [(thumbs.path, block, grid, quality) for block in atlas_blocks(rows, grid)]
-    yield from common.map_in_processes(atlas_file_task, tasks, workers)
+    """The atlases of each block of rows as JPEG files' bytes, in order; block i is read
+    from kept[i] when given. Stored thumbnails are decoded and encoded on `workers`
+    processes, an atlas a task, which send back only the few MB of its JPEG."""
+    kept = kept or {}
+    made = [index for index in range(len(blocks)) if index not in kept]
+    if isinstance(thumbs, thumbnails.Thumbnails):
+        tasks = [(thumbs.path, blocks[index], grid, quality) for index in made]
+        fresh = common.map_in_processes(atlas_file_task, tasks, workers)
+    else:
+        fresh = (jpeg_bytes(atlas(thumbs, blocks[index], grid), quality) for index in made)
+    for index in range(len(blocks)):
+        yield kept[index].read_bytes() if index in kept else next(fresh)
 
 
 # ----------------------------------------------------------------------------- output
 
 
-def write_explorer(directory: Path, data: dict[str, Any], atlas_jpegs: Iterator[bytes]) -> None:
-    """Write the page, its data script and atlases into `directory`, replacing it as a whole.
+def write_explorer(
+    directory: Path, data: dict[str, Any], atlas_jpegs: Iterator[bytes], atlas_keys: list[str]
+) -> None:
+    """Write the page, its data script, its atlases and their keys into `directory`,
+    replacing it as a whole.
 
     Each atlas is saved under its name in data["atlas"]["files"]; the counts must agree.
     """
+    names = data["atlas"]["files"]
     with common.replace_folder(directory) as staging:
-        for name, jpeg in zip(data["atlas"]["files"], atlas_jpegs, strict=True):
+        for name, jpeg in zip(names, atlas_jpegs, strict=True):
             (staging / name).write_bytes(jpeg)
+        keys = dict(zip(names, atlas_keys, strict=True))
+        (staging / ATLAS_KEYS_FILE).write_text(json.dumps(keys, indent=1) + "\n")
         (staging / DATA_SCRIPT).write_text(data_script(data), encoding="ascii")
         for name in PAGE_FILES:
             shutil.copyfile(PAGE_FILES_DIR / name, staging / name)
@@ -273,20 +328,27 @@ def build_explorer(
     params: ExploreParams,
     directory: Path,
     collection_dir: Path,
-) -> dict[str, Any]:
-    """Write the explorer of `table` (row-aligned with `thumbs`) into `directory`.
+    sha256s: list[str] | None = None,
+) -> tuple[dict[str, Any], int]:
+    """Write the explorer of `table` (row-aligned with `thumbs`, and with `sha256s`, the
+    files' hashes, which choose the sample beyond params.max_images) into `directory`.
 
-    Returns the page data.
+    Returns the page data and how many atlases were kept from the last run.
     """
-    rows = common.sample_rows(len(table), params.max_images, params.seed)
+    keys = table["id"].tolist() if sha256s is None else sha256s
+    rows = common.content_sample(keys, params.max_images, params.seed)
     shown = table.iloc[rows].reset_index(drop=True)
     grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, len(rows))
     collection = Path(os.path.relpath(collection_dir, directory)).as_posix() + "/"
     summary = {**summary, "shown_images": len(rows)}
     data = page_data(shown, grid, atlas_names(len(rows), grid), summary, collection)
-    jpegs = atlas_files(thumbs, rows, grid, params.atlas_quality, common.worker_count())
-    write_explorer(directory, data, jpegs)
-    return data
+    blocks = atlas_blocks(rows, grid)
+    atlas_keys = [atlas_key(thumbs, block, grid, params.atlas_quality) for block in blocks]
+    earlier = earlier_atlases(directory)
+    kept = {index: earlier[key] for index, key in enumerate(atlas_keys) if key in earlier}
+    jpegs = atlas_files(thumbs, blocks, grid, params.atlas_quality, common.worker_count(), kept)
+    write_explorer(directory, data, jpegs, atlas_keys)
+    return data, len(kept)
 
 
 def main() -> None:
@@ -302,14 +364,19 @@ def main() -> None:
     thumbs = thumbnails.load(ids)
     table = explorer_table(clusters, scores, split, manifest)
     summary = collection_summary(manifest, read_rejected_count(), len(table))
-    data = build_explorer(table, thumbs, summary, params, EXPLORER_DIR, common.COLLECTION_DIR)
+    _, sha256s, _ = common.read_image_keys(ids)
+    data, kept = build_explorer(
+        table, thumbs, summary, params, EXPLORER_DIR, common.COLLECTION_DIR, sha256s
+    )
     logger.info(
-        "%d of %d images on the page, %d atlas(es) of %dx%d sprites; open %s; %.1f s",
+        "%d of %d images on the page, %d atlas(es) of %dx%d sprites (%d kept from the last "
+        "run); open %s; %.1f s",
         data["count"],
         len(table),
         len(data["atlas"]["files"]),
         data["sprite"]["width"],
         data["sprite"]["height"],
+        kept,
         EXPLORER_DIR / "index.html",
         time.perf_counter() - started,
     )

@@ -36,11 +36,7 @@ def reference_rows(
     candidates = np.flatnonzero(clustered & fitted)
     if not len(candidates):
         candidates = np.flatnonzero(clustered)
-    if len(candidates) <= size:
-        return candidates
-    ranks = [hashlib.sha256(f"{seed}:{sha256s[row]}".encode()).digest() for row in candidates]
-    order = sorted(range(len(candidates)), key=lambda index: (ranks[index], index))
-    return np.sort(candidates[order[:size]])
+    return candidates[common.content_sample([sha256s[row] for row in candidates], size, seed)]
 
 
 def silhouette_per_image(

@@ -205,6 +205,23 @@ def write_embeddings(vectors: np.ndarray, path: Path) -> None:
     pq.write_table(table, path, row_group_size=64)
 
 
+@pytest.mark.parametrize("local_connectivity", [0.0, 0.6, 1.0, 2.5])
+def test_smooth_knn_dist_agrees_with_umaps(local_connectivity: float) -> None:
+    from umap.umap_ import smooth_knn_dist
+
+    rng = np.random.default_rng(3)
+    distances = np.sort(rng.gamma(2.0, 1.0, (400, 15)).astype(np.float32), axis=1)
+    distances[:20, :4] = 0.0  # duplicates among the neighbours
+    distances[20:25] = 0.0  # every neighbour a duplicate
+    expected_sigma, expected_rho = smooth_knn_dist(
+        distances, 15.0, local_connectivity=local_connectivity
+    )
+    sigma, rho = cluster_model.smooth_knn_dist(distances, 15.0, local_connectivity)
+    np.testing.assert_array_equal(rho, expected_rho)
+    # numpy's and numba's exp may differ by an ulp, which can stop the search a step apart
+    np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-4)
+
+
 def test_assign_places_only_what_its_cache_lacks(fits, blobs, tmp_path: Path) -> None:
     vectors, _ = blobs
     fit = fits["n2d_sample"]

@@ -68,6 +68,18 @@ def test_the_sample_is_seeded_and_everything_is_kept_under_the_limit() -> None:
     assert not (first == common.sample_rows(1000, 100, seed=4)).all()
 
 
+def test_the_page_sample_is_chosen_by_content_not_arrival() -> None:
+    keys = [f"sha-{index}" for index in range(1000)]
+    assert common.content_sample(keys[:5], 10, seed=0).tolist() == [0, 1, 2, 3, 4]
+    chosen = {keys[row] for row in common.content_sample(keys, 100, seed=3)}
+    assert len(chosen) == 100
+    shuffled = list(np.random.default_rng(0).permutation(keys))
+    assert {shuffled[row] for row in common.content_sample(shuffled, 100, seed=3)} == chosen
+    grown = {keys[row] for row in common.content_sample([*keys, "sha-new"], 100, seed=3)}
+    assert len(chosen - grown) <= 1 and len(grown - chosen) <= 1
+    assert {keys[row] for row in common.content_sample(keys, 100, seed=4)} != chosen
+
+
 def test_the_data_script_escapes_markup_and_keeps_every_value() -> None:
     data = {"columns": {"id": [HOSTILE, "</script><script>alert(2)</script>", "é\u2028"]}}
     script = explore.data_script(data)
@@ -175,7 +187,7 @@ def build_site(root: Path) -> Site:
         "duplicate_images": 0,
     }
     directory = root / "reports/explorer"
-    data = explore.build_explorer(table, thumbs, summary, PARAMS, directory, collection)
+    data, _ = explore.build_explorer(table, thumbs, summary, PARAMS, directory, collection)
     return Site(root, directory / "index.html", table, data)
 
 
@@ -346,7 +358,41 @@ def test_a_rebuild_replaces_the_whole_folder(tmp_path: Path) -> None:
     rebuilt = build_site(tmp_path)
     assert not stale.exists()
     files = sorted(p.name for p in site.page.parent.iterdir())
-    assert files == sorted([*explore.PAGE_FILES, "data.js", *rebuilt.data["atlas"]["files"]])
+    assert files == sorted(
+        [*explore.PAGE_FILES, "data.js", "atlases.json", *rebuilt.data["atlas"]["files"]]
+    )
     with Image.open(site.page.parent / "atlas-000.jpg") as atlas:
         grid = rebuilt.data["atlas"]
         assert atlas.width == grid["columns"] * rebuilt.data["sprite"]["width"]
+
+
+def test_a_rebuild_keeps_the_atlases_whose_sprites_are_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(explore, "MAX_ATLAS_SIDE", 96 * 2)  # 2 x 3 sprites per atlas: 5 atlases
+    rng = np.random.default_rng(5)
+    thumbs = rng.integers(0, 256, (30, 54, 96, 3), dtype=np.uint8)
+    grid = explore.atlas_grid((54, 96), 54, 30)
+    blocks = explore.atlas_blocks(np.arange(30), grid)
+    assert len(blocks) == 5
+
+    def build(directory: Path, pictures: np.ndarray) -> tuple[list[bytes], int]:
+        keys = [explore.atlas_key(pictures, block, grid, 85) for block in blocks]
+        earlier = explore.earlier_atlases(directory)
+        kept = {index: earlier[key] for index, key in enumerate(keys) if key in earlier}
+        jpegs = list(explore.atlas_files(pictures, blocks, grid, 85, 1, kept))
+        data = {"atlas": {"files": explore.atlas_names(30, grid)}, "count": 30}
+        monkeypatch.setattr(explore, "data_script", lambda data: "")
+        explore.write_explorer(directory, data, iter(jpegs), keys)
+        return [(directory / name).read_bytes() for name in data["atlas"]["files"]], len(kept)
+
+    first, kept = build(tmp_path / "a", thumbs)
+    assert kept == 0
+    again, kept = build(tmp_path / "a", thumbs)
+    assert kept == 5 and again == first
+    changed = thumbs.copy()
+    changed[29] = 255 - changed[29]  # the last sprite: the last atlas only
+    rebuilt, kept = build(tmp_path / "a", changed)
+    assert kept == 4 and rebuilt[:4] == first[:4] and rebuilt[4] != first[4]
+    fresh, kept = build(tmp_path / "b", changed)
+    assert kept == 0 and fresh == rebuilt  # as a run from nothing makes them

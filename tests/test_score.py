@@ -129,6 +129,26 @@ def test_center_distances_across_blocks_and_for_noise(blobs, monkeypatch) -> Non
     assert (distances[clusters == common.NOISE] <= everyone[clusters == common.NOISE].T).all()
 
 
+def test_dispersion_scores_equal_scikit_learn_across_blocks(blobs, monkeypatch) -> None:
+    from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score
+
+    vectors, truth = blobs
+    clusters = truth.copy()
+    clusters[::11] = common.NOISE
+    kept = clusters != common.NOISE
+    monkeypatch.setattr(score, "DISTANCE_BLOCK", 64)  # several blocks
+    calinski_harabasz, davies_bouldin = score.dispersion_scores(vectors, clusters, kept)
+    assert calinski_harabasz == pytest.approx(
+        calinski_harabasz_score(vectors[kept], clusters[kept]), rel=1e-9
+    )
+    # scikit-learn measures Davies-Bouldin's distances in float32
+    assert davies_bouldin == pytest.approx(
+        davies_bouldin_score(vectors[kept], clusters[kept]), rel=1e-5
+    )
+    same_point = np.zeros_like(vectors)
+    assert score.dispersion_scores(same_point, clusters, kept) == (1.0, 0.0)
+
+
 def test_hungarian_accuracy_matches_clusters_to_labels() -> None:
     truth = np.array(["a", "a", "a", "b", "b", "c", "c", "c"])
     renamed = np.array([2, 2, 2, 0, 0, 1, 1, 1])
