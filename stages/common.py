@@ -172,6 +172,12 @@ def write_parquet(frame: pd.DataFrame, path: Path, keys: dict[str, str] | None =
         pq.write_table(table.replace_schema_metadata(metadata), temporary, row_group_size=65536)
 
 
+def write_arrow_parquet(table: pa.Table, path: Path) -> None:
+    """Write an Arrow table (list columns, say) as Parquet, atomically."""
+    with atomic_output(path) as temporary:
+        pq.write_table(table, temporary, row_group_size=65536)
+
+
 def parquet_keys(path: Path, made_by: str) -> dict[str, str]:
     """The keys write_parquet (or another writer) put in a Parquet file's metadata."""
     if not path.exists():

@@ -146,6 +146,21 @@ def encode_missing(
     return len(missing)
 
 
+def check_vectors(ids: list[str], vectors: np.ndarray) -> None:
+    """Stop on latent vectors that are not finite or constant (a broken weights file, say),
+    naming the first images, rather than pass them on."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    constant = (vectors.max(axis=1) == vectors.min(axis=1)) & ~bad if vectors.shape[1] > 1 else bad
+    for mask, what in ((bad, "not finite"), (constant, "constant")):
+        if mask.any():
+            named = ", ".join(ids[row] for row in np.flatnonzero(mask)[:5])
+            raise common.UserError(
+                f"{common.ENCODER_FILE} gave {int(mask.sum())} latent vectors that are {what} "
+                f"(first: {named}): check the encoder's weights (`dvc repro train`), nothing "
+                "was written"
+            )
+
+
 def write_embeddings(
     ids: list[str], sha256s: list[str], cache: ContentCache, dimension: int, path: Path, key: str
 ) -> None:
@@ -158,6 +173,7 @@ def write_embeddings(
     ):
         blocks = cache.row_blocks(sha256s, "embedding", ROW_GROUP_ROWS)
         for start, codes in zip(range(0, len(ids), ROW_GROUP_ROWS), blocks):
+            check_vectors(ids[start : start + len(codes)], codes)
             writer.write_table(embeddings_table(ids[start : start + len(codes)], codes))
 
 

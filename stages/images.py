@@ -49,6 +49,11 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return width, height
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """An opened image turned as its EXIF orientation says (itself when upright or unknown)."""
+    return image if exif_orientation(image) == 1 else ImageOps.exif_transpose(image)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB.
 
@@ -138,8 +143,7 @@ def decode_for_targets(data: bytes, targets: list[ImageSize]) -> list[np.ndarray
     with Image.open(io.BytesIO(data)) as image:
         orientation = exif_orientation(image)
         image.draft("RGB", draft_request(image.size, orientation, targets))
-        upright = image if orientation == 1 else ImageOps.exif_transpose(image)
-        rgb = to_rgb(upright)
+        rgb = to_rgb(upright(image))
         return [fit_image(rgb, target) for target in targets]
 
 

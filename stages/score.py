@@ -31,7 +31,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import Field
 
-from stages import common, settings, thumbnails
+from stages import common, mosaics, settings, thumbnails
 from stages.silhouettes import cached_silhouettes, reference_rows, silhouette_cache_key
 
 STAGE = "score"
@@ -41,8 +41,6 @@ MOSAICS_DIR = Path("reports/mosaics")
 OUTLIERS_FILE = Path("reports/outliers.csv")
 OUTLIERS_MOSAIC_FILE = Path("reports/outliers.png")
 DISTANCE_BLOCK = 2048  # images whose distances to the centers are held at once
-GUTTER = 2  # pixels between thumbnails in a mosaic
-PNG_COMPRESS_LEVEL = 1  # see save_png
 OVERVIEW_THUMBS = 12  # thumbnails per cluster on the overview sheet
 OVERVIEW_LABEL_WIDTH = 150
 OUTLIERS = -2  # the key of the outliers' rows among the clusters' (noise is -1)
@@ -247,24 +245,6 @@ def outlier_table(scores: pd.DataFrame, count: int) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- pictures
 
 
-def mosaic(thumbs: np.ndarray, columns: int) -> Image.Image:
-    """Thumbnails in rows of `columns`, left to right then down, on a dark background."""
-    count = max(len(thumbs), 1)
-    height, width = thumbs.shape[1:3]
-    rows = -(-count // columns)
-    used_columns = min(columns, count)
-    sheet = np.full(
-        (rows * (height + GUTTER) + GUTTER, used_columns * (width + GUTTER) + GUTTER, 3),
-        24,
-        dtype=np.uint8,
-    )
-    for index, thumb in enumerate(thumbs):
-        top = GUTTER + (index // columns) * (height + GUTTER)
-        left = GUTTER + (index % columns) * (width + GUTTER)
-        sheet[top : top + height, left : left + width] = thumb
-    return Image.fromarray(sheet)
-
-
 def overview_sheet(
     thumbs: thumbnails.ThumbnailRows,
     rows_by_cluster: dict[int, np.ndarray],
@@ -272,12 +252,12 @@ def overview_sheet(
 ) -> Image.Image:
     """One line per cluster: its number, size and silhouette, then its most central images."""
     height, width = thumbs.shape[1:3]
-    line_height = height + GUTTER
+    line_height = height + mosaics.GUTTER
     sheet = Image.new(
         "RGB",
         (
-            OVERVIEW_LABEL_WIDTH + OVERVIEW_THUMBS * (width + GUTTER) + GUTTER,
-            max(1, len(rows_by_cluster)) * line_height + GUTTER,
+            OVERVIEW_LABEL_WIDTH + OVERVIEW_THUMBS * (width + mosaics.GUTTER) + mosaics.GUTTER,
+            max(1, len(rows_by_cluster)) * line_height + mosaics.GUTTER,
         ),
         (24, 24, 24),
     )
@@ -286,11 +266,11 @@ def overview_sheet(
     silhouette_of = per_cluster.set_index("cluster")["silhouette"]
     size_of = per_cluster.set_index("cluster")["size"]
     for line, (cluster, rows) in enumerate(sorted(rows_by_cluster.items())):
-        top = GUTTER + line * line_height
+        top = mosaics.GUTTER + line * line_height
         text = f"{cluster}: {size_of[cluster]} img\nsil {silhouette_of[cluster]:.2f}"
         draw.multiline_text((6, top + 2), text, fill=(235, 235, 235), font=font)
-        strip = mosaic(thumbs[rows[:OVERVIEW_THUMBS]], OVERVIEW_THUMBS)
-        sheet.paste(strip, (OVERVIEW_LABEL_WIDTH, top - GUTTER))
+        strip = mosaics.mosaic(thumbs[rows[:OVERVIEW_THUMBS]], OVERVIEW_THUMBS)
+        sheet.paste(strip, (OVERVIEW_LABEL_WIDTH, top - mosaics.GUTTER))
     return sheet
 
 
@@ -307,21 +287,6 @@ def central_rows(
     return {cluster: np.array(rows) for cluster, rows in result.items()}
 
 
-def save_png(image: Image.Image, path: Path | str) -> None:
-    """Write a PNG (Pillow writes no date, so the same image gives the same bytes).
-
-    zlib's fastest level: the pictures are decoded JPEG thumbnails, which compress little
-    better at the default level, and it encoded 7 of score's 14 s at 100,000 images.
-    """
-    image.save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-
-
-def save_png_atomically(image: Image.Image, path: Path) -> None:
-    """Write a PNG through a temporary file renamed into place."""
-    with common.atomic_output(path) as temporary:
-        save_png(image, temporary)
-
-
 def write_mosaics(
     thumbs: thumbnails.ThumbnailRows,
     rows_by_cluster: dict[int, np.ndarray],
@@ -333,9 +298,11 @@ def write_mosaics(
     with common.replace_folder(directory) as staging:
         digits = max(3, len(str(max(rows_by_cluster, default=0))))
         for cluster, rows in rows_by_cluster.items():
-            image = mosaic(thumbs[rows[: side * side]], side)
-            save_png(image, staging / f"cluster-{cluster:0{digits}d}.png")
-        save_png(overview_sheet(thumbs, rows_by_cluster, per_cluster), staging / "overview.png")
+            image = mosaics.mosaic(thumbs[rows[: side * side]], side)
+            mosaics.save_png(image, staging / f"cluster-{cluster:0{digits}d}.png")
+        mosaics.save_png(
+            overview_sheet(thumbs, rows_by_cluster, per_cluster), staging / "overview.png"
+        )
 
 
 # ----------------------------------------------------------------------------- main
@@ -427,7 +394,9 @@ def main() -> None:
     )
     outlier_rows = picked.pop(OUTLIERS)
     write_mosaics(thumbs, picked, result.per_cluster, params.mosaic_side, MOSAICS_DIR)
-    save_png_atomically(mosaic(thumbs[outlier_rows], params.mosaic_side), OUTLIERS_MOSAIC_FILE)
+    mosaics.save_png_atomically(
+        mosaics.mosaic(thumbs[outlier_rows], params.mosaic_side), OUTLIERS_MOSAIC_FILE
+    )
     agreement = ""
     if "accuracy" in metrics:
         agreement = (

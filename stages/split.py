@@ -1,12 +1,15 @@
 """split: put every image in the train, test or valid subset, and count the collection.
 
 Params:  SplitParams below (params.yaml, section split)
-Inputs:  data/raw/manifest.parquet, data/raw/rejected.csv
+Inputs:  data/raw/manifest.parquet, data/raw/rejected.csv, data/processed/hash_pairs.parquet
 Outputs: data/processed/split.parquet (id, subset), metrics/data.json (counts)
 
 Each image's subset comes from a hash of its id and the seed, never from its row, so
-adding images never moves an image already assigned. A byte-identical duplicate goes
-where its original goes, so the same picture never sits on both sides of an evaluation.
+adding images never moves an image already assigned. Copies go where their group goes:
+a byte-identical duplicate and every near-duplicate (the duplicates stage's pairs, joined
+into groups) take the subset of the group's first image in manifest order, so the same
+picture never sits on both sides of an evaluation. (A new image that joins two groups, or
+comes first in its group, can move that group.)
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from stages import common, settings
+from stages import common, duplicates, near_search, settings
 
 STAGE = "split"
 SUBSETS = ("train", "test", "valid")
@@ -67,17 +70,36 @@ def id_position(image_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def assign_subsets(manifest: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
+def group_owners(manifest: pd.DataFrame, pairs: pd.DataFrame | None) -> np.ndarray:
+    """Each image's group owner: the first image in manifest order of the group that
+    byte-identical copies (duplicate_of) and near pairs (id_a, id_b) join it into."""
+    ids = manifest["id"].astype(str).to_numpy()
+    row_of = pd.Series(np.arange(len(ids)), index=ids)
+    links = [(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))]
+    if "duplicate_of" in manifest:
+        copies = manifest["duplicate"].astype(bool).to_numpy()
+        links.append((np.flatnonzero(copies), row_of[manifest["duplicate_of"][copies]].to_numpy()))
+    if pairs is not None and len(pairs):
+        known = (pairs["id_a"].isin(row_of.index) & pairs["id_b"].isin(row_of.index)).to_numpy()
+        links.append(
+            (row_of[pairs["id_a"][known]].to_numpy(), row_of[pairs["id_b"][known]].to_numpy())
+        )
+    first = np.concatenate([np.asarray(a, dtype=np.int64) for a, _ in links])
+    second = np.concatenate([np.asarray(b, dtype=np.int64) for _, b in links])
+    return ids[near_search.groups_of_pairs(len(ids), first, second)]
+
+
+def assign_subsets(
+    manifest: pd.DataFrame, params: SplitParams, pairs: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """A table of (id, subset) in manifest order.
 
-    The id's hash position falls in one of the consecutive ranges train, test, valid,
-    sized by the proportions. Duplicates take their original's subset.
+    The hash position of the id of its group's owner (see group_owners) falls in one of
+    the consecutive ranges train, test, valid, sized by the proportions.
     """
     bounds = np.cumsum([getattr(params.proportions, subset) for subset in SUBSETS])
     bounds[-1] = 1.0  # so that rounding never leaves a position past the last range
-    owner = manifest["id"]
-    if "duplicate_of" in manifest:
-        owner = manifest["duplicate_of"].where(manifest["duplicate"].astype(bool), manifest["id"])
+    owner = group_owners(manifest, pairs)
     positions = np.array([id_position(str(image_id), params.seed) for image_id in owner])
     subset_index = np.searchsorted(bounds, positions, side="right")
     subsets = np.array(SUBSETS)[np.minimum(subset_index, len(SUBSETS) - 1)]
@@ -110,7 +132,7 @@ def main() -> None:
     if not common.REJECTED_FILE.exists():
         raise common.UserError(f"{common.REJECTED_FILE} is missing: run `dvc repro sync` first")
     rejected = pd.read_csv(common.REJECTED_FILE)
-    split = assign_subsets(manifest, params)
+    split = assign_subsets(manifest, params, duplicates.read_hash_pairs())
     common.write_parquet(split, common.SPLIT_FILE)
     metrics = data_metrics(manifest, rejected, split)
     common.write_json(metrics, common.DATA_METRICS_FILE)

@@ -1,5 +1,5 @@
-"""sync's files: measuring an image (decoded, its size, blankness, EXIF time) and copying
-it into the collection under a temporary name, renamed into place once whole.
+"""sync's files: measuring an image (decoded, its size, its health scores, EXIF time) and
+copying it into the collection under a temporary name, renamed into place once whole.
 """
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
-from stages import images, remote
+from stages import image_health, images, remote
 from stages.sync_sources import SourceFile, is_unchanged, read_source_bytes
 
 EXIF_IFD_TAG = 0x8769
 EXIF_DATETIME_ORIGINAL_TAG = 36867
-BLANK_MEASURE_SIZE = 256  # blankness is judged on a copy at most this many pixels across
 TEMPORARY_PREFIX = ".sync-tmp-"  # a copy in progress: hidden, and of a fixed, short length
 
 
@@ -31,7 +29,7 @@ class Measurement:
     bytes: int
     width: int  # upright, after the EXIF orientation
     height: int
-    pixel_std: float  # spread of gray levels: near 0 for a blank frame
+    health: image_health.HealthScores  # pixel measurements: hashes, quality scores
     exif_taken_at: datetime | None
 
 
@@ -67,11 +65,13 @@ def measure_image(data: bytes, max_pixels: int) -> Measurement | str:
                 return f"{width}x{height} = {pixels} pixels is over sync.max_pixels = {max_pixels}"
             width, height = images.upright_size(image)
             exif_taken_at = read_exif_taken_at(image)
-            image.draft(None, (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+            image.draft(None, image_health.measure_request(*image.size))
             image.load()
-            small = images.to_rgb(image)
-            small.thumbnail((BLANK_MEASURE_SIZE, BLANK_MEASURE_SIZE), Image.Resampling.BOX)
-            pixel_std = float(np.asarray(small.convert("L"), dtype=np.float32).std())
+            small = images.to_rgb(images.upright(image))
+            small.thumbnail(
+                (image_health.MEASURE_SIZE, image_health.MEASURE_SIZE), Image.Resampling.BOX
+            )
+            health = image_health.health_scores(small)
     except Image.UnidentifiedImageError:
         return "not an image (format not recognized)"
     except Exception as error:  # any decoder failure means the file is unusable
@@ -82,7 +82,7 @@ def measure_image(data: bytes, max_pixels: int) -> Measurement | str:
         bytes=len(data),
         width=width,
         height=height,
-        pixel_std=round(pixel_std, 4),
+        health=health,
         exif_taken_at=exif_taken_at,
     )
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from stages import (
     common,
+    image_health,
     images,
     remote,
     sync_files,
@@ -32,7 +33,16 @@ from stages import (
 
 LAST_RUN_FILE = common.CACHE_DIR / "sync" / "last-run.json"
 # The modules whose code decides what sync writes (sync.py itself is passed in).
-CODE_MODULES = (common, images, remote, sync_files, sync_manifest, sync_remote_state, sync_sources)
+CODE_MODULES = (
+    common,
+    image_health,
+    images,
+    remote,
+    sync_files,
+    sync_manifest,
+    sync_remote_state,
+    sync_sources,
+)
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,14 @@ from typing import Any
 
 import pandas as pd
 
-from stages import common
+from stages import common, image_health
 from stages.sync_files import FileOutcome, Measurement
 
 HISTORY_HEADER = ["lat", "lon", "id", "place"]
 HISTORY_MAX_BYTES = 256 * 2**20  # a million located images take about 50 MB
 HISTORY_MAX_LINE = 4096  # characters; a longer line is counted as malformed
+# The pixel measurements of image_health.HealthScores beyond pixel_std, as columns.
+HEALTH_COLUMNS = ["phash", "phash_mirror", "dark", "light", "sharpness", "entropy", "colorfulness"]
 MANIFEST_COLUMNS = [
     "id",
     "path",
@@ -37,6 +39,7 @@ MANIFEST_COLUMNS = [
     "duplicate_of",
     "pixel_std",
     "exif_taken_at",
+    *HEALTH_COLUMNS,
 ]
 
 
@@ -212,8 +215,15 @@ def build_manifest(
                 [name or exif for name, exif in zip(name_times, exif_times, strict=True)]
             ).astype("datetime64[ms]"),
             "label": pd.Series(labels, dtype="str"),
-            "pixel_std": pd.Series([m.pixel_std for m in measurements], dtype="float64"),  # type: ignore[union-attr]
+            "pixel_std": pd.Series([m.health.pixel_std for m in measurements], dtype="float64"),  # type: ignore[union-attr]
             "exif_taken_at": pd.to_datetime(exif_times).astype("datetime64[ms]"),
+            **{
+                column: pd.Series(
+                    [getattr(m.health, column) for m in measurements],  # type: ignore[union-attr]
+                    dtype="str" if column.startswith("phash") else "float64",
+                )
+                for column in HEALTH_COLUMNS
+            },
         }
     )
     manifest["blank"] = manifest["pixel_std"] < description.blank_max_std
@@ -233,6 +243,7 @@ def build_manifest(
 def reusable_rows(previous: pd.DataFrame | None) -> dict[str, dict[str, Any]]:
     """The previous manifest's rows by path, to reuse for files that did not change."""
     needed = {"path", "sha256", "bytes", "width", "height", "pixel_std", "exif_taken_at", "label"}
+    needed |= set(HEALTH_COLUMNS)  # a manifest written before a score existed is measured again
     if previous is None or not needed <= set(previous.columns):
         return {}
     columns = previous.columns.tolist()
@@ -251,7 +262,13 @@ def outcome_from_row(row: dict[str, Any], label: str | None) -> FileOutcome:
         bytes=int(row["bytes"]),
         width=int(row["width"]),
         height=int(row["height"]),
-        pixel_std=float(row["pixel_std"]),
+        health=image_health.HealthScores(
+            pixel_std=float(row["pixel_std"]),
+            **{
+                column: str(row[column]) if column.startswith("phash") else float(row[column])
+                for column in HEALTH_COLUMNS
+            },
+        ),
         exif_taken_at=exif_taken_at and pd.Timestamp(exif_taken_at).to_pydatetime(),
     )
     return FileOutcome(str(row["path"]), measurement, label=label)

@@ -133,7 +133,8 @@ def test_a_temporary_copy_left_by_a_killed_sync_is_removed(
 
 
 def split_project(folder: Path) -> Path:
-    """A folder where the split stage can run: params, a manifest and a rejected list."""
+    """A folder where the split stage can run: params, a manifest, a rejected list and
+    the (no) hash pairs."""
     shutil.copy(REPO_ROOT / "params.yaml", folder / "params.yaml")
     manifest = pd.DataFrame({"id": ["a", "b"], "path": ["a.png", "b.png"], "sha256": ["1", "2"]})
     for column in ("latitude",):
@@ -143,6 +144,8 @@ def split_project(folder: Path) -> Path:
     manifest["taken_at"] = pd.NaT
     common.write_parquet(manifest, folder / "data/raw/manifest.parquet")
     write(folder / "data/raw/rejected.csv", b"path,reason\n")
+    no_pairs = pd.DataFrame({"id_a": pd.Series(dtype="str"), "id_b": pd.Series(dtype="str")})
+    common.write_parquet(no_pairs, folder / "data/processed/hash_pairs.parquet")
     return folder
 
 
@@ -163,7 +166,6 @@ def run_split_unprivileged(folder: Path) -> subprocess.CompletedProcess[str]:
 def test_a_read_only_output_folder_gives_one_line_naming_it(tmp_path: Path) -> None:
     project = split_project(tmp_path)
     processed = project / "data/processed"
-    processed.mkdir(parents=True)
     processed.chmod(0o555)
     try:
         result = run_split_unprivileged(project)

@@ -106,9 +106,10 @@ def test_a_dask_cluster_gives_the_same_bytes_as_this_machine(
         folder.mkdir()
         (folder / "params.yaml").write_text(small_params(source, address))
 
-    for stage in ("sync", "prepare", "split", "train", "embed", "cluster", "assign"):
+    for stage in ("sync", "prepare", "duplicates", "split", "train", "embed", "cluster", "assign"):
         run_stage(stage, here)
-    printed = {stage: run_stage(stage, there) for stage in ("sync", "prepare", "split")}
+    data_stages = ("sync", "prepare", "duplicates", "split")
+    printed = {stage: run_stage(stage, there) for stage in data_stages}
     shutil.copytree(here / "models", there / "models")  # the same fitted models
     printed.update({stage: run_stage(stage, there) for stage in ("embed", "assign")})
 

@@ -120,3 +120,15 @@ def test_a_bad_batch_size_is_refused(params: dict[str, Any]) -> None:
     params["embed"]["batch_size"] = 0
     with pytest.raises(common.UserError, match=re.escape("embed.batch_size = 0 is not allowed")):
         embed.EmbedParams.from_params(params)
+
+
+def test_bad_latent_vectors_stop_with_their_ids() -> None:
+    vectors = np.ones((4, 3), dtype=np.float32)
+    vectors[:, 0] = [0, 2, 3, 4]
+    embed.check_vectors(["a", "b", "c", "d"], vectors)
+    vectors[2, 1] = np.nan
+    with pytest.raises(common.UserError, match=r"1 latent vectors that are not finite \(first: c"):
+        embed.check_vectors(["a", "b", "c", "d"], vectors)
+    vectors[2] = 0.5
+    with pytest.raises(common.UserError, match=r"constant \(first: c\)"):
+        embed.check_vectors(["a", "b", "c", "d"], vectors)

@@ -30,11 +30,12 @@ from stages import project_lock
 from stages.common import read_embeddings
 
 STAGES = (
-    *("sync", "prepare", "split", "train", "embed", "cluster", "assign"),
-    *("score", "explore", "posters"),
+    *("sync", "prepare", "duplicates", "split", "train", "embed", "health", "cluster"),
+    *("assign", "score", "explore", "posters"),
 )
-DATA_STAGES = ("sync", "prepare", "split")  # integer work: bytes match on any machine
-METRICS_FILES = ("data.json", "train/metrics.json", "cluster.json")
+# integer work: bytes match on any machine
+DATA_STAGES = ("sync", "prepare", "duplicates", "split")
+METRICS_FILES = ("data.json", "train/metrics.json", "health.json", "cluster.json")
 ABSL_LINE = re.compile(r"[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
 
 
@@ -183,6 +184,43 @@ def test_the_demo_explorer_and_posters_are_written(demo: tuple[Path, str]) -> No
             assert poster.format == "JPEG" and poster.info["dpi"][0] > 0
     for name in templates:
         assert (posters / f"{name}-preview.png").exists()
+
+
+def test_the_demo_health_report_and_the_similar_image_command(demo: tuple[Path, str]) -> None:
+    project, _ = demo
+    manifest = pd.read_parquet(project / "data/raw/manifest.parquet")
+    health = pd.read_parquet(project / "data/processed/health.parquet")
+    assert health["id"].tolist() == manifest["id"].tolist()
+    metrics = read_metrics(project, "health.json")
+    assert metrics["near_images"] == int((health["near_group"] > 0).sum())
+    assert metrics["grayscale"] == 1797  # the digits are gray
+    assert metrics["near_groups_straddling"] == 0
+    neighbors = pd.read_parquet(project / "data/processed/neighbors.parquet")
+    assert neighbors["neighbors"].map(len).eq(10).all()
+    assert (neighbors["distances"].map(lambda d: list(d) == sorted(d))).all()
+    assert (project / "reports/health/flag-grayscale.png").exists()
+    assert len(pd.read_csv(project / "reports/unusual.csv")) == 100
+
+    image = manifest.sort_values("id").iloc[5]
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "stages.similar",
+            f"data/raw/collections/{image['path']}",
+            "--top",
+            "3",
+        ],
+        project,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["rank", "distance", "id"]
+    first = lines[1].split()
+    assert first[0] == "1" and float(first[1]) == 0 and first[2] == image["id"], lines
+    assert len(lines) == 4
+    missing = run([sys.executable, "-m", "stages.similar", "no-such-file.jpg"], project)
+    assert missing.returncode == 1 and "cannot read no-such-file.jpg" in missing.stderr
 
 
 def test_a_poster_setting_reruns_only_the_posters(demo: tuple[Path, str]) -> None:

@@ -447,7 +447,7 @@ def test_a_url_list_on_a_server_that_is_down_gives_a_clear_error(
 
 # ----------------------------------------------------------------------------- DVC remote
 
-FIRST_STAGES = ("sync", "prepare", "split")
+FIRST_STAGES = ("sync", "prepare", "duplicates", "split")
 
 
 def stage_outputs(project: Path) -> dict[str, bytes]:

@@ -65,6 +65,27 @@ def test_a_duplicate_goes_where_its_original_goes(settings: split.SplitParams) -
     assert subsets.nunique() == 1
 
 
+def test_near_copies_go_where_their_group_goes_whatever_their_ids(
+    settings: split.SplitParams,
+) -> None:
+    ids = [f"image-{index:03d}" for index in range(300)]
+    alone = split.assign_subsets(manifest_of(ids), settings).set_index("id")["subset"]
+    # chains of near pairs, the copies' ids far apart in order and in the hash's ranges
+    groups = [ids[start::60] for start in range(3)]
+    pairs = pd.DataFrame(
+        [(group[i], group[i + 1]) for group in groups for i in range(len(group) - 1)],
+        columns=["id_a", "id_b"],
+    )
+    for group in groups:
+        assert alone[group].nunique() > 1  # apart, the ids would land in several subsets
+    subsets = split.assign_subsets(manifest_of(ids), settings, pairs).set_index("id")["subset"]
+    for group in groups:
+        assert subsets[group].nunique() == 1
+        assert subsets[group[0]] == alone[group[0]]  # the group follows its first image
+    others = [image_id for image_id in ids if not any(image_id in g for g in groups)]
+    assert (subsets[others] == alone[others]).all()
+
+
 def test_a_zero_share_leaves_its_subset_empty(params: dict[str, Any]) -> None:
     params["split"]["proportions"] = {"train": 0.8, "test": 0.2, "valid": 0}
     settings = split.SplitParams.from_params(params)

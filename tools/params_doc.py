@@ -12,8 +12,10 @@ from pathlib import Path
 from stages import (
     cluster,
     compute,
+    duplicates,
     embed,
     explore,
+    health,
     posters,
     prepare,
     score,
@@ -31,9 +33,11 @@ END = "<!-- end of params table -->"
 STAGE_MODELS: dict[str, list[type[settings.Section]]] = {
     "sync": [sync.SyncParams],
     "prepare": [prepare.ImageParams, prepare.PrepareParams],
+    "duplicates": [duplicates.DuplicatesParams],
     "split": [split.SplitParams],
     "train": [train.TrainParams],
     "embed": [embed.EmbedParams],
+    "health": [health.HealthParams],
     "cluster": [cluster.ClusterParams],
     "assign": [],  # none: the model and the embeddings decide everything
     "score": [score.ScoreParams],

@@ -1,0 +1,47 @@
+"""Pictures of many thumbnails: mosaics in a grid, saved as PNG. Used by score (cluster
+mosaics, outliers) and health (near-duplicate groups, quality flags, unusual images)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stages import common
+
+GUTTER = 2  # pixels between thumbnails in a mosaic
+PNG_COMPRESS_LEVEL = 1  # see save_png
+
+
+def mosaic(thumbs: np.ndarray, columns: int) -> Image.Image:
+    """Thumbnails in rows of `columns`, left to right then down, on a dark background."""
+    count = max(len(thumbs), 1)
+    height, width = thumbs.shape[1:3]
+    rows = -(-count // columns)
+    used_columns = min(columns, count)
+    sheet = np.full(
+        (rows * (height + GUTTER) + GUTTER, used_columns * (width + GUTTER) + GUTTER, 3),
+        24,
+        dtype=np.uint8,
+    )
+    for index, thumb in enumerate(thumbs):
+        top = GUTTER + (index // columns) * (height + GUTTER)
+        left = GUTTER + (index % columns) * (width + GUTTER)
+        sheet[top : top + height, left : left + width] = thumb
+    return Image.fromarray(sheet)
+
+
+def save_png(image: Image.Image, path: Path | str) -> None:
+    """Write a PNG (Pillow writes no date, so the same image gives the same bytes).
+
+    zlib's fastest level: the pictures are decoded JPEG thumbnails, which compress little
+    better at the default level, and it encoded 7 of score's 14 s at 100,000 images.
+    """
+    image.save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+
+
+def save_png_atomically(image: Image.Image, path: Path) -> None:
+    """Write a PNG through a temporary file renamed into place."""
+    with common.atomic_output(path) as temporary:
+        save_png(image, temporary)

@@ -1,0 +1,98 @@
+"""similar: the collection's images most like a given image file (a command, not a stage).
+
+    python -m stages.similar path/to/image.jpg [--top 10]
+
+The file is decoded as prepare decodes the collection, encoded with the trained encoder
+(models/autoencoder/encoder.keras), and compared with every image's vector in
+data/processed/embeddings.parquet, read a block at a time: an exact search whose memory
+stays bounded at any collection size. Each line gives the rank, the distance in the
+latent space, the image's id and its path, its cluster and its near-duplicate group when
+the pipeline has made them. An image of the collection finds itself first, at distance 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages import common, embed, images, prepare, settings
+
+STAGE = "similar"
+SEARCH_BLOCK = 65536  # collection vectors compared at once
+
+
+def image_vector(path: Path, params: dict) -> np.ndarray:
+    """The latent vector of one image file, decoded as prepare does and encoded by embed's
+    encoder."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise common.UserError(f"cannot read {path}: {error.strerror or error}") from None
+    sizes = prepare.DecodeSizes.from_params(params)
+    try:
+        pixels = images.decode_for_targets(data, sizes.targets)[0]
+    except Exception as error:  # not an image, or a damaged one
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise common.UserError(f"cannot decode {path}: {message}") from None
+    encoder = embed.load_encoder(common.ENCODER_FILE, pixels.shape)
+    return embed.encode_rows(encoder, pixels[None], 1)[0]
+
+
+def nearest_rows(vector: np.ndarray, top: int) -> list[tuple[float, int]]:
+    """(distance, row) of the `top` embeddings nearest `vector`, nearest first, ties by row."""
+    best: list[tuple[float, int]] = []
+    start = 0
+    for block in common.embedding_batches(common.EMBEDDINGS_FILE, SEARCH_BLOCK):
+        distances = np.sqrt(((block.astype(np.float64) - vector) ** 2).sum(axis=1))
+        candidates = np.argsort(distances, kind="stable")[:top]
+        best = heapq.nsmallest(
+            top, best + [(float(distances[row]), start + int(row)) for row in candidates]
+        )
+        start += len(block)
+    return best
+
+
+def describe(rows: list[tuple[float, int]]) -> pd.DataFrame:
+    """The found rows with id, path, cluster and near-duplicate group where known."""
+    ids = common.embedding_ids()
+    table = pd.DataFrame(
+        {
+            "rank": range(1, len(rows) + 1),
+            "distance": [round(distance, 6) for distance, _ in rows],
+            "id": [ids[row] for _, row in rows],
+        }
+    )
+    manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync").set_index("id")
+    table["path"] = manifest["path"].reindex(table["id"]).to_numpy()
+    for path, column, stage in (
+        (common.CLUSTERS_FILE, "cluster", "assign"),
+        (common.PROCESSED_DIR / "health.parquet", "near_group", "health"),
+    ):
+        if path.exists():
+            values = common.read_parquet(path, made_by=stage).set_index("id")[column]
+            table[column] = values.reindex(table["id"]).to_numpy()
+    return table
+
+
+def main(arguments: list[str] | None = None) -> None:
+    """Print the collection's images most like the given file."""
+    parser = argparse.ArgumentParser(prog="python -m stages.similar", description=__doc__)
+    parser.add_argument("image", type=Path, help="an image file")
+    parser.add_argument("--top", type=int, default=10, help="how many to list (default 10)")
+    options = parser.parse_args(arguments)
+    if options.top < 1:
+        raise common.UserError(f"--top {options.top}: give at least 1")
+    if not common.EMBEDDINGS_FILE.exists():
+        raise common.UserError(f"{common.EMBEDDINGS_FILE} is missing: run `dvc repro embed`")
+    vector = image_vector(options.image, settings.load_params())
+    table = describe(nearest_rows(vector, options.top))
+    sys.stdout.write(table.to_string(index=False) + "\n")
+
+
+if __name__ == "__main__":
+    common.run_stage(main)

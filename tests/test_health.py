@@ -1,0 +1,189 @@
+"""Collection health: perceptual hashes, near-duplicate pairs and groups, quality flags,
+nearest neighbours and the checks of latent vectors."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from near_copies import COPY_KINDS, near_copy_files, planted_quality_files, scene
+from PIL import Image, ImageOps
+
+from stages import duplicates, health, image_health, near_search
+from stages.sync_files import measure_image
+from stages.sync_manifest import HEALTH_COLUMNS
+
+
+def measured_manifest(files: dict[str, bytes]) -> pd.DataFrame:
+    """A manifest of the files as sync measures them (ids are the names)."""
+    rows = []
+    for name, data in files.items():
+        measurement = measure_image(data, 10**9)
+        assert not isinstance(measurement, str), (name, measurement)
+        rows.append(
+            {
+                "id": name,
+                "path": name,
+                "sha256": measurement.sha256,
+                "bytes": measurement.bytes,
+                "width": measurement.width,
+                "height": measurement.height,
+                "blank": measurement.health.pixel_std < 2.0,
+                "pixel_std": measurement.health.pixel_std,
+                **{column: getattr(measurement.health, column) for column in HEALTH_COLUMNS},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def near_copies() -> tuple[pd.DataFrame, dict[str, str]]:
+    files, truth = near_copy_files()
+    return measured_manifest(files), truth
+
+
+def pairs_within_groups(names: list[str], group_of: dict[str, Any]) -> set[frozenset[str]]:
+    """Every pair of names that share a group."""
+    members: dict[Any, list[str]] = {}
+    for name in names:
+        members.setdefault(group_of[name], []).append(name)
+    return {
+        frozenset(pair)
+        for group in members.values()
+        for pair in itertools.combinations(sorted(group), 2)
+    }
+
+
+def test_a_mirror_image_hashes_as_the_mirrored_hash() -> None:
+    image = scene(3).convert("L")
+    plain, mirrored = image_health.perceptual_hashes(image)
+    flipped_plain, flipped_mirrored = image_health.perceptual_hashes(ImageOps.mirror(image))
+    assert near_search.hash_distance(mirrored, flipped_plain) <= 2
+    assert near_search.hash_distance(plain, flipped_mirrored) <= 2
+    assert near_search.hash_distance(plain, flipped_plain) > 10
+
+
+def test_near_copies_are_grouped_and_look_alikes_are_not(near_copies) -> None:
+    manifest, truth = near_copies
+    pairs = duplicates.hash_pair_table(manifest, limit=8, workers=2)
+    row_of = {name: row for row, name in enumerate(manifest["id"])}
+    groups = near_search.groups_of_pairs(
+        len(manifest),
+        np.array([row_of[name] for name in pairs["id_a"]], dtype=np.int64),
+        np.array([row_of[name] for name in pairs["id_b"]], dtype=np.int64),
+    )
+    names = manifest["id"].tolist()
+    found = pairs_within_groups(names, dict(zip(names, groups)))
+    expected = pairs_within_groups(names, truth)
+    recall = len(found & expected) / len(expected)
+    precision = len(found & expected) / max(len(found), 1)
+    assert recall >= 0.95 and precision >= 0.95, (recall, precision)
+    # which copies are found: every kind joins its scene's group
+    for kind in COPY_KINDS:
+        for index in range(12):
+            assert frozenset({f"scene-{index:02d}.jpg", f"scene-{index:02d}-{kind}.jpg"}) in found
+    assert not any(name.startswith("alike") for pair in found for name in pair)
+    assert pairs["mirrored"].any()
+
+
+def test_pairs_are_the_same_whatever_the_workers_and_blocks(near_copies, monkeypatch) -> None:
+    manifest, _ = near_copies
+    one = duplicates.hash_pair_table(manifest, limit=8, workers=1)
+    monkeypatch.setattr(near_search, "BLOCK_CELLS", 7 * len(manifest))  # 7 rows a block
+    several = duplicates.hash_pair_table(manifest, limit=8, workers=2)
+    pd.testing.assert_frame_equal(one, several)
+
+
+def test_blank_frames_pair_with_nothing() -> None:
+    black = Image.new("RGB", (64, 36))
+    manifest = measured_manifest(
+        {"black-1.png": image_bytes_png(black), "black-2.png": image_bytes_png(black)}
+    )
+    assert manifest["blank"].all()
+    assert duplicates.hash_pair_table(manifest, limit=10, workers=1).empty
+
+
+def image_bytes_png(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_each_flag_catches_its_planted_image_and_spares_clean_ones(project_params) -> None:
+    planted = planted_quality_files()
+    manifest = measured_manifest({name: data for name, (data, _) in planted.items()})
+    params = health.HealthParams.from_params(project_params)
+    flags = health.quality_flags(manifest, params).set_index(manifest["id"])
+    for name, (_, flag) in planted.items():
+        raised = [column for column in health.FLAG_SCORES if flags.loc[name, column]]
+        if flag is None:
+            assert raised == [], (name, raised)
+            assert not flags.loc[name, "flagged"]
+        else:
+            assert flag in raised, (name, raised, manifest.set_index("id").loc[name].to_dict())
+            assert flags.loc[name, "flagged"]
+
+
+def test_the_representative_is_the_largest_image_and_groups_are_numbered_by_size() -> None:
+    manifest = pd.DataFrame(
+        {
+            "id": ["a", "b", "c", "d", "e", "f"],
+            "width": [100, 200, 100, 50, 100, 100],
+            "height": [100, 200, 100, 50, 100, 100],
+            "bytes": [10, 10, 10, 10, 30, 20],
+        }
+    )
+    # a-b and c-d-e-f: the larger group first; b is the largest; e beats c and f on bytes
+    groups = health.near_groups(manifest, np.array([0, 2, 3, 4]), np.array([1, 3, 4, 5]))
+    assert groups["near_group"].tolist() == [2, 2, 1, 1, 1, 1]
+    near_of = [value if isinstance(value, str) else None for value in groups["near_of"]]
+    assert near_of == ["b", None, "e", "e", None, "e"]
+    assert groups["near_size"].tolist() == [2, 2, 4, 4, 4, 4]
+    alone = health.near_groups(manifest, np.empty(0, np.int64), np.empty(0, np.int64))
+    assert (alone["near_group"] == 0).all() and alone["near_of"].isna().all()
+
+
+def test_groups_across_subsets_are_counted() -> None:
+    groups = pd.DataFrame({"near_group": [1, 1, 2, 2, 0, 0]})
+    subsets = pd.Series(["train", "test", "valid", "valid", "train", "test"])
+    assert health.straddling_groups(groups, subsets) == 1
+
+
+def test_latent_pairs_keep_neighbours_within_the_limit_once() -> None:
+    indices = np.array([[1, 2], [0, 2], [0, 1], [2, 0]])
+    distances = np.array([[0.1, 0.9], [0.1, 0.5], [0.9, 0.5], [0.2, 3.0]], dtype=np.float32)
+    usable = np.array([True, True, True, False])
+    first, second = health.latent_pairs(indices, distances, 0.5, usable)
+    assert list(zip(first, second)) == [(0, 1), (1, 2)]
+
+
+def test_exact_neighbours_match_scikit_learn_and_copies_are_at_zero() -> None:
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(600, 12)).astype(np.float32)
+    vectors[11] = vectors[10]
+    indices, distances = near_search.nearest_neighbours(vectors, 5, 10**6, 0, 2)
+    _, expected = NearestNeighbors(n_neighbors=6).fit(vectors).kneighbors(vectors)
+    assert distances[10, 0] == 0 and indices[10, 0] == 11 and indices[11, 0] == 10
+    for row, (found, known) in enumerate(zip(indices, expected)):
+        assert set(found) == set(known[known != row][:5]), row
+    assert (np.diff(distances, axis=1) >= 0).all()
+
+
+def test_approximate_neighbours_are_seeded_and_mostly_right() -> None:
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(20, 8)) * 5
+    vectors = (centers[rng.integers(0, 20, 1500)] + rng.normal(size=(1500, 8))).astype(np.float32)
+    exact, _ = near_search.nearest_neighbours(vectors, 5, 10**6, 0, 1)
+    first = near_search.nearest_neighbours(vectors, 5, 100, 42, 1)
+    second = near_search.nearest_neighbours(vectors, 5, 100, 42, 1)
+    np.testing.assert_array_equal(first[0], second[0])
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact, first[0])])
+    assert recall >= 0.9, recall
+    assert (first[0] != np.arange(1500)[:, None]).all()  # never its own neighbour
