@@ -380,7 +380,10 @@ def main() -> None:
     logger = common.get_logger(STAGE)
     params = ClusterParams.from_params(settings.load_params())
     ids, sha256s, _ = common.read_image_keys(common.embedding_ids())
-    rows = common.sample_rows(len(ids), params.fit_sample, params.random_state)
+    # One image per near-duplicate group: its copies would weigh on the fit as if they were
+    # different images. assign places them with the model like any other image.
+    candidates = np.flatnonzero(~common.read_near_copies(ids))
+    rows = candidates[common.sample_rows(len(candidates), params.fit_sample, params.random_state)]
     sample = common.read_embedding_rows(common.EMBEDDINGS_FILE, rows)
     fit = fit_clusters(sample, [sha256s[row] for row in rows], params)
     write_model(fit.model, common.CLUSTER_MODEL_FILE)
@@ -389,11 +392,13 @@ def main() -> None:
     assert fitted is not None
     found = len(np.unique(fitted.clusters[fitted.clusters != common.NOISE]))
     logger.info(
-        "%s: %d clusters, fit on %d of %d images (%d noise); %.1f s",
+        "%s: %d clusters, fit on %d of %d images (%d near-duplicate copies left out, "
+        "%d noise); %.1f s",
         params.method,
         found,
         len(rows),
         len(ids),
+        len(ids) - len(candidates),
         int((fitted.clusters == common.NOISE).sum()),
         time.perf_counter() - started,
     )

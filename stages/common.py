@@ -46,6 +46,7 @@ SPLIT_FILE = PROCESSED_DIR / "split.parquet"
 EMBEDDINGS_FILE = PROCESSED_DIR / "embeddings.parquet"
 CLUSTERS_FILE = PROCESSED_DIR / "clusters.parquet"
 SCORES_FILE = PROCESSED_DIR / "scores.parquet"
+NEAR_GROUPS_FILE = PROCESSED_DIR / "near_groups.parquet"
 CACHE_DIR = Path("data/cache")
 AUTOENCODER_DIR = Path("models/autoencoder")
 ENCODER_FILE = AUTOENCODER_DIR / "encoder.keras"
@@ -292,6 +293,13 @@ def read_embedding_rows(path: Path, rows: np.ndarray, batch_rows: int = 65536) -
         picked.append(batch[inside - start])
         start += len(batch)
     return np.concatenate(picked).astype(np.float32, copy=False)
+
+
+def read_near_copies(ids: list[str], path: Path = NEAR_GROUPS_FILE) -> np.ndarray:
+    """Whether each image is a near-duplicate copy: in a group and not its representative
+    (health's near_groups.parquet). Copies stay out of the cluster fit and the mosaics."""
+    near_of = read_parquet(path, made_by="health").set_index("id")["near_of"]
+    return near_of.reindex(ids).notna().to_numpy()
 
 
 def read_embeddings(path: Path = EMBEDDINGS_FILE) -> tuple[list[str], np.ndarray]:

@@ -6,6 +6,8 @@ Inputs:  data/raw/manifest.parquet (sync's scores), data/processed/hash_pairs.pa
          data/processed/embeddings.parquet, data/processed/split.parquet,
          data/interim/thumbs.parquet + ids.parquet
 Outputs: data/processed/health.parquet (one row per image, see HEALTH_COLUMNS),
+         data/processed/near_groups.parquet (its id, near_group, near_of and near_size:
+         what cluster and score read, so that a flag threshold reruns neither),
          data/processed/neighbors.parquet (id, neighbors, distances: the k nearest in
          the latent space, nearest first), metrics/health.json (counts),
          reports/health/ (near-NNN.png: a mosaic per near-duplicate group, largest first,
@@ -380,6 +382,9 @@ def main() -> None:
     straddling = straddling_groups(groups, split.reindex(manifest["id"]).reset_index(drop=True))
 
     common.write_parquet(health, HEALTH_FILE)
+    common.write_parquet(
+        health[["id", "near_group", "near_of", "near_size"]], common.NEAR_GROUPS_FILE
+    )
     common.write_arrow_parquet(
         neighbor_table(manifest["id"].astype(str).tolist(), indices, distances), NEIGHBORS_FILE
     )

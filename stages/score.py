@@ -275,14 +275,15 @@ def overview_sheet(
 
 
 def central_rows(
-    clusters: np.ndarray, distances: np.ndarray, ids: list[str]
+    clusters: np.ndarray, distances: np.ndarray, ids: list[str], copies: np.ndarray | None = None
 ) -> dict[int, np.ndarray]:
-    """Row numbers of each cluster's images, nearest its center first (ties by id)."""
+    """Row numbers of each cluster's images, nearest its center first (ties by id), without
+    the near-duplicate `copies` (a mosaic shows one image of each group)."""
     order = np.lexsort((np.array(ids, dtype=object).astype(str), distances))
     result: dict[int, list[int]] = {}
     for row in order:
         cluster = int(clusters[row])
-        if cluster != common.NOISE:
+        if cluster != common.NOISE and (copies is None or not copies[row]):
             result.setdefault(cluster, []).append(int(row))
     return {cluster: np.array(rows) for cluster, rows in result.items()}
 
@@ -327,11 +328,13 @@ def score_clusters(
     silhouettes: np.ndarray,
     manifest: pd.DataFrame,
     params: ScoreParams,
+    copies: np.ndarray | None = None,
 ) -> ScoreResult:
     """Center distances, metrics, outliers and mosaic choices of a clustering whose
     silhouettes are given.
 
-    `manifest` is indexed by id and gives each image's path and label.
+    `manifest` is indexed by id and gives each image's path and label; `copies` marks the
+    near-duplicate copies the mosaics leave out.
     """
     distances = center_distances(vectors, clusters, cluster_centers(vectors, clusters))
     per_cluster = silhouette_table(clusters, silhouettes)
@@ -354,7 +357,7 @@ def score_clusters(
         per_cluster=per_cluster,
         scores=scores.drop(columns=["path"]),
         outliers=outliers,
-        mosaic_rows=central_rows(clusters, distances, ids),
+        mosaic_rows=central_rows(clusters, distances, ids, copies),
         outlier_rows=outlier_rows,
     )
 
@@ -380,7 +383,8 @@ def main() -> None:
     assign_key = common.parquet_keys(common.CLUSTERS_FILE, made_by="assign").get("assign_key")
     key = silhouette_cache_key(assign_key, [sha256s[row] for row in reference])
     per_image, computed = cached_silhouettes(vectors, clusters, reference, sha256s, key)
-    result = score_clusters(ids, vectors, clusters, per_image, manifest, params)
+    copies = common.read_near_copies(ids)
+    result = score_clusters(ids, vectors, clusters, per_image, manifest, params, copies)
     metrics = result.metrics
     common.write_json(metrics, CLUSTER_METRICS_FILE)
     common.write_csv(result.per_cluster, SILHOUETTE_FILE)

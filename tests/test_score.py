@@ -223,6 +223,13 @@ def test_central_rows_put_the_nearest_images_first() -> None:
     assert -1 not in rows
 
 
+def test_mosaics_leave_near_duplicate_copies_out() -> None:
+    clusters = np.array([0, 0, 0, 0])
+    copies = np.array([False, True, False, False])  # row 1 is a copy of another image
+    rows = score.central_rows(clusters, np.array([0.5, 0.1, 0.2, 0.3]), list("abcd"), copies)
+    assert rows[0].tolist() == [2, 3, 0]
+
+
 def test_mosaics_show_each_cluster_in_a_grid(tmp_path: Path) -> None:
     thumbs = np.stack([np.full((6, 10, 3), value, dtype=np.uint8) for value in range(30)])
     clusters = np.array([0] * 25 + [1] * 5)
@@ -269,6 +276,8 @@ def score_project(tmp_path: Path, monkeypatch, project_params: dict[str, Any]) -
     thumbnails.write_table(thumbnails.THUMBS_FILE, ids, [encoded], 9, 16)
     sha256s = [f"sha-{row:03d}" for row in range(90)]
     common.write_parquet(pd.DataFrame({"id": ids, "sha256": sha256s}), common.ARRAY_IDS_FILE)
+    near = pd.DataFrame({"id": ids, "near_group": 0, "near_of": None, "near_size": 1})
+    common.write_parquet(near, common.NEAR_GROUPS_FILE)
     return tmp_path
 
 
