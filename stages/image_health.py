@@ -14,6 +14,9 @@ import numpy as np
 from PIL import Image
 from scipy.fft import dctn
 
+# Kept in the manifest's metadata: change it with any change to what a measurement gives,
+# so that sync measures every file again rather than keep scores made the old way.
+MEASUREMENT_VERSION = "health-1"
 MEASURE_SIZE = 256  # px: the long side of the copy scores are measured on
 HASH_SIZE = 8  # the hash keeps the 8 x 8 lowest frequencies: 64 bits
 HASH_SCALE = 4  # ... of a DCT of a (8 x 4) x (8 x 4) = 32 x 32 gray copy, as imagehash's phash
@@ -75,28 +78,46 @@ def laplacian_std(gray: np.ndarray) -> float:
     return float(laplacian.std())
 
 
-def histogram_entropy(gray: np.ndarray) -> float:
-    """Shannon entropy of the 256-level histogram, in bits."""
-    counts = np.bincount(gray.ravel().astype(np.uint8), minlength=256).astype(np.float64)
+def histogram_entropy(counts: np.ndarray) -> float:
+    """Shannon entropy, in bits, of a histogram of counts."""
     shares = counts[counts > 0] / counts.sum()
     return float(-(shares * np.log2(shares)).sum())
 
 
+def level_below(cumulative: np.ndarray, share: float) -> int:
+    """The lowest gray level at or below which `share` of the pixels lie."""
+    return int(np.searchsorted(cumulative, share * cumulative[-1]))
+
+
+def channel_spread(rgb: np.ndarray) -> float:
+    """The mean over pixels of (largest channel - smallest channel), 0-255."""
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    high = np.maximum(np.maximum(red, green), blue)
+    low = np.minimum(np.minimum(red, green), blue)
+    return float((high - low).mean())
+
+
 def health_scores(copy: Image.Image) -> HealthScores:
-    """Every score of an RGB measure copy (long side at most MEASURE_SIZE)."""
+    """Every score of an RGB measure copy (long side at most MEASURE_SIZE).
+
+    Percentiles, spread and entropy come from one 256-level histogram of the gray copy.
+    """
     gray_image = copy.convert("L")
-    gray = np.asarray(gray_image, dtype=np.float32)
-    rgb = np.asarray(copy, dtype=np.int16)
+    gray = np.asarray(gray_image)
+    counts = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
+    levels = np.arange(256, dtype=np.float64)
+    total = counts.sum()
+    mean = (counts * levels).sum() / total
+    spread = np.sqrt((counts * (levels - mean) ** 2).sum() / total)
+    cumulative = np.cumsum(counts)
     phash, phash_mirror = perceptual_hashes(gray_image)
-    low, high = np.percentile(gray, [5, 99])
-    spread = (rgb.max(axis=2) - rgb.min(axis=2)).mean() / 255.0
     return HealthScores(
-        pixel_std=round(float(gray.std()), 4),
+        pixel_std=round(float(spread), 4),
         phash=phash,
         phash_mirror=phash_mirror,
-        dark=round(float(high) / 255.0, 4),
-        light=round(float(low) / 255.0, 4),
-        sharpness=round(laplacian_std(gray), 4),
-        entropy=round(histogram_entropy(gray), 4),
-        colorfulness=round(float(spread), 4),
+        dark=round(level_below(cumulative, 0.99) / 255.0, 4),
+        light=round(level_below(cumulative, 0.05) / 255.0, 4),
+        sharpness=round(laplacian_std(gray.astype(np.float32)), 4),
+        entropy=round(histogram_entropy(counts), 4),
+        colorfulness=round(channel_spread(np.asarray(copy)) / 255.0, 4),
     )

@@ -22,7 +22,15 @@ from typing import Any, ClassVar, Literal
 import pandas as pd
 from pydantic import Field, field_validator
 
-from stages import common, compute, remote, settings, sync_last_run, sync_remote_state
+from stages import (
+    common,
+    compute,
+    image_health,
+    remote,
+    settings,
+    sync_last_run,
+    sync_remote_state,
+)
 from stages.sync_files import BringTask, FileOutcome, MeasureTask, remove_temporary_files, run_task
 from stages.sync_manifest import (
     Description,
@@ -279,8 +287,12 @@ def remove_empty_folders(collection: Path) -> None:
 
 
 def read_previous_manifest(path: Path) -> pd.DataFrame | None:
-    """The manifest of the last run, if there is a readable one."""
+    """The manifest (or remote state) of the last run, if there is a readable one whose
+    measurements were made as this code makes them (image_health.MEASUREMENT_VERSION)."""
     try:
+        version = common.parquet_keys(path, made_by=STAGE).get("measurement")
+        if path == common.MANIFEST_FILE and version != image_health.MEASUREMENT_VERSION:
+            return None  # measured by other code: measure everything again
         return pd.read_parquet(path)
     except Exception:  # absent or unreadable: measure everything again
         return None
@@ -344,7 +356,9 @@ def main() -> None:
     )
     manifest, rejected, summary = result.manifest, result.rejected, result.summary
     history_report = result.history
-    common.write_parquet(manifest, common.MANIFEST_FILE)
+    common.write_parquet(
+        manifest, common.MANIFEST_FILE, keys={"measurement": image_health.MEASUREMENT_VERSION}
+    )
     common.write_bytes_atomic(rejected.to_csv(index=False).encode("utf-8"), common.REJECTED_FILE)
     common.write_parquet(result.remote_state, common.REMOTE_STATE_FILE)
     if source_listing is not None:

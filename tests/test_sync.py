@@ -23,7 +23,7 @@ from conftest import (
 )
 from PIL import Image
 
-from stages import common, sync, sync_files, sync_manifest, sync_sources
+from stages import common, image_health, sync, sync_files, sync_manifest, sync_sources
 
 
 def sync_params(params: dict[str, Any], source: Path | str, **changes: Any) -> sync.SyncParams:
@@ -394,3 +394,15 @@ def test_a_run_that_finds_nothing_changed_writes_nothing(
     assert (common.COLLECTION_DIR / "gray.png").exists()
     assert "new.jpg" in set(pd.read_parquet(common.MANIFEST_FILE)["path"])
     assert len(pd.read_parquet(common.MANIFEST_FILE)) == len(good_image_files()) + 1
+
+
+def test_measurements_made_by_other_code_are_made_again(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    manifest = pd.DataFrame({"id": ["a"], "path": ["a.png"]})
+    common.write_parquet(manifest, common.MANIFEST_FILE, keys={"measurement": "health-0"})
+    assert sync.read_previous_manifest(common.MANIFEST_FILE) is None
+    current = {"measurement": image_health.MEASUREMENT_VERSION}
+    common.write_parquet(manifest, common.MANIFEST_FILE, keys=current)
+    pd.testing.assert_frame_equal(sync.read_previous_manifest(common.MANIFEST_FILE), manifest)
+    common.write_parquet(manifest, common.MANIFEST_FILE)  # written before versions existed
+    assert sync.read_previous_manifest(common.MANIFEST_FILE) is None
