@@ -75,12 +75,13 @@ class HealthParams(settings.Section):
     SECTION: ClassVar[str] = "health"
     neighbors: int = Field(10, ge=1, le=100, description="nearest neighbours kept per image")
     latent_near_share: float = Field(
-        0.05,
+        0.0,
         ge=0,
         le=1,
         allow_inf_nan=False,
         description="neighbours nearer than this share of the median distance between two "
-        "images in the latent space are near-duplicates (0: the hash alone)",
+        "images in the latent space are near-duplicates too (0, the default: the hash alone; "
+        "see the README before raising it)",
     )
     exact_below: int = Field(
         20000,
