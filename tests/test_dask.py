@@ -106,7 +106,8 @@ def test_a_dask_cluster_gives_the_same_bytes_as_this_machine(
         folder.mkdir()
         (folder / "params.yaml").write_text(small_params(source, address))
 
-    for stage in ("sync", "prepare", "duplicates", "split", "train", "embed", "cluster", "assign"):
+    stages = ("sync", "prepare", "duplicates", "split", "train", "embed", "health")
+    for stage in (*stages, "cluster", "assign"):
         run_stage(stage, here)
     data_stages = ("sync", "prepare", "duplicates", "split")
     printed = {stage: run_stage(stage, there) for stage in data_stages}
