@@ -190,7 +190,8 @@ def near_groups(manifest: pd.DataFrame, first: np.ndarray, second: np.ndarray) -
     docstring), in manifest order."""
     count = len(manifest)
     component = near_search.groups_of_pairs(count, first, second)
-    sizes = np.bincount(component, minlength=count)[component]
+    component_sizes = np.bincount(component, minlength=count)
+    sizes = component_sizes[component]
     pixels = manifest["width"].to_numpy(np.int64) * manifest["height"].to_numpy(np.int64)
     order = pd.DataFrame(
         {
@@ -207,16 +208,14 @@ def near_groups(manifest: pd.DataFrame, first: np.ndarray, second: np.ndarray) -
     representative = representative_of[component].to_numpy()
     ids = manifest["id"].astype(str).to_numpy()
     grouped = sizes > 1
-    # Groups numbered by size, largest first, ties by their first row.
+    # Groups numbered by size, largest first, ties by their first row; 0 for the alone.
     heads = np.unique(component[grouped])
-    ranked = sorted(heads, key=lambda head: (-int(sizes[component == head][0]), int(head)))
-    number_of = {int(head): number for number, head in enumerate(ranked, start=1)}
+    ranked = heads[np.lexsort((heads, -component_sizes[heads]))]
+    number_of = np.zeros(count, dtype=np.int64)
+    number_of[ranked] = np.arange(1, len(ranked) + 1)
     return pd.DataFrame(
         {
-            "near_group": np.array(
-                [number_of.get(int(c), 0) if g else 0 for c, g in zip(component, grouped)],
-                dtype=np.int64,
-            ),
+            "near_group": number_of[component],
             "near_of": pd.Series(
                 np.where(grouped & (representative != np.arange(count)), ids[representative], None),
                 dtype="str",
@@ -306,11 +305,7 @@ def write_report(
             mosaics.save_png(
                 mosaics.mosaic(pictures[picked[index]], params.mosaic_side), staging / f"{name}.png"
             )
-        summary = (
-            grouped.groupby("near_group")
-            .agg(size=("id", "size"), representative=("near_of", "first"))
-            .reset_index()
-        )
+        summary = grouped.groupby("near_group").size().rename("size").reset_index()
         representatives = grouped[grouped["near_of"].isna()].set_index("near_group")["id"]
         summary["representative"] = summary["near_group"].map(representatives)
         common.write_csv(summary, staging / "groups.csv")

@@ -152,15 +152,12 @@ def nearest_neighbours(
 
 
 def drop_self(indices: np.ndarray, distances: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Neighbour lists without each row itself, k long, ties by row."""
-    rows = np.arange(len(indices))[:, None]
-    keep = indices != rows
-    kept_indices = np.full((len(indices), k), -1, dtype=np.int64)
-    kept_distances = np.full((len(indices), k), np.inf, dtype=np.float32)
-    for row in range(len(indices)):
-        found_indices = indices[row][keep[row]]
-        found_distances = distances[row][keep[row]]
-        order = np.lexsort((found_indices, found_distances))[:k]
-        kept_indices[row, : len(order)] = found_indices[order]
-        kept_distances[row, : len(order)] = found_distances[order]
+    """Neighbour lists without each row itself, k long, nearest first, ties by row (-1 and
+    infinity fill a list that lacks neighbours)."""
+    itself = indices == np.arange(len(indices))[:, None]
+    near = np.where(itself | (indices < 0), np.inf, distances).astype(np.float32)
+    order = np.lexsort((indices, near), axis=1)[:, :k]
+    kept_indices = np.take_along_axis(indices, order, axis=1).astype(np.int64)
+    kept_distances = np.take_along_axis(near, order, axis=1)
+    kept_indices[np.isinf(kept_distances)] = -1
     return kept_indices, kept_distances
