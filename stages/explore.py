@@ -2,13 +2,17 @@
 
 Params:  ExploreParams below (params.yaml, section explore)
 Inputs:  data/processed/clusters.parquet (cluster, x, y), data/processed/scores.parquet
-         (silhouette), data/processed/split.parquet, data/raw/manifest.parquet,
-         data/raw/rejected.csv, data/interim/thumbs.parquet + ids.parquet
+         (silhouette), data/processed/split.parquet, data/processed/near_groups.parquet,
+         data/raw/manifest.parquet, data/raw/rejected.csv,
+         data/interim/thumbs.parquet + ids.parquet
 Outputs: reports/explorer/ (index.html, explorer.js, explorer.css, favicon.svg, data.js,
          atlas-NNN.jpg, atlases.json: each atlas's key)
 
 The folder is a persistent output: a run keeps the atlases whose sprites are unchanged
 (by key) and makes only the others, so new images cost the atlases they land in.
+
+Near-duplicate copies are hidden until the page's "near-duplicate copies" box is ticked:
+each group shows its representative, and an image's details name its group.
 
 The page is self-contained: it loads only files of its own folder, so it opens from disk
 (file://) and over HTTP alike, offline. The detail panel links the full-size image by a
@@ -47,8 +51,9 @@ DATA_SCRIPT = "data.js"
 # are unchanged instead of decoding and encoding them again.
 ATLAS_KEYS_FILE = "atlases.json"
 MAX_ATLAS_SIDE = 8192  # px; larger images fail to decode or draw in some browsers
-TEXT_COLUMNS = ("id", "path", "subset", "place", "label", "taken_at", "month")
+TEXT_COLUMNS = ("id", "path", "subset", "place", "label", "taken_at", "month", "near_of")
 NUMBER_COLUMNS = ("x", "y", "silhouette", "latitude", "longitude")
+COUNT_COLUMNS = ("cluster", "near_group", "near_size")
 FLAG_COLUMNS = ("blank", "duplicate")
 
 
@@ -92,14 +97,26 @@ class AtlasGrid:
 
 
 def explorer_table(
-    clusters: pd.DataFrame, scores: pd.DataFrame, split: pd.DataFrame, manifest: pd.DataFrame
+    clusters: pd.DataFrame,
+    scores: pd.DataFrame,
+    split: pd.DataFrame,
+    manifest: pd.DataFrame,
+    near: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per clustered image, in the clusters' order, with every field the page shows.
 
     Columns: id, path, cluster, x, y, silhouette, subset, taken_at, month, place, latitude,
-    longitude, label, blank, duplicate.
+    longitude, label, blank, duplicate, near_group, near_of, near_size (from `near`, health's
+    near-duplicate groups; every image alone without it).
     """
     table = clusters[["id", "cluster", "x", "y"]].copy()
+    if near is None:
+        table["near_group"], table["near_of"], table["near_size"] = 0, None, 1
+    else:
+        groups = near.set_index("id").reindex(table["id"])
+        table["near_group"] = groups["near_group"].fillna(0).astype(np.int64).to_numpy()
+        table["near_of"] = groups["near_of"].to_numpy()
+        table["near_size"] = groups["near_size"].fillna(1).astype(np.int64).to_numpy()
     table["silhouette"] = scores.set_index("id")["silhouette"].reindex(table["id"]).to_numpy()
     table["subset"] = split.set_index("id")["subset"].reindex(table["id"]).to_numpy()
     fields = ["path", "taken_at", "place", "latitude", "longitude", "label", "blank", "duplicate"]
@@ -113,11 +130,14 @@ def explorer_table(
 
 
 def collection_summary(
-    manifest: pd.DataFrame, rejected_count: int, clustered: int
+    manifest: pd.DataFrame, rejected_count: int, clustered: int, near: pd.DataFrame | None = None
 ) -> dict[str, int]:
     """Counts for the overview tab that the page's own rows cannot tell (build_explorer
     adds how many images the page shows)."""
+    grouped = near[near["near_group"] > 0] if near is not None else None
     return {
+        "near_groups": 0 if grouped is None else int(grouped["near_group"].nunique()),
+        "near_copies": 0 if grouped is None else int(grouped["near_of"].notna().sum()),
         "collection_images": len(manifest),
         "clustered_images": clustered,
         "rejected_files": rejected_count,
@@ -142,7 +162,7 @@ def page_data(
     table: pd.DataFrame, grid: AtlasGrid, atlas_files: list[str], summary: dict, collection: str
 ) -> dict[str, Any]:
     """Everything the page reads, as one JSON-ready dict (columns, not rows: smaller, faster)."""
-    columns: dict[str, list[Any]] = {"cluster": [int(v) for v in table["cluster"]]}
+    columns: dict[str, list[Any]] = {name: [int(v) for v in table[name]] for name in COUNT_COLUMNS}
     for name in TEXT_COLUMNS:
         columns[name] = json_column(table[name], "text")
     for name in NUMBER_COLUMNS:
@@ -360,10 +380,11 @@ def main() -> None:
     scores = common.read_parquet(common.SCORES_FILE, made_by="score")
     split = common.read_parquet(common.SPLIT_FILE, made_by="split")
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
+    near = common.read_parquet(common.NEAR_GROUPS_FILE, made_by="health")
     ids = clusters["id"].tolist()
     thumbs = thumbnails.load(ids)
-    table = explorer_table(clusters, scores, split, manifest)
-    summary = collection_summary(manifest, read_rejected_count(), len(table))
+    table = explorer_table(clusters, scores, split, manifest, near)
+    summary = collection_summary(manifest, read_rejected_count(), len(table), near)
     _, sha256s, _ = common.read_image_keys(ids)
     data, kept = build_explorer(
         table, thumbs, summary, params, EXPLORER_DIR, common.COLLECTION_DIR, sha256s

@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import Field
 
-from stages import common, duplicates, mosaics, near_search, settings, thumbnails
+from stages import common, duplicates, mosaics, near_search, neighbour_lists, settings, thumbnails
 
 STAGE = "health"
 HEALTH_FILE = common.PROCESSED_DIR / "health.parquet"
@@ -237,21 +237,26 @@ def straddling_groups(groups: pd.DataFrame, subsets: pd.Series) -> int:
 # ----------------------------------------------------------------------------- outputs
 
 
+def farthest_neighbour(distances: np.ndarray) -> np.ndarray:
+    """Each row's distance to its k-th neighbour (its farthest listed one in a collection of
+    k images or fewer; 0 with none)."""
+    finite = np.where(np.isfinite(distances), distances, -np.inf)
+    farthest = finite.max(axis=1, initial=-np.inf)
+    return np.where(np.isfinite(farthest), farthest, 0.0).astype(np.float32)
+
+
 def neighbor_table(ids: list[str], indices: np.ndarray, distances: np.ndarray) -> pa.Table:
     """id, neighbors (their ids), distances: the k nearest of each image, nearest first."""
-    names = np.array(ids, dtype=object)
+    names = pa.array(ids, pa.string())
     valid = indices >= 0
+    offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32))
+    neighbours = names.take(pa.array(indices[valid]))
+    rounded = np.round(distances[valid].astype(np.float64), 6).astype(np.float32)
     return pa.table(
         {
-            "id": pa.array(ids, pa.string()),
-            "neighbors": pa.array(
-                [names[row[keep]].tolist() for row, keep in zip(indices, valid)],
-                pa.list_(pa.string()),
-            ),
-            "distances": pa.array(
-                [[round(float(d), 6) for d in row[keep]] for row, keep in zip(distances, valid)],
-                pa.list_(pa.float32()),
-            ),
+            "id": names,
+            "neighbors": pa.ListArray.from_arrays(offsets, neighbours),
+            "distances": pa.ListArray.from_arrays(offsets, pa.array(rounded, pa.float32())),
         }
     )
 
@@ -352,8 +357,9 @@ def main() -> None:
     thumb_row = thumb_row_of[manifest["id"]].to_numpy()
     manifest_vectors = vectors[thumb_row]
 
-    indices, distances = near_search.nearest_neighbours(
-        manifest_vectors, params.neighbors, params.exact_below, params.seed, common.worker_count()
+    search = neighbour_lists.SearchSettings(params.neighbors, params.exact_below, params.seed)
+    indices, distances, searched = neighbour_lists.neighbour_lists(
+        manifest["id"].astype(str).tolist(), manifest_vectors, search, common.worker_count()
     )
     usable = ~manifest["blank"].to_numpy(dtype=bool)
     limit = params.latent_near_share * latent_scale(manifest_vectors, params.seed)
@@ -368,8 +374,7 @@ def main() -> None:
         np.concatenate([hash_second, latent_second]),
     )
     flags = quality_flags(manifest, params)
-    last = indices.shape[1] - 1
-    unusual = distances[:, last] if last >= 0 else np.zeros(len(manifest), dtype=np.float32)
+    unusual = farthest_neighbour(distances)
     health = pd.concat(
         [manifest[["id"]], groups, pd.DataFrame({"unusual": unusual.astype(np.float64)}), flags],
         axis=1,
@@ -395,9 +400,11 @@ def main() -> None:
     pictures = thumbs[thumb_row[unusual_rows[: params.mosaic_side**2]]]
     mosaics.save_png_atomically(mosaics.mosaic(pictures, params.mosaic_side), UNUSUAL_MOSAIC_FILE)
     logger.info(
-        "%d images: %d near-duplicate groups holding %d images (%d hash pairs, %d latent pairs, "
-        "%d groups across subsets); flagged %s; %.1f s",
+        "%d images (%d searched for neighbours, the rest kept from the last run): %d "
+        "near-duplicate groups holding %d images (%d hash pairs, %d latent pairs, %d groups "
+        "across subsets); flagged %s; %.1f s",
         len(health),
+        searched,
         metrics["near_groups"],
         metrics["near_images"],
         metrics["hash_pairs"],

@@ -2,7 +2,8 @@
 
 Params:  PostersParams below (params.yaml, section posters)
 Inputs:  data/processed/scores.parquet (cluster, silhouette), data/raw/manifest.parquet
-         (path, blank and duplicate flags), data/raw/collections/ (the full-size images),
+         (path, blank and duplicate flags), data/processed/near_groups.parquet (which
+         images are near-duplicate copies), data/raw/collections/ (the full-size images),
          the templates
 Outputs: reports/posters/<template>-NN.jpg (dpi recorded), <template>-preview.png (the
          regions drawn and labeled), posters.csv (poster, template, region, id, ...)
@@ -10,7 +11,8 @@ Outputs: reports/posters/<template>-NN.jpg (dpi recorded), <template>-preview.pn
 The template format is in stages/poster_templates.py and templates/posters/. Each region
 gets one image, cut from the original, scaled with a Lanczos filter and center-cropped to
 the region's aspect ratio. No image appears twice on one poster; blank and duplicate
-images are skipped unless named by id.
+images and near-duplicate copies (only their group's representative is used) are skipped
+unless named by id.
 """
 
 from __future__ import annotations
@@ -125,14 +127,22 @@ class Candidates:
         return sorted(ids, key=self.rank.__getitem__)
 
 
-def candidates(scores: pd.DataFrame, manifest: pd.DataFrame, best_clusters: int) -> Candidates:
+def candidates(
+    scores: pd.DataFrame,
+    manifest: pd.DataFrame,
+    best_clusters: int,
+    copies: np.ndarray | None = None,
+) -> Candidates:
     """Usable images per cluster, highest silhouette first (ties by id), and the clusters
     in order of mean silhouette for `fill: best` (noise never counts).
 
-    Blank and duplicate images are left out.
+    Blank and duplicate images are left out, and so are the near-duplicate `copies` (a
+    mask in the order of `scores`): a poster shows one image of each group.
     """
     flags = manifest.set_index("id")[["blank", "duplicate"]].reindex(scores["id"])
     unusable = flags["blank"].fillna(False).to_numpy() | flags["duplicate"].fillna(False).to_numpy()
+    if copies is not None:
+        unusable = unusable | copies
     table = scores[["id", "cluster", "silhouette"]].copy()
     table["usable"] = ~unusable
     table["order"] = table["silhouette"].fillna(-np.inf)
@@ -302,13 +312,14 @@ def make_posters(
     params: PostersParams,
     collection_dir: Path,
     directory: Path,
+    copies: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Render every template's posters and previews into `directory` (replaced as a whole).
 
     Returns the table of which image sits where. An image that fails to decode is logged
-    and replaced by the region's next choice.
+    and replaced by the region's next choice; near-duplicate `copies` are not used.
     """
-    pool = candidates(scores, manifest, params.best_clusters)
+    pool = candidates(scores, manifest, params.best_clusters, copies)
     paths = manifest.set_index("id")["path"]
     cluster_of = scores.set_index("id")["cluster"]
     silhouette_of = scores.set_index("id")["silhouette"]
@@ -352,7 +363,10 @@ def main() -> None:
     templates = load_templates(params.templates)
     scores = common.read_parquet(common.SCORES_FILE, made_by="score")
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
-    table = make_posters(templates, scores, manifest, params, common.COLLECTION_DIR, POSTERS_DIR)
+    copies = common.read_near_copies(scores["id"].tolist())
+    table = make_posters(
+        templates, scores, manifest, params, common.COLLECTION_DIR, POSTERS_DIR, copies
+    )
     logger.info(
         "%d posters from %d template(s) (%s), %d tiles, in %s; %.1f s",
         table["poster"].nunique(),

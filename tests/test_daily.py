@@ -62,6 +62,8 @@ def test_new_images_flow_through_frozen_models_alone(tmp_path: Path) -> None:
     decoded = f"prepare: {total} images: {NEW} distinct files decoded, {seen} from the cache"
     assert decoded in printed
     assert f"embed: {total} images: {NEW} encoded, {seen} from the cache" in printed
+    assert f"duplicates: {total} images ({NEW} searched, the rest kept from" in printed
+    assert f"health: {total} images ({NEW} searched for neighbours, the rest kept" in printed
     assert f"assign: {total} images: {NEW} placed by the model, 0 by the fit, {seen}" in printed
     # The reference of the silhouettes is the fit sample, which the new images do not join.
     assert f"({NEW} silhouettes computed against {seen} reference images" in printed

@@ -105,7 +105,12 @@ def test_the_table_joins_every_field_in_the_clusters_order() -> None:
             "duplicate": [False, False],
         }
     )
-    table = explore.explorer_table(clusters, scores, split, manifest)
+    near = pd.DataFrame(
+        {"id": ["a", "b"], "near_group": [1, 1], "near_of": [None, "a"], "near_size": [2, 2]}
+    )
+    table = explore.explorer_table(clusters, scores, split, manifest, near)
+    assert table["near_of"].tolist()[0] == "a" and pd.isna(table["near_of"].tolist()[1])
+    assert table["near_size"].tolist() == [2, 2]
     assert table["id"].tolist() == ["b", "a"]
     assert table["subset"].tolist() == ["test", "train"]
     assert table["month"].tolist()[1] == "2017-05" and pd.isna(table["month"].tolist()[0])
@@ -143,6 +148,9 @@ class Site:
     data: dict
 
 
+COPIES = (21, 24)  # rows of the site's near-duplicate copies
+
+
 def build_site(root: Path) -> Site:
     """Thirty images in three clusters, one with a hostile file name, written as a project."""
     collection = root / "data/raw/collections"
@@ -173,6 +181,10 @@ def build_site(root: Path) -> Site:
                 "label": None,
                 "blank": False,
                 "duplicate": False,
+                # scene-21 and scene-24 are near-duplicate copies of scene-18 (cluster 0)
+                "near_group": 1 if index in COPIES or index == 18 else 0,
+                "near_of": "scene-18" if index in COPIES else None,
+                "near_size": 3 if index in COPIES or index == 18 else 1,
             }
         )
     table = pd.DataFrame(rows)
@@ -185,6 +197,8 @@ def build_site(root: Path) -> Site:
         "with_location": 30,
         "blank_images": 0,
         "duplicate_images": 0,
+        "near_groups": 1,
+        "near_copies": len(COPIES),
     }
     directory = root / "reports/explorer"
     data, _ = explore.build_explorer(table, thumbs, summary, PARAMS, directory, collection)
@@ -250,12 +264,17 @@ def shown_count(visit: Visit) -> int:
     return int(visit.page.text_content("#shown").replace(",", ""))
 
 
+def without_copies(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows the page shows until its copies box is ticked."""
+    return table[table["near_of"].isna()]
+
+
 def test_the_page_works_from_disk_and_asks_for_nothing_elsewhere(
     browser: object, site: Site, tmp_path: Path
 ) -> None:
     visit = open_page(browser, site.page.as_uri())
     page = visit.page
-    assert shown_count(visit) == len(site.table)
+    assert shown_count(visit) == len(without_copies(site.table))
     assert int(page.text_content("#total").replace(",", "")) == len(site.table)
 
     page.select_option("#layout", "grid")
@@ -304,19 +323,32 @@ def test_a_hostile_file_name_is_shown_as_text_and_runs_nothing(browser: object, 
 def test_filters_and_the_overview_count_what_they_should(browser: object, site: Site) -> None:
     visit = open_page(browser, site.page.as_uri())
     page = visit.page
+    shown = without_copies(site.table)
     page.select_option("#filter-cluster", "2")
-    assert shown_count(visit) == int((site.table["cluster"] == 2).sum())
+    assert shown_count(visit) == int((shown["cluster"] == 2).sum())
     page.select_option("#filter-cluster", "all")
     page.fill("#silhouette-min", "0.5")
-    assert shown_count(visit) == int((site.table["silhouette"] >= 0.5).sum())
+    assert shown_count(visit) == int((shown["silhouette"] >= 0.5).sum())
     page.fill("#silhouette-min", "")
     page.fill("#filter-text", "pacific")
-    assert shown_count(visit) == int(site.table["place"].notna().sum())
+    assert shown_count(visit) == int(shown["place"].notna().sum())
+    page.fill("#filter-text", "")
+    page.check("#show-copies")
+    assert shown_count(visit) == len(site.table)
+    page.select_option("#layout", "grid")
+    click_image(visit, "scene-21")
+    assert page.text_content('#detail dd[data-field="copy of"]') == "scene-18"
+    assert "group 1 of 3" in page.text_content('#detail dd[data-field="near-duplicates"]')
+    page.uncheck("#show-copies")
+    assert shown_count(visit) == len(shown)
+    assert page.is_hidden("#detail"), "a hidden copy's details close"
 
     page.click("#tab-overview")
     assert page.is_visible("#overview-view") and not page.is_visible("#explorer-view")
     rejected = page.text_content('#summary tr[data-key="rejected files"] td.number')
     assert rejected == "2"
+    copies = page.text_content('#summary tr[data-key="near-duplicate copies"] td.number')
+    assert copies == str(len(COPIES))
     assert page.locator("#cluster-table tbody tr").count() == 3
     sizes = page.locator("#cluster-table tbody tr td.number").all_text_contents()[0::2]
     assert sizes == ["10", "10", "10"]
@@ -339,7 +371,7 @@ def test_the_page_works_over_http_from_one_host_only(browser: object, site: Site
     try:
         origin = f"http://127.0.0.1:{server.server_address[1]}"
         visit = open_page(browser, f"{origin}/reports/explorer/index.html")
-        assert shown_count(visit) == len(site.table)
+        assert shown_count(visit) == len(without_copies(site.table))
         visit.page.select_option("#layout", "grid")
         click_image(visit, "scene-05")
         visit.page.wait_for_function("document.getElementById('detail-image').naturalWidth > 0")

@@ -12,7 +12,7 @@ import pytest
 from near_copies import COPY_KINDS, near_copy_files, planted_quality_files, scene
 from PIL import Image, ImageOps
 
-from stages import duplicates, health, image_health, near_search
+from stages import duplicates, health, image_health, near_search, neighbour_lists
 from stages.sync_files import measure_image
 from stages.sync_manifest import HEALTH_COLUMNS
 
@@ -68,7 +68,7 @@ def test_a_mirror_image_hashes_as_the_mirrored_hash() -> None:
 
 def test_near_copies_are_grouped_and_look_alikes_are_not(near_copies) -> None:
     manifest, truth = near_copies
-    pairs = duplicates.hash_pair_table(manifest, limit=8, workers=2)
+    pairs, _ = duplicates.hash_pair_table(manifest, limit=8, workers=2)
     row_of = {name: row for row, name in enumerate(manifest["id"])}
     groups = near_search.groups_of_pairs(
         len(manifest),
@@ -91,10 +91,49 @@ def test_near_copies_are_grouped_and_look_alikes_are_not(near_copies) -> None:
 
 def test_pairs_are_the_same_whatever_the_workers_and_blocks(near_copies, monkeypatch) -> None:
     manifest, _ = near_copies
-    one = duplicates.hash_pair_table(manifest, limit=8, workers=1)
+    one, _ = duplicates.hash_pair_table(manifest, limit=8, workers=1)
     monkeypatch.setattr(near_search, "BLOCK_CELLS", 7 * len(manifest))  # 7 rows a block
-    several = duplicates.hash_pair_table(manifest, limit=8, workers=2)
+    several, _ = duplicates.hash_pair_table(manifest, limit=8, workers=2)
     pd.testing.assert_frame_equal(one, several)
+
+
+def test_a_search_of_the_new_images_gives_the_pairs_of_a_whole_search(
+    near_copies, tmp_path
+) -> None:
+    manifest, _ = near_copies
+    earlier = manifest.drop(index=[0, 5, 40]).reset_index(drop=True)  # three images come later
+    earlier_pairs, searched = duplicates.hash_pair_table(earlier, limit=8, workers=2)
+    assert searched == len(earlier)
+    duplicates.write_last_search(earlier, earlier_pairs, limit=8, folder=tmp_path)
+
+    now = manifest.drop(index=[9]).copy()  # one image removed, one changed: hashed as another
+    now.loc[12, ["phash", "phash_mirror"]] = now.loc[1, ["phash", "phash_mirror"]].to_numpy()
+    last = duplicates.read_last_search(limit=8, folder=tmp_path)
+    assert last is not None
+    pairs, searched = duplicates.hash_pair_table(now, limit=8, workers=2, last=last)
+    assert searched == 4
+    whole, _ = duplicates.hash_pair_table(now, limit=8, workers=1)
+    pd.testing.assert_frame_equal(pairs, whole)
+    assert {now.loc[12, "id"], now.loc[1, "id"]} in [{a, b} for a, b in zip(pairs.id_a, pairs.id_b)]
+    # another limit, or a search killed between its two files, is not used
+    assert duplicates.read_last_search(limit=6, folder=tmp_path) is None
+    duplicates.write_last_search(now, pairs, limit=8, folder=tmp_path / "other")
+    (tmp_path / "other" / duplicates.FOUND_FILE).replace(tmp_path / duplicates.FOUND_FILE)
+    assert duplicates.read_last_search(limit=8, folder=tmp_path) is None
+
+
+def test_a_pair_is_the_same_in_either_order(near_copies) -> None:
+    manifest, _ = near_copies
+    forward, _ = duplicates.hash_pair_table(manifest, limit=8, workers=1)
+    backward, _ = duplicates.hash_pair_table(manifest.iloc[::-1], limit=8, workers=1)
+    as_set = {
+        (frozenset({a, b}), d, m)
+        for a, b, d, m in zip(forward.id_a, forward.id_b, forward.distance, forward.mirrored)
+    }
+    assert as_set == {
+        (frozenset({a, b}), d, m)
+        for a, b, d, m in zip(backward.id_a, backward.id_b, backward.distance, backward.mirrored)
+    }
 
 
 def test_blank_frames_pair_with_nothing() -> None:
@@ -103,7 +142,7 @@ def test_blank_frames_pair_with_nothing() -> None:
         {"black-1.png": image_bytes_png(black), "black-2.png": image_bytes_png(black)}
     )
     assert manifest["blank"].all()
-    assert duplicates.hash_pair_table(manifest, limit=10, workers=1).empty
+    assert duplicates.hash_pair_table(manifest, limit=10, workers=1)[0].empty
 
 
 def image_bytes_png(image: Image.Image) -> bytes:
@@ -187,3 +226,55 @@ def test_approximate_neighbours_are_seeded_and_mostly_right() -> None:
     recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact, first[0])])
     assert recall >= 0.9, recall
     assert (first[0] != np.arange(1500)[:, None]).all()  # never its own neighbour
+
+
+def test_kept_lists_with_the_new_images_merged_in_equal_a_whole_exact_search(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(900, 12)).astype(np.float32)
+    vectors[11] = vectors[10]
+    ids = [f"image-{row:04d}" for row in range(len(vectors))]
+    search = neighbour_lists.SearchSettings(k=5, exact_below=10**6, seed=0)
+    cache = tmp_path / "neighbours.parquet"
+    first_day = np.ones(len(vectors), dtype=bool)
+    first_day[[3, 400, 899]] = False  # these come later
+    _, _, searched = neighbour_lists.neighbour_lists(
+        [i for i, keep in zip(ids, first_day) if keep], vectors[first_day], search, 2, cache
+    )
+    assert searched == first_day.sum()
+
+    today = vectors.copy()
+    today[7] += 0.5  # re-encoded differently: searched again
+    present = np.ones(len(vectors), dtype=bool)
+    present[20] = False  # gone: the lists that named it are searched again
+    named_20 = sum(20 in row for row in near_search.exact_neighbours(vectors[first_day], 5, 1)[0])
+    indices, distances, searched = neighbour_lists.neighbour_lists(
+        [i for i, keep in zip(ids, present) if keep], today[present], search, 2, cache
+    )
+    assert 4 <= searched <= 4 + named_20 + 5 * 4  # the new, the changed, lists naming them
+    whole_indices, whole_distances = near_search.exact_neighbours(today[present], 5, 1)
+    np.testing.assert_array_equal(indices, whole_indices)
+    np.testing.assert_array_equal(distances, whole_distances)
+    # other settings: the kept lists are not used
+    other = neighbour_lists.SearchSettings(k=4, exact_below=10**6, seed=0)
+    assert neighbour_lists.read_cached_lists(cache, other) is None
+
+
+def test_new_images_join_approximate_lists_exactly(tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(20, 8)) * 5
+    vectors = (centers[rng.integers(0, 20, 1500)] + rng.normal(size=(1500, 8))).astype(np.float32)
+    ids = [f"image-{row:04d}" for row in range(len(vectors))]
+    search = neighbour_lists.SearchSettings(k=5, exact_below=100, seed=42)
+    cache = tmp_path / "neighbours.parquet"
+    neighbour_lists.neighbour_lists(ids[:1480], vectors[:1480], search, 1, cache)
+    indices, distances, searched = neighbour_lists.neighbour_lists(ids, vectors, search, 1, cache)
+    assert searched == 20
+    exact_indices, _ = near_search.exact_neighbours(vectors, 5, 1)
+    np.testing.assert_array_equal(indices[1480:], exact_indices[1480:])
+    # every earlier list holds each new image that is nearer than its k-th neighbour
+    for row in range(1480):
+        nearer = {other for other in exact_indices[row] if other >= 1480}
+        assert nearer <= set(indices[row]), row
+    assert (np.diff(distances, axis=1) >= 0).all()
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact_indices, indices)])
+    assert recall >= 0.9, recall

@@ -133,6 +133,22 @@ def test_blank_and_duplicate_images_are_never_chosen(collection: tuple, tmp_path
     assert not set(table["id"]) & skipped
 
 
+def test_near_duplicate_copies_are_never_chosen_but_their_representative_is(
+    collection: tuple, tmp_path: Path
+) -> None:
+    folder, scores, manifest = collection
+    # img-00, 03 and 06 (the best of cluster 0) are copies of img-09 in one group
+    copies = scores["id"].isin(["img-00", "img-03", "img-06"]).to_numpy()
+    params = PARAMS.model_copy(update={"count": 8})
+    table = posters.make_posters(
+        [template(SMALL_TEMPLATE)], scores, manifest, params, folder, tmp_path / "out", copies
+    )
+    assert not set(table["id"]) & {"img-00", "img-03", "img-06"}
+    assert "img-09" in set(table["id"])
+    without = make(collection, tmp_path / "all", params)
+    assert set(without["id"]) & {"img-00", "img-03", "img-06"}
+
+
 def test_the_jpeg_records_the_dpi_and_the_canvas_size(collection: tuple, tmp_path: Path) -> None:
     make(collection, tmp_path / "out")
     with Image.open(tmp_path / "out/small-01.jpg") as poster:

@@ -35,6 +35,7 @@
     silhouetteMin: null,
     silhouetteMax: null,
     text: "",
+    showCopies: false, // near-duplicate copies hidden: each group shows its representative
     selected: -1,
   };
   const view = { scale: 1, x: 0, y: 0 }; // screen = world * scale + (x, y), CSS px
@@ -182,6 +183,7 @@
   // ------------------------------------------------------------------ filter and layout
 
   function passes(i) {
+    if (!state.showCopies && col.near_of[i] !== null) return false;
     if (state.filterCluster !== "all" && String(col.cluster[i]) !== state.filterCluster) {
       return false;
     }
@@ -461,6 +463,10 @@
     ];
     if (col.blank[i]) rows.push(["flag", "blank frame"]);
     if (col.duplicate[i]) rows.push(["flag", "duplicate"]);
+    if (col.near_group[i] > 0) {
+      rows.push(["near-duplicates", "group " + col.near_group[i] + " of " + col.near_size[i] + " images"]);
+      rows.push(["copy of", col.near_of[i] === null ? "(the group's representative)" : col.near_of[i]]);
+    }
     const list = $("detail-fields");
     list.replaceChildren();
     for (const [name, value] of rows) {
@@ -567,6 +573,8 @@
       ["with a location", summary.with_location],
       ["blank frames", summary.blank_images],
       ["duplicates", summary.duplicate_images],
+      ["near-duplicate groups", summary.near_groups],
+      ["near-duplicate copies", summary.near_copies],
     ];
     const table = $("summary");
     table.replaceChildren();
@@ -666,6 +674,10 @@
   }
   $("filter-text").addEventListener("input", (event) => {
     state.text = event.target.value.trim().toLowerCase();
+    relayout(false);
+  });
+  $("show-copies").addEventListener("change", (event) => {
+    state.showCopies = event.target.checked;
     relayout(false);
   });
   $("zoom-in").addEventListener("click", () => zoomAt(ZOOM_STEP, canvas.clientWidth / 2, canvas.clientHeight / 2));
