@@ -137,64 +137,106 @@ def groups_of_pairs(count: int, first: np.ndarray, second: np.ndarray) -> np.nda
 
 # The vectors of the neighbour search in progress, inherited by forked processes.
 _VECTOR_SEARCH: dict[str, np.ndarray] = {}
+# Distances are first estimated in float32 from |a|^2 + |b|^2 - 2ab, which loses up to
+# about 1e-5 of |a|^2 + |b|^2; every pair within this share of that sum of the cut is then
+# measured exactly, so the estimate never decides which neighbours are kept.
+ESTIMATE_SLACK = 1e-4
 
 
-def exact_neighbour_block(task: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def estimated_squared(
+    block: np.ndarray, block_norms: np.ndarray, vectors: np.ndarray, norms: np.ndarray
+) -> np.ndarray:
+    """Squared distances between rows of `block` and of `vectors`, estimated in float32."""
+    squared = block @ vectors.T
+    squared *= -2.0
+    squared += block_norms[:, None]
+    squared += norms[None, :]
+    return squared
+
+
+def exact_neighbour_block(
+    task: tuple[int, int, int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The k nearest other rows of the query rows [start, stop) of the search that
     exact_neighbours set up, by Euclidean distance, nearest first, ties by row (a task for
-    a process)."""
+    a process); and the pairs (query row, other row) within the other row's reach, when
+    the search has reaches (see exact_neighbours): other rows, query rows, distances.
+    """
     start, stop, k = task
-    vectors, squared_norms = _VECTOR_SEARCH["vectors"], _VECTOR_SEARCH["squared_norms"]
+    vectors, norms = _VECTOR_SEARCH["vectors"], _VECTOR_SEARCH["squared_norms"]
     rows = _VECTOR_SEARCH["query_rows"][start:stop]
-    block = vectors[rows].astype(np.float64)
-    squared = (
-        squared_norms[rows, None]
-        + squared_norms[None, :]
-        - 2.0 * block @ vectors.T.astype(np.float64)
-    )
+    squared = estimated_squared(vectors[rows], norms[rows], vectors, norms)
     squared[np.arange(len(rows)), rows] = np.inf  # never its own neighbour
     count = min(k, vectors.shape[0] - 1)
-    candidates = np.argpartition(squared, count, axis=1)[:, : count + 1]
+    # The k-th estimate and everything within the slack of it are measured exactly: take
+    # twice k candidates, and more only where those do not reach past the slack.
+    slack = ESTIMATE_SLACK * (norms[rows] + norms.max())
+    widest = min(2 * count + 8, vectors.shape[0])
+    while True:
+        candidates = np.argpartition(squared, widest - 1, axis=1)[:, :widest]
+        estimates = np.take_along_axis(squared, candidates, axis=1)
+        kth = np.partition(estimates, count - 1, axis=1)[:, count - 1]
+        if widest == vectors.shape[0] or (estimates.max(axis=1) > kth + slack).all():
+            break
+        widest = min(2 * widest, vectors.shape[0])
     near = measured_distances(vectors, rows[:, None], candidates)
     near[candidates == rows[:, None]] = np.inf
     order = np.lexsort((candidates, near), axis=1)[:, :count]
-    indices = np.take_along_axis(candidates, order, axis=1)
-    distances = np.take_along_axis(near, order, axis=1)
-    return indices.astype(np.int64), distances.astype(np.float32)
+    indices = np.take_along_axis(candidates, order, axis=1).astype(np.int64)
+    distances = np.take_along_axis(near, order, axis=1).astype(np.float32)
+    if "reach" not in _VECTOR_SEARCH:
+        return indices, distances, *EMPTY_PAIRS[:2], np.empty(0, np.float32)
+    reached_query, reached = np.nonzero(squared <= _VECTOR_SEARCH["reach"][None, :])
+    reached_query = rows[reached_query]
+    measured = measured_distances(vectors, reached_query, reached).astype(np.float32)
+    return indices, distances, reached, reached_query, measured
 
 
 def measured_distances(vectors: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """Distances between rows `first` and `second` (broadcast), measured directly in float64.
-
-    The expanded formula that chooses candidates leaves rounding; measured again, a copy of
-    a vector is at distance 0 and the same pair gives the same bits whichever search asks.
-    """
+    """Distances between rows `first` and `second` (broadcast), measured directly in float64:
+    a copy of a vector is at distance 0, and a pair gives the same bits whichever search
+    asks."""
     differences = vectors[second].astype(np.float64) - vectors[first].astype(np.float64)
     return np.sqrt((differences**2).sum(axis=-1))
 
 
+def squared_norms(vectors: np.ndarray) -> np.ndarray:
+    """Each row's squared length, as float32."""
+    return (vectors.astype(np.float64) ** 2).sum(axis=1).astype(np.float32)
+
+
 def exact_neighbours(
-    vectors: np.ndarray, k: int, workers: int, query_rows: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+    vectors: np.ndarray,
+    k: int,
+    workers: int,
+    query_rows: np.ndarray | None = None,
+    reach: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The k nearest other rows of each query row (every row when None): indices and
-    distances, nearest first, ties by row. Exact, in blocks of rows on `workers` processes."""
+    distances, nearest first, ties by row. Exact, in blocks of rows on `workers` processes.
+
+    With `reach` (a squared distance estimate per row), also the pairs of a query row and
+    a row whose reach it is within: (row, query row, distance), the candidates to merge
+    into that row's list.
+    """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     rows = np.arange(len(vectors)) if query_rows is None else np.asarray(query_rows, np.int64)
     count = min(k, len(vectors) - 1)
+    no_pairs = (*EMPTY_PAIRS[:2], np.empty(0, np.float32))
     if not len(rows) or count < 1:
-        return np.empty((len(rows), 0), dtype=np.int64), np.empty((len(rows), 0), np.float32)
+        empty = np.empty((len(rows), 0), dtype=np.int64)
+        return empty, np.empty((len(rows), 0), np.float32), no_pairs
     step = block_rows(len(vectors))
     tasks = [(start, min(start + step, len(rows)), k) for start in range(0, len(rows), step)]
-    _VECTOR_SEARCH.update(
-        vectors=vectors,
-        squared_norms=(vectors.astype(np.float64) ** 2).sum(axis=1),
-        query_rows=rows,
-    )
+    _VECTOR_SEARCH.update(vectors=vectors, squared_norms=squared_norms(vectors), query_rows=rows)
+    if reach is not None:
+        _VECTOR_SEARCH["reach"] = reach
     try:
         parts = list(common.map_in_processes(exact_neighbour_block, tasks, workers))
     finally:
         _VECTOR_SEARCH.clear()
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    indices, distances, *pairs = (np.concatenate([p[i] for p in parts]) for i in range(5))
+    return indices, distances, tuple(pairs)  # type: ignore[return-value]
 
 
 def nearest_neighbours(
@@ -210,7 +252,7 @@ def nearest_neighbours(
     if count < 2:
         return np.empty((count, 0), dtype=np.int64), np.empty((count, 0), dtype=np.float32)
     if count < exact_below:
-        return exact_neighbours(vectors, k, workers)
+        return exact_neighbours(vectors, k, workers)[:2]
     from pynndescent import NNDescent
 
     index = NNDescent(
@@ -251,11 +293,19 @@ def updated_neighbours(
         return indices, distances, 0
     indices, distances = indices.copy(), distances.copy()
     searched = np.flatnonzero(stale)
-    found = padded(*exact_neighbours(vectors, k, workers, searched), k)
-    indices[searched], distances[searched] = found
-    kept = np.flatnonzero(~stale)
-    if len(kept) and new.any():
-        merge_new_rows(vectors, indices, distances, kept, np.flatnonzero(new))
+    # A kept row's reach: its k-th distance, plus the slack of the estimate. The search of
+    # the new rows finds every pair within it on the way.
+    norms = squared_norms(vectors)
+    reach = np.full(count, -np.inf, dtype=np.float32)
+    kept = ~stale
+    reach[kept] = distances[kept, k - 1].astype(np.float64) ** 2 + ESTIMATE_SLACK * (
+        norms[kept] + norms.max()
+    )
+    found_indices, found_distances, pairs = exact_neighbours(vectors, k, workers, searched, reach)
+    indices[searched], distances[searched] = padded(found_indices, found_distances, k)
+    rows, others, near = pairs
+    from_new = new[others]  # a stale old row is in the kept lists already, or never was
+    merge_pairs(indices, distances, rows[from_new], others[from_new], near[from_new])
     return indices, distances, len(searched)
 
 
@@ -270,48 +320,26 @@ def padded(indices: np.ndarray, distances: np.ndarray, k: int) -> tuple[np.ndarr
     )
 
 
-def merge_new_rows(
-    vectors: np.ndarray,
+def merge_pairs(
     indices: np.ndarray,
     distances: np.ndarray,
-    kept: np.ndarray,
-    new_rows: np.ndarray,
+    rows: np.ndarray,
+    others: np.ndarray,
+    near: np.ndarray,
 ) -> None:
-    """Merge into the lists of the `kept` rows (in place) every new row that comes nearer
-    than their k-th neighbour, in blocks of new rows."""
-    k = indices.shape[1]
-    vectors32 = np.ascontiguousarray(vectors, dtype=np.float32)
-    kept_vectors = vectors32[kept].astype(np.float64)
-    kept_norms = (kept_vectors**2).sum(axis=1)
-    # the k-th distance with a margin for the expanded formula's rounding
-    reach = distances[kept, k - 1].astype(np.float64)
-    reach = (reach * (1 + 1e-5) + 1e-6) ** 2
-    pair_kept, pair_new = [], []
-    for start in range(0, len(new_rows), block_rows(len(kept))):
-        block = new_rows[start : start + block_rows(len(kept))]
-        block_vectors = vectors32[block].astype(np.float64)
-        squared = (
-            (block_vectors**2).sum(axis=1)[:, None]
-            + kept_norms[None, :]
-            - 2.0 * block_vectors @ kept_vectors.T
-        )
-        near_new, near_kept = np.nonzero(squared <= reach[None, :])
-        pair_kept.append(kept[near_kept])
-        pair_new.append(block[near_new])
-    rows = np.concatenate(pair_kept) if pair_kept else np.empty(0, np.int64)
+    """Merge each pair's other row into its row's list (in place): the k nearest of the list
+    and its candidates, ties by row."""
     if not len(rows):
         return
-    others = np.concatenate(pair_new)
-    near = measured_distances(vectors32, rows, others).astype(np.float32)
+    k = indices.shape[1]
     touched = np.unique(rows)
-    # each touched row's list and its new candidates, sorted by (row, distance, index)
     all_rows = np.concatenate([np.repeat(touched, k), rows])
     all_others = np.concatenate([indices[touched].ravel(), others])
     all_near = np.concatenate([distances[touched].ravel(), near])
     order = np.lexsort((all_others, all_near, all_rows))
     all_rows, all_others, all_near = all_rows[order], all_others[order], all_near[order]
-    first = np.searchsorted(all_rows, touched)
-    take = (first[:, None] + np.arange(k)[None, :]).ravel()
+    first_of_row = np.searchsorted(all_rows, touched)
+    take = (first_of_row[:, None] + np.arange(k)[None, :]).ravel()
     indices[touched] = all_others[take].reshape(-1, k)
     distances[touched] = all_near[take].reshape(-1, k)
 

@@ -1,5 +1,6 @@
 """A collection built to check near-duplicate search and quality flags: photo-like scenes,
-each with resized, re-encoded, cropped, brightened and mirrored copies, and unrelated
+each with resized, small (a quarter of each side), re-encoded, cropped, brightened and
+mirrored copies, and unrelated
 scenes that look alike (the same colours, other content)."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 SIZE = (320, 180)
-COPY_KINDS = ("resized", "quality60", "cropped", "brighter", "mirrored")
+COPY_KINDS = ("resized", "small", "quality60", "cropped", "brighter", "mirrored")
 
 
 def scene(seed: int, palette_seed: int | None = None, size: tuple[int, int] = SIZE) -> Image.Image:
@@ -63,6 +64,7 @@ def copies(image: Image.Image) -> dict[str, bytes]:
     margin_x, margin_y = round(width * 0.025), round(height * 0.025)  # 5% cropped in all
     return {
         "resized": jpeg(image.resize((width // 2, height // 2), Image.Resampling.LANCZOS)),
+        "small": jpeg(image.resize((width // 4, height // 4), Image.Resampling.LANCZOS)),
         "quality60": jpeg(image, 60),
         "cropped": jpeg(image.crop((margin_x, margin_y, width - margin_x, height - margin_y))),
         "brighter": jpeg(ImageEnhance.Brightness(image).enhance(1.25)),

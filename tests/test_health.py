@@ -251,7 +251,7 @@ def test_kept_lists_with_the_new_images_merged_in_equal_a_whole_exact_search(tmp
         [i for i, keep in zip(ids, present) if keep], today[present], search, 2, cache
     )
     assert 4 <= searched <= 4 + named_20 + 5 * 4  # the new, the changed, lists naming them
-    whole_indices, whole_distances = near_search.exact_neighbours(today[present], 5, 1)
+    whole_indices, whole_distances, _ = near_search.exact_neighbours(today[present], 5, 1)
     np.testing.assert_array_equal(indices, whole_indices)
     np.testing.assert_array_equal(distances, whole_distances)
     # other settings: the kept lists are not used
@@ -269,7 +269,7 @@ def test_new_images_join_approximate_lists_exactly(tmp_path) -> None:
     neighbour_lists.neighbour_lists(ids[:1480], vectors[:1480], search, 1, cache)
     indices, distances, searched = neighbour_lists.neighbour_lists(ids, vectors, search, 1, cache)
     assert searched == 20
-    exact_indices, _ = near_search.exact_neighbours(vectors, 5, 1)
+    exact_indices, _, _ = near_search.exact_neighbours(vectors, 5, 1)
     np.testing.assert_array_equal(indices[1480:], exact_indices[1480:])
     # every earlier list holds each new image that is nearer than its k-th neighbour
     for row in range(1480):
