@@ -357,6 +357,13 @@ def map_in_processes(
         yield from pool.imap(function, tasks, chunksize=chunksize)
 
 
+def searched_words(searched: int, total: int, what: str = "searched") -> str:
+    """How much of the collection a run searched, for a stage's log line."""
+    if searched >= total:
+        return f"all {what}"
+    return f"{searched} {what}, the rest kept from the last run"
+
+
 def worker_count() -> int:
     """Processes to use: $WORKERS when set, else every core.
 
@@ -440,6 +447,35 @@ def content_sample(keys: list[str], limit: int, seed: int) -> np.ndarray:
     ranks = [hashlib.sha256(f"{seed}:{key}".encode()).digest() for key in keys]
     order = sorted(range(len(keys)), key=lambda index: (ranks[index], index))
     return np.sort(np.array(order[:limit], dtype=np.int64))
+
+
+SHARE_STEP = 0.9  # page_sample's share of the collection shrinks by this factor at a time
+SHARE_ROOM = 0.98  # and expects at most this much of its limit, so chance rarely passes it
+
+
+def page_sample(keys: list[str], limit: int, seed: int) -> np.ndarray:
+    """Row numbers of a sample of at most `limit` rows, in row order, chosen by content and
+    stable while the collection grows: the rows whose seeded hash of their key, read as a
+    number in [0, 1), falls below a share of the collection, the largest power of
+    SHARE_STEP that expects at most SHARE_ROOM of `limit` rows (the lowest `limit` of them
+    if chance brings more).
+
+    The share changes only when the collection grows by about a ninth; until then a new
+    row joins the sample when its hash falls below the share, and none leaves. So the
+    sample holds between about 0.88 and 0.98 times `limit` rows.
+    """
+    count = len(keys)
+    if count <= limit:
+        return np.arange(count)
+    share = 1.0
+    while count * share > SHARE_ROOM * limit:
+        share *= SHARE_STEP
+    digests = [hashlib.sha256(f"{seed}:{key}".encode()).digest() for key in keys]
+    units = np.array([int.from_bytes(d[:8], "big") for d in digests], dtype=np.float64) / 2.0**64
+    chosen = np.flatnonzero(units < share)
+    if len(chosen) > limit:
+        return np.sort(chosen[np.lexsort((chosen, units[chosen]))][:limit])
+    return chosen
 
 
 def sample_rows(count: int, limit: int, seed: int) -> np.ndarray:

@@ -186,10 +186,9 @@ def main() -> None:
     write_last_search(manifest, pairs, limit)
     in_pairs = len(set(pairs["id_a"]) | set(pairs["id_b"]))
     logger.info(
-        "%d images (%d searched, the rest kept from the last run): %d pairs within %d bits "
-        "(%d mirrored), %d images in a pair; %.1f s",
+        "%d images (%s): %d pairs within %d bits (%d mirrored), %d images in a pair; %.1f s",
         len(manifest),
-        searched,
+        common.searched_words(searched, len(manifest)),
         len(pairs),
         params.phash_max_distance,
         int(pairs["mirrored"].sum()),

@@ -356,7 +356,7 @@ def build_explorer(
     Returns the page data and how many atlases were kept from the last run.
     """
     keys = table["id"].tolist() if sha256s is None else sha256s
-    rows = common.content_sample(keys, params.max_images, params.seed)
+    rows = common.page_sample(keys, params.max_images, params.seed)
     shown = table.iloc[rows].reset_index(drop=True)
     grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, len(rows))
     collection = Path(os.path.relpath(collection_dir, directory)).as_posix() + "/"

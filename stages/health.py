@@ -306,10 +306,13 @@ def write_report(
         thumbs, {index: thumb_row[rows] for index, rows in enumerate(sets.values())}
     )
     with common.replace_folder(REPORT_DIR) as staging:
-        for index, name in enumerate(sets):
-            mosaics.save_png(
-                mosaics.mosaic(pictures[picked[index]], params.mosaic_side), staging / f"{name}.png"
-            )
+        mosaics.save_pngs(
+            {
+                staging / f"{name}.png": mosaics.mosaic(pictures[picked[index]], params.mosaic_side)
+                for index, name in enumerate(sets)
+            },
+            common.worker_count(),
+        )
         summary = grouped.groupby("near_group").size().rename("size").reset_index()
         representatives = grouped[grouped["near_of"].isna()].set_index("near_group")["id"]
         summary["representative"] = summary["near_group"].map(representatives)
@@ -400,11 +403,11 @@ def main() -> None:
     pictures = thumbs[thumb_row[unusual_rows[: params.mosaic_side**2]]]
     mosaics.save_png_atomically(mosaics.mosaic(pictures, params.mosaic_side), UNUSUAL_MOSAIC_FILE)
     logger.info(
-        "%d images (%d searched for neighbours, the rest kept from the last run): %d "
+        "%d images (%s): %d "
         "near-duplicate groups holding %d images (%d hash pairs, %d latent pairs, %d groups "
         "across subsets); flagged %s; %.1f s",
         len(health),
-        searched,
+        common.searched_words(searched, len(health), "searched for neighbours"),
         metrics["near_groups"],
         metrics["near_images"],
         metrics["hash_pairs"],

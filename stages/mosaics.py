@@ -41,6 +41,20 @@ def save_png(image: Image.Image, path: Path | str) -> None:
     image.save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
+def save_png_task(task: tuple[np.ndarray, str]) -> None:
+    """Write one picture's pixels as a PNG (a task for a process)."""
+    pixels, path = task
+    save_png(Image.fromarray(pixels), path)
+
+
+def save_pngs(pictures: dict[Path, Image.Image], workers: int) -> None:
+    """Write each picture as a PNG at its path, on `workers` processes: PNG encoding is
+    most of the time of the mosaic reports."""
+    tasks = [(np.asarray(image), str(path)) for path, image in pictures.items()]
+    for _ in common.map_in_processes(save_png_task, tasks, workers):
+        pass
+
+
 def save_png_atomically(image: Image.Image, path: Path) -> None:
     """Write a PNG through a temporary file renamed into place."""
     with common.atomic_output(path) as temporary:

@@ -122,11 +122,11 @@ def hungarian_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
 
 def label_agreement(labels: pd.Series, clusters: np.ndarray) -> dict[str, float]:
     """Accuracy (Hungarian), ARI and NMI against ground-truth labels, over labelled images."""
-    from sklearn import metrics
-
     known = labels.notna().to_numpy()
     if not known.any():
         return {}
+    from sklearn import metrics  # 2 s to import: only for a collection with labels
+
     truth = labels[known].astype(str).to_numpy()
     predicted = clusters[known]
     return {
@@ -298,12 +298,14 @@ def write_mosaics(
     """A mosaic per cluster and the overview sheet, replacing the folder as a whole."""
     with common.replace_folder(directory) as staging:
         digits = max(3, len(str(max(rows_by_cluster, default=0))))
-        for cluster, rows in rows_by_cluster.items():
-            image = mosaics.mosaic(thumbs[rows[: side * side]], side)
-            mosaics.save_png(image, staging / f"cluster-{cluster:0{digits}d}.png")
-        mosaics.save_png(
-            overview_sheet(thumbs, rows_by_cluster, per_cluster), staging / "overview.png"
-        )
+        pictures = {
+            staging / f"cluster-{cluster:0{digits}d}.png": mosaics.mosaic(
+                thumbs[rows[: side * side]], side
+            )
+            for cluster, rows in rows_by_cluster.items()
+        }
+        pictures[staging / "overview.png"] = overview_sheet(thumbs, rows_by_cluster, per_cluster)
+        mosaics.save_pngs(pictures, common.worker_count())
 
 
 # ----------------------------------------------------------------------------- main

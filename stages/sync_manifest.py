@@ -8,7 +8,6 @@ import os
 import stat
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -70,14 +69,13 @@ def assign_ids(paths: list[str]) -> list[str]:
     return [path if id_counts[image_id] > 1 else image_id for image_id, path in zip(ids, paths)]
 
 
-def taken_at_from_name(path: str, pattern: str | None) -> datetime | None:
-    """The time in a file name such as 20170512-103200.jpg, or None if it does not match."""
+def taken_at_from_names(paths: list[str], pattern: str | None) -> pd.Series:
+    """The time in each file name such as 20170512-103200.jpg (NaT where it does not match),
+    parsed as datetime.strptime would, for the whole list at once."""
     if pattern is None:
-        return None
-    try:
-        return datetime.strptime(file_stem(path), pattern)
-    except ValueError:
-        return None
+        return pd.Series(pd.NaT, index=range(len(paths)), dtype="datetime64[ns]")
+    stems = pd.Series([file_stem(path) for path in paths], dtype="object")
+    return pd.to_datetime(stems, format=pattern, errors="coerce", exact=True)
 
 
 def label_from_folder(path: str) -> str | None:
@@ -193,7 +191,7 @@ def build_manifest(
     measurements = [outcome.measurement for outcome in accepted]
     assert all(measurement is not None for measurement in measurements)
     ids = assign_ids(paths)
-    name_times = [taken_at_from_name(path, description.taken_at_pattern) for path in paths]
+    name_times = taken_at_from_names(paths, description.taken_at_pattern)
     exif_times = [measurement.exif_taken_at for measurement in measurements]  # type: ignore[union-attr]
     labels = [
         outcome.label
@@ -211,9 +209,9 @@ def build_manifest(
             "bytes": pd.Series([m.bytes for m in measurements], dtype="int64"),  # type: ignore[union-attr]
             "width": pd.Series([m.width for m in measurements], dtype="int32"),  # type: ignore[union-attr]
             "height": pd.Series([m.height for m in measurements], dtype="int32"),  # type: ignore[union-attr]
-            "taken_at": pd.to_datetime(
-                [name or exif for name, exif in zip(name_times, exif_times, strict=True)]
-            ).astype("datetime64[ms]"),
+            "taken_at": name_times.astype("datetime64[ms]")
+            .fillna(pd.Series(pd.to_datetime(exif_times)).astype("datetime64[ms]"))
+            .to_numpy(),
             "label": pd.Series(labels, dtype="str"),
             "pixel_std": pd.Series([m.health.pixel_std for m in measurements], dtype="float64"),  # type: ignore[union-attr]
             "exif_taken_at": pd.to_datetime(exif_times).astype("datetime64[ms]"),

@@ -28,6 +28,7 @@ QUALITY = 90
 SUBSAMPLING = 0  # 4:4:4: a thumbnail is too small to halve its colors' resolution
 # Names how thumbnails are encoded, for prepare's cache key: change it with encode().
 ENCODING = f"jpeg quality {QUALITY} subsampling {SUBSAMPLING}"
+PARALLEL_DECODE_ROWS = 2000  # fewer rows are decoded in this process: no pool to start
 ROW_GROUP_ROWS = 1024
 THUMBS_FILE = common.INTERIM_DIR / "thumbs.parquet"
 
@@ -117,9 +118,24 @@ class Thumbnails:
         rows = np.asarray(rows, dtype=np.int64)
         result = np.empty((len(rows), *self.shape[1:]), dtype=np.uint8)
         # Row group by row group, so each group is read once however the rows are ordered.
-        for index in np.argsort(rows, kind="stable"):
-            result[index] = decode(self.jpeg(int(rows[index])))
+        order = np.argsort(rows, kind="stable")
+        workers = common.worker_count() if len(rows) >= PARALLEL_DECODE_ROWS else 1
+        chunks = np.array_split(order, workers) if workers > 1 else [order]
+        tasks = [(self.path, rows[chunk]) for chunk in chunks]
+        for chunk, pixels in zip(chunks, common.map_in_processes(decode_rows, tasks, workers)):
+            result[chunk] = pixels
         return result
+
+
+def decode_rows(task: tuple[Path, np.ndarray]) -> np.ndarray:
+    """The thumbnails of some rows of a thumbs.parquet, in the order given (a task for a
+    process; rows in order read each row group once)."""
+    path, rows = task
+    thumbnails = Thumbnails(path)
+    result = np.empty((len(rows), *thumbnails.shape[1:]), dtype=np.uint8)
+    for index, row in enumerate(rows):
+        result[index] = decode(thumbnails.jpeg(int(row)))
+    return result
 
 
 def pick(

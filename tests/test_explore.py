@@ -80,6 +80,23 @@ def test_the_page_sample_is_chosen_by_content_not_arrival() -> None:
     assert {keys[row] for row in common.content_sample(keys, 100, seed=4)} != chosen
 
 
+def test_the_page_sample_grows_with_the_collection_without_losing_images() -> None:
+    keys = [f"sha-{index}" for index in range(20000)]
+    assert common.page_sample(keys[:100], 100, seed=0).tolist() == list(range(100))
+    shown = {keys[row] for row in common.page_sample(keys, 2000, seed=3)}
+    assert 0.85 * 2000 <= len(shown) <= 2000
+    shuffled = list(np.random.default_rng(0).permutation(keys))
+    assert {shuffled[row] for row in common.page_sample(shuffled, 2000, seed=3)} == shown
+    # 1% more images: some join, none leaves, while the share holds
+    grown_keys = [*keys, *(f"sha-new-{index}" for index in range(200))]
+    grown = {grown_keys[row] for row in common.page_sample(grown_keys, 2000, seed=3)}
+    assert shown < grown and len(grown) <= 2000
+    assert all(key.startswith("sha-new") for key in grown - shown)
+    # never more than the limit, whatever chance brings
+    for seed in range(5):
+        assert len(common.page_sample(keys[:1000], 100, seed)) <= 100
+
+
 def test_the_data_script_escapes_markup_and_keeps_every_value() -> None:
     data = {"columns": {"id": [HOSTILE, "</script><script>alert(2)</script>", "é\u2028"]}}
     script = explore.data_script(data)
