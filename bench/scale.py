@@ -10,7 +10,7 @@ stages one at a time with `dvc repro -s STAGE`, printing for each:
 Then a no-op `dvc repro` of the whole pipeline, and the project's disk beside the
 source's. With --grow P it then adds P% new frames, freezes train and cluster
 (`dvc freeze`) and prints the same for the incremental run, and its share of the full
-run's time.
+run's time; then adds as many again and times one plain `dvc repro` of them.
 
 Usage: python bench/scale.py [--frames N] [--full-size] [--grow P] [--set KEY=VALUE]...
                              [--folder DIR] [--keep]
@@ -226,6 +226,14 @@ def main() -> None:
             project, f"{new} new frames ({arguments.grow}%), train and cluster frozen"
         )
         print(f"\nincremental run: {grown:.1f} s = {100 * grown / full:.1f}% of the full run")
+        # The same growth once more, as a user runs it: one `dvc repro`, which starts DVC
+        # once rather than once a stage.
+        source_bytes += write_frames(source, arguments.frames + new, new, size)
+        daily = measure([sys.executable, "-m", "dvc", "repro"], project)
+        print(
+            f"{new} more new frames, one `dvc repro`: {daily.wall:.1f} s = "
+            f"{100 * daily.wall / full:.1f}% of the full run"
+        )
         report_disk(project, source_bytes / MIB)
 
     if not arguments.keep:
