@@ -18,6 +18,7 @@ from scipy.sparse.csgraph import connected_components
 from stages import common
 
 BLOCK_CELLS = 2**22  # (row, other row) distances held at once by one process: 32 MiB
+HASH_TASK_PAIRS = 2**28  # pairs of hashes one task of the hash search compares: ~0.5 s
 
 
 def block_rows(count: int) -> int:
@@ -50,35 +51,15 @@ def hash_pair_block(
     task: tuple[int, int, int],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The pairs within `limit` bits between the searched rows [start, stop) of the search
-    that hash_pairs set up and every usable row (a task for a process).
+    that hash_pairs set up and every usable row (a task for a process): rows a < b,
+    distances, and whether a mirrored hash was the nearer."""
+    from stages import hash_kernel  # numba: a second to import, paid by the search alone
 
-    Each pair is measured once: a searched row meets every row that is not searched and
-    the searched rows after it. Returns rows a < b, distances, and whether a mirrored hash
-    was the nearer.
-    """
     start, stop, limit = task
-    hashes, mirrors = _HASH_SEARCH["hashes"], _HASH_SEARCH["mirrors"]
-    is_searched = _HASH_SEARCH["is_searched"]
-    block = _HASH_SEARCH["searched_rows"][start:stop]
-    everyone = np.arange(len(hashes))
-    others = np.flatnonzero(_HASH_SEARCH["usable"] & (~is_searched | (everyone > block[0])))
-    if not len(others):
-        return EMPTY_PAIRS
-    plain = np.bitwise_count(hashes[block, None] ^ hashes[None, others])
-    # Either image mirrored, so that a pair's distance does not depend on its order.
-    mirrored = np.minimum(
-        np.bitwise_count(mirrors[block, None] ^ hashes[None, others]),
-        np.bitwise_count(hashes[block, None] ^ mirrors[None, others]),
-    )
-    nearest = np.minimum(plain, mirrored)
-    measured_from_other = is_searched[others][None, :] & (others[None, :] <= block[:, None])
-    rows, columns = np.nonzero((nearest <= limit) & ~measured_from_other)
-    first, second = block[rows], others[columns]
-    return (
-        np.minimum(first, second).astype(np.int64),
-        np.maximum(first, second).astype(np.int64),
-        nearest[rows, columns].astype(np.uint8),
-        mirrored[rows, columns] < plain[rows, columns],
+    search = _HASH_SEARCH
+    rows = search["searched_rows"][start:stop]
+    return hash_kernel.pairs_of_rows(
+        search["hashes"], search["mirrors"], search["usable"], search["is_searched"], rows, limit
     )
 
 
@@ -94,24 +75,37 @@ def hash_pairs(
     they are or with one mirrored, and of which at least one row is `searched` (a mask;
     every row when None): rows a, rows b, distance, mirrored, ordered by (a, b).
 
-    Exact, in blocks of searched rows on `workers` processes. A search of only the new
-    rows, joined with the last search's pairs among the others, gives the pairs of a
-    search of every row.
+    Exact (stages/hash_kernel.py compares every pair), in tasks of searched rows on
+    `workers` processes. A search of only the new rows, joined with the last search's
+    pairs among the others, gives the pairs of a search of every row.
     """
     is_searched = np.ones(len(hashes), dtype=bool) if searched is None else searched.astype(bool)
     searched_rows = np.flatnonzero(is_searched & usable)
-    step = block_rows(len(hashes))
-    tasks = [
-        (start, min(start + step, len(searched_rows)), limit)
-        for start in range(0, len(searched_rows), step)
-    ]
+    # Tasks of about HASH_TASK_PAIRS pairs: the first rows of a whole search meet the most.
+    tasks, start = [], 0
+    while start < len(searched_rows):
+        stop = start + 1
+        pairs = len(hashes) - searched_rows[start]
+        while stop < len(searched_rows) and pairs < HASH_TASK_PAIRS:
+            pairs += len(hashes) - searched_rows[stop]
+            stop += 1
+        tasks.append((start, stop, limit))
+        start = stop
     _HASH_SEARCH.update(
-        hashes=hashes,
-        mirrors=mirrors,
+        hashes=np.ascontiguousarray(hashes, dtype=np.uint64),
+        mirrors=np.ascontiguousarray(mirrors, dtype=np.uint64),
         usable=usable.astype(bool),
         is_searched=is_searched,
         searched_rows=searched_rows,
     )
+    if tasks:
+        from stages import hash_kernel  # compiled here, before the processes fork
+
+        hash_kernel.pairs_of_rows(
+            *(_HASH_SEARCH[key] for key in ("hashes", "mirrors", "usable", "is_searched")),
+            searched_rows[:0],
+            limit,
+        )
     try:
         parts = list(common.map_in_processes(hash_pair_block, tasks, workers))
     finally:
@@ -137,10 +131,14 @@ def groups_of_pairs(count: int, first: np.ndarray, second: np.ndarray) -> np.nda
 
 # The vectors of the neighbour search in progress, inherited by forked processes.
 _VECTOR_SEARCH: dict[str, np.ndarray] = {}
-# Distances are first estimated in float32 from |a|^2 + |b|^2 - 2ab, which loses up to
-# about 1e-5 of |a|^2 + |b|^2; every pair within this share of that sum of the cut is then
-# measured exactly, so the estimate never decides which neighbours are kept.
-ESTIMATE_SLACK = 1e-4
+MEASURED_CELLS = 2**22  # float64s of differences one search measures at once: 32 MiB
+
+
+def estimate_error_share(dimensions: int) -> float:
+    """How far a float32 estimate of |a - b|^2 from |a|^2 + |b|^2 - 2ab can be off, as a
+    share of |a|^2 + |b|^2: the rounding bound of a float32 dot product of this length,
+    with room for the norms and sums."""
+    return (dimensions + 8) * 2.0**-23
 
 
 def estimated_squared(
@@ -161,32 +159,45 @@ def exact_neighbour_block(
     exact_neighbours set up, by Euclidean distance, nearest first, ties by row (a task for
     a process); and the pairs (query row, other row) within the other row's reach, when
     the search has reaches (see exact_neighbours): other rows, query rows, distances.
+
+    Distances are estimated in float32 on vectors centred on their mean (so that the
+    rounding, which grows with the vectors' length, stays small beside the distances),
+    and every pair whose estimate cannot rule it out is measured exactly.
     """
     start, stop, k = task
-    vectors, norms = _VECTOR_SEARCH["vectors"], _VECTOR_SEARCH["squared_norms"]
-    rows = _VECTOR_SEARCH["query_rows"][start:stop]
-    squared = estimated_squared(vectors[rows], norms[rows], vectors, norms)
-    squared[np.arange(len(rows)), rows] = np.inf  # never its own neighbour
+    search = _VECTOR_SEARCH
+    vectors, centred, norms = search["vectors"], search["centred"], search["centred_norms"]
+    rows = search["query_rows"][start:stop]
+    estimate = estimated_squared(centred[rows], norms[rows], centred, norms)
+    error_rows, error_columns = search["share"] * norms[rows], search["share"] * norms
+    itself = (np.arange(len(rows)), rows)
     count = min(k, vectors.shape[0] - 1)
-    # The k-th estimate and everything within the slack of it are measured exactly: take
-    # twice k candidates, and more only where those do not reach past the slack.
-    slack = ESTIMATE_SLACK * (norms[rows] + norms.max())
-    widest = min(2 * count + 8, vectors.shape[0])
-    while True:
-        candidates = np.argpartition(squared, widest - 1, axis=1)[:, :widest]
-        estimates = np.take_along_axis(squared, candidates, axis=1)
-        kth = np.partition(estimates, count - 1, axis=1)[:, count - 1]
-        if widest == vectors.shape[0] or (estimates.max(axis=1) > kth + slack).all():
-            break
-        widest = min(2 * widest, vectors.shape[0])
-    near = measured_distances(vectors, rows[:, None], candidates)
+    # Upper bounds of the true squared distances: their k-th smallest bounds the k-th
+    # neighbour's. Every pair whose lower bound is within it may be among the k nearest.
+    bound = estimate + error_columns[None, :]
+    bound += error_rows[:, None]
+    bound[itself] = np.inf
+    kth_upper = np.partition(bound, count - 1, axis=1)[:, count - 1]
+    np.subtract(estimate, error_columns[None, :], out=bound)
+    bound -= error_rows[:, None]
+    bound[itself] = np.inf
+    lower = bound
+    widest = int((lower <= kth_upper[:, None]).sum(axis=1).max())
+    candidates = np.argpartition(lower, widest - 1, axis=1)[:, :widest]
+    near = np.empty(candidates.shape, dtype=np.float64)
+    step = max(1, MEASURED_CELLS // max(widest * vectors.shape[1], 1))
+    for first in range(0, len(rows), step):
+        part = slice(first, first + step)
+        near[part] = measured_distances(vectors, rows[part, None], candidates[part])
     near[candidates == rows[:, None]] = np.inf
+    # Ordered by the distances as kept (float32), ties by row, as merge_pairs orders them.
+    near = near.astype(np.float32)
     order = np.lexsort((candidates, near), axis=1)[:, :count]
     indices = np.take_along_axis(candidates, order, axis=1).astype(np.int64)
-    distances = np.take_along_axis(near, order, axis=1).astype(np.float32)
-    if "reach" not in _VECTOR_SEARCH:
+    distances = np.take_along_axis(near, order, axis=1)
+    if "reach" not in search:
         return indices, distances, *EMPTY_PAIRS[:2], np.empty(0, np.float32)
-    reached_query, reached = np.nonzero(squared <= _VECTOR_SEARCH["reach"][None, :])
+    reached_query, reached = np.nonzero(lower <= search["reach"][None, :])
     reached_query = rows[reached_query]
     measured = measured_distances(vectors, reached_query, reached).astype(np.float32)
     return indices, distances, reached, reached_query, measured
@@ -215,9 +226,9 @@ def exact_neighbours(
     """The k nearest other rows of each query row (every row when None): indices and
     distances, nearest first, ties by row. Exact, in blocks of rows on `workers` processes.
 
-    With `reach` (a squared distance estimate per row), also the pairs of a query row and
-    a row whose reach it is within: (row, query row, distance), the candidates to merge
-    into that row's list.
+    With `reach` (a squared distance per row), also the pairs of a query row and a row
+    that it may come within that reach of: (row, query row, distance), the candidates to
+    merge into that row's list.
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     rows = np.arange(len(vectors)) if query_rows is None else np.asarray(query_rows, np.int64)
@@ -228,7 +239,14 @@ def exact_neighbours(
         return empty, np.empty((len(rows), 0), np.float32), no_pairs
     step = block_rows(len(vectors))
     tasks = [(start, min(start + step, len(rows)), k) for start in range(0, len(rows), step)]
-    _VECTOR_SEARCH.update(vectors=vectors, squared_norms=squared_norms(vectors), query_rows=rows)
+    centred = (vectors - vectors.mean(axis=0, dtype=np.float64)).astype(np.float32)
+    _VECTOR_SEARCH.update(
+        vectors=vectors,
+        centred=centred,
+        centred_norms=squared_norms(centred),
+        share=np.float32(estimate_error_share(vectors.shape[1])),
+        query_rows=rows,
+    )
     if reach is not None:
         _VECTOR_SEARCH["reach"] = reach
     try:
@@ -293,14 +311,11 @@ def updated_neighbours(
         return indices, distances, 0
     indices, distances = indices.copy(), distances.copy()
     searched = np.flatnonzero(stale)
-    # A kept row's reach: its k-th distance, plus the slack of the estimate. The search of
-    # the new rows finds every pair within it on the way.
-    norms = squared_norms(vectors)
+    # A kept row's reach: the square of its k-th distance. The search of the new rows finds
+    # on the way the pairs that may come within it.
     reach = np.full(count, -np.inf, dtype=np.float32)
     kept = ~stale
-    reach[kept] = distances[kept, k - 1].astype(np.float64) ** 2 + ESTIMATE_SLACK * (
-        norms[kept] + norms.max()
-    )
+    reach[kept] = distances[kept, k - 1].astype(np.float64) ** 2 * (1 + 1e-6)  # ties reach
     found_indices, found_distances, pairs = exact_neighbours(vectors, k, workers, searched, reach)
     indices[searched], distances[searched] = padded(found_indices, found_distances, k)
     rows, others, near = pairs

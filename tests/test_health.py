@@ -278,3 +278,39 @@ def test_new_images_join_approximate_lists_exactly(tmp_path) -> None:
     assert (np.diff(distances, axis=1) >= 0).all()
     recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact_indices, indices)])
     assert recall >= 0.9, recall
+
+
+def test_the_compiled_hash_search_finds_what_a_plain_loop_finds() -> None:
+    rng = np.random.default_rng(4)
+    hashes = rng.integers(0, 2**63, 300, dtype=np.int64).view(np.uint64) * np.uint64(2)
+    mirrors = rng.integers(0, 2**63, 300, dtype=np.int64).view(np.uint64)
+    for row in range(0, 300, 3):  # near copies, some of them as mirror images
+        flips = np.uint64(sum(1 << int(bit) for bit in rng.choice(64, row % 9, replace=False)))
+        hashes[row + 1] = (mirrors[row] if row % 2 else hashes[row]) ^ flips
+    usable = rng.random(300) > 0.05
+    searched = rng.random(300) < 0.3
+
+    def plain_loop(searched_mask: np.ndarray) -> set[tuple[int, int, int, bool]]:
+        found = set()
+        for a in range(300):
+            for b in range(a + 1, 300):
+                if not (usable[a] and usable[b]) or not (searched_mask[a] or searched_mask[b]):
+                    continue
+                plain = (int(hashes[a]) ^ int(hashes[b])).bit_count()
+                flipped = min(
+                    (int(mirrors[a]) ^ int(hashes[b])).bit_count(),
+                    (int(hashes[a]) ^ int(mirrors[b])).bit_count(),
+                )
+                if min(plain, flipped) <= 6:
+                    found.add((a, b, min(plain, flipped), flipped < plain))
+        return found
+
+    for mask in (np.ones(300, dtype=bool), searched):
+        first, second, distance, mirrored = near_search.hash_pairs(
+            hashes, mirrors, usable, 6, workers=2, searched=mask
+        )
+        assert set(zip(first.tolist(), second.tolist(), distance.tolist(), mirrored.tolist())) == (
+            plain_loop(mask)
+        )
+        assert (np.diff(first) >= 0).all()
+    assert len(plain_loop(np.ones(300, dtype=bool))) >= 60
