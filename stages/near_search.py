@@ -135,16 +135,16 @@ MEASURED_CELLS = 2**22  # float64s of differences one search measures at once: 3
 
 
 def estimate_error_share(dimensions: int) -> float:
-    """How far a float32 estimate of |a - b|^2 from |a|^2 + |b|^2 - 2ab can be off, as a
-    share of |a|^2 + |b|^2: the rounding bound of a float32 dot product of this length,
-    with room for the norms and sums."""
-    return (dimensions + 8) * 2.0**-23
+    """How far a float64 estimate of |a - b|^2 from |a|^2 + |b|^2 - 2ab can be off, as a
+    share of |a|^2 + |b|^2: the rounding bound of a dot product of this length, with room
+    for the norms and sums."""
+    return (dimensions + 8) * 2.0**-52
 
 
 def estimated_squared(
     block: np.ndarray, block_norms: np.ndarray, vectors: np.ndarray, norms: np.ndarray
 ) -> np.ndarray:
-    """Squared distances between rows of `block` and of `vectors`, estimated in float32."""
+    """Squared distances between rows of `block` and of `vectors`, estimated."""
     squared = block @ vectors.T
     squared *= -2.0
     squared += block_norms[:, None]
@@ -160,9 +160,9 @@ def exact_neighbour_block(
     a process); and the pairs (query row, other row) within the other row's reach, when
     the search has reaches (see exact_neighbours): other rows, query rows, distances.
 
-    Distances are estimated in float32 on vectors centred on their mean (so that the
-    rounding, which grows with the vectors' length, stays small beside the distances),
-    and every pair whose estimate cannot rule it out is measured exactly.
+    Distances are estimated in float64 on vectors centred on their mean (float32 rounding
+    could not tell apart thousands of near-identical night frames), and every pair whose
+    estimate cannot rule it out is measured exactly.
     """
     start, stop, k = task
     search = _VECTOR_SEARCH
@@ -211,11 +211,6 @@ def measured_distances(vectors: np.ndarray, first: np.ndarray, second: np.ndarra
     return np.sqrt((differences**2).sum(axis=-1))
 
 
-def squared_norms(vectors: np.ndarray) -> np.ndarray:
-    """Each row's squared length, as float32."""
-    return (vectors.astype(np.float64) ** 2).sum(axis=1).astype(np.float32)
-
-
 def exact_neighbours(
     vectors: np.ndarray,
     k: int,
@@ -239,12 +234,14 @@ def exact_neighbours(
         return empty, np.empty((len(rows), 0), np.float32), no_pairs
     step = block_rows(len(vectors))
     tasks = [(start, min(start + step, len(rows)), k) for start in range(0, len(rows), step)]
-    centred = (vectors - vectors.mean(axis=0, dtype=np.float64)).astype(np.float32)
+    # One float64 copy for the whole search (8 bytes a value): converting in every block
+    # cost more than the products.
+    centred = vectors - vectors.mean(axis=0, dtype=np.float64)
     _VECTOR_SEARCH.update(
         vectors=vectors,
         centred=centred,
-        centred_norms=squared_norms(centred),
-        share=np.float32(estimate_error_share(vectors.shape[1])),
+        centred_norms=(centred**2).sum(axis=1),
+        share=np.float64(estimate_error_share(vectors.shape[1])),
         query_rows=rows,
     )
     if reach is not None:
@@ -313,7 +310,7 @@ def updated_neighbours(
     searched = np.flatnonzero(stale)
     # A kept row's reach: the square of its k-th distance. The search of the new rows finds
     # on the way the pairs that may come within it.
-    reach = np.full(count, -np.inf, dtype=np.float32)
+    reach = np.full(count, -np.inf, dtype=np.float64)
     kept = ~stale
     reach[kept] = distances[kept, k - 1].astype(np.float64) ** 2 * (1 + 1e-6)  # ties reach
     found_indices, found_distances, pairs = exact_neighbours(vectors, k, workers, searched, reach)
