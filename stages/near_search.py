@@ -199,7 +199,11 @@ def exact_neighbour_block(
         return indices, distances, *EMPTY_PAIRS[:2], np.empty(0, np.float32)
     reached_query, reached = np.nonzero(lower <= search["reach"][None, :])
     reached_query = rows[reached_query]
-    measured = measured_distances(vectors, reached_query, reached).astype(np.float32)
+    measured = np.empty(len(reached), dtype=np.float32)
+    step = max(1, MEASURED_CELLS // vectors.shape[1])
+    for first in range(0, len(reached), step):
+        part = slice(first, first + step)
+        measured[part] = measured_distances(vectors, reached_query[part], reached[part])
     return indices, distances, reached, reached_query, measured
 
 
