@@ -435,6 +435,11 @@ def run_stage(main: Callable[[], None]) -> None:
         sys.exit(2)
 
 
+def seeded_digests(keys: list[str], seed: int) -> list[bytes]:
+    """The sha256 of each key with the seed: a rank that depends on content alone."""
+    return [hashlib.sha256(f"{seed}:{key}".encode()).digest() for key in keys]
+
+
 def content_sample(keys: list[str], limit: int, seed: int) -> np.ndarray:
     """Row numbers of a sample of at most `limit` rows, in row order, chosen by content:
     the rows whose seeded hash of their key (a file's sha256) ranks lowest, ties by row.
@@ -444,7 +449,7 @@ def content_sample(keys: list[str], limit: int, seed: int) -> np.ndarray:
     """
     if len(keys) <= limit:
         return np.arange(len(keys))
-    ranks = [hashlib.sha256(f"{seed}:{key}".encode()).digest() for key in keys]
+    ranks = seeded_digests(keys, seed)
     order = sorted(range(len(keys)), key=lambda index: (ranks[index], index))
     return np.sort(np.array(order[:limit], dtype=np.int64))
 
@@ -470,7 +475,7 @@ def page_sample(keys: list[str], limit: int, seed: int) -> np.ndarray:
     share = 1.0
     while count * share > SHARE_ROOM * limit:
         share *= SHARE_STEP
-    digests = [hashlib.sha256(f"{seed}:{key}".encode()).digest() for key in keys]
+    digests = seeded_digests(keys, seed)
     units = np.array([int.from_bytes(d[:8], "big") for d in digests], dtype=np.float64) / 2.0**64
     chosen = np.flatnonzero(units < share)
     if len(chosen) > limit:

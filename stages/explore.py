@@ -101,22 +101,19 @@ def explorer_table(
     scores: pd.DataFrame,
     split: pd.DataFrame,
     manifest: pd.DataFrame,
-    near: pd.DataFrame | None = None,
+    near: pd.DataFrame,
 ) -> pd.DataFrame:
     """One row per clustered image, in the clusters' order, with every field the page shows.
 
     Columns: id, path, cluster, x, y, silhouette, subset, taken_at, month, place, latitude,
     longitude, label, blank, duplicate, near_group, near_of, near_size (from `near`, health's
-    near-duplicate groups; every image alone without it).
+    near-duplicate groups).
     """
     table = clusters[["id", "cluster", "x", "y"]].copy()
-    if near is None:
-        table["near_group"], table["near_of"], table["near_size"] = 0, None, 1
-    else:
-        groups = near.set_index("id").reindex(table["id"])
-        table["near_group"] = groups["near_group"].fillna(0).astype(np.int64).to_numpy()
-        table["near_of"] = groups["near_of"].to_numpy()
-        table["near_size"] = groups["near_size"].fillna(1).astype(np.int64).to_numpy()
+    groups = near.set_index("id").reindex(table["id"])
+    table["near_group"] = groups["near_group"].fillna(0).astype(np.int64).to_numpy()
+    table["near_of"] = groups["near_of"].to_numpy()
+    table["near_size"] = groups["near_size"].fillna(1).astype(np.int64).to_numpy()
     table["silhouette"] = scores.set_index("id")["silhouette"].reindex(table["id"]).to_numpy()
     table["subset"] = split.set_index("id")["subset"].reindex(table["id"]).to_numpy()
     fields = ["path", "taken_at", "place", "latitude", "longitude", "label", "blank", "duplicate"]
@@ -130,14 +127,14 @@ def explorer_table(
 
 
 def collection_summary(
-    manifest: pd.DataFrame, rejected_count: int, clustered: int, near: pd.DataFrame | None = None
+    manifest: pd.DataFrame, rejected_count: int, clustered: int, near: pd.DataFrame
 ) -> dict[str, int]:
     """Counts for the overview tab that the page's own rows cannot tell (build_explorer
     adds how many images the page shows)."""
-    grouped = near[near["near_group"] > 0] if near is not None else None
+    grouped = near[near["near_group"] > 0]
     return {
-        "near_groups": 0 if grouped is None else int(grouped["near_group"].nunique()),
-        "near_copies": 0 if grouped is None else int(grouped["near_of"].notna().sum()),
+        "near_groups": int(grouped["near_group"].nunique()),
+        "near_copies": int(grouped["near_of"].notna().sum()),
         "collection_images": len(manifest),
         "clustered_images": clustered,
         "rejected_files": rejected_count,
