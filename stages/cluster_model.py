@@ -1,12 +1,10 @@
 """The fitted clustering the cluster stage saves: `ClusterModel` (reduce, predict and map
-new latent vectors), and how it is pickled so that the file's bytes depend only on the
-fit (numba functions by name, pynndescent's index without its run-time compiled parts).
+new latent vectors), pickled so that the file's bytes depend only on the fit and loading
+it needs neither UMAP nor numba (a fitted UMAP is saved as a `FittedUmap`).
 """
 
 from __future__ import annotations
 
-import copy
-import importlib
 import sys
 import warnings
 from dataclasses import dataclass
@@ -86,24 +84,42 @@ class ClusterModel:
         return self.clusters_of(points), project(self.mapper, vectors)
 
     def __getstate__(self) -> dict[str, Any]:
-        """The state to pickle, with numba-compiled functions saved by name.
-
-        Numba pickles a compiled function with an id drawn afresh in every process, so the
-        same fit would give different model files; a name gives the same bytes every time.
-        """
+        """The state to pickle: a fitted UMAP as the FittedUmap that placing needs."""
         state = dict(vars(self))
-        state["reducer"] = functions_by_name(self.reducer)
-        state["mapper"] = functions_by_name(self.mapper)
+        state["reducer"] = FittedUmap.of(self.reducer)
+        state["mapper"] = FittedUmap.of(self.mapper)
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Restore a pickled model, looking its compiled functions up again."""
-        vars(self).update(state)
-        for estimator in (self.reducer, self.mapper):
-            if estimator is not None:
-                for key, value in vars(estimator).items():
-                    if isinstance(value, CompiledFunction | SearchIndexState):
-                        setattr(estimator, key, value.resolve())
+
+@dataclass
+class FittedUmap:
+    """What place_with_umap needs of a fitted UMAP, under UMAP's own attribute names: the
+    fitted vectors, their places, the neighbour count, the local connectivity and the
+    metric.
+
+    The model file holds this rather than the UMAP object: loading one imports neither
+    UMAP nor numba (1.6 s of every assign run), and its bytes depend only on the fit
+    (numba pickles compiled functions with an id drawn afresh in every process).
+    """
+
+    _raw_data: np.ndarray
+    embedding_: np.ndarray
+    _n_neighbors: int
+    local_connectivity: float
+    metric: str
+
+    @classmethod
+    def of(cls, estimator: Any) -> Any:
+        """The FittedUmap of a fitted UMAP; any other estimator (PCA, None) as it is."""
+        if estimator is None or not hasattr(estimator, "_raw_data"):
+            return estimator
+        return cls(
+            np.asarray(estimator._raw_data),
+            np.asarray(estimator.embedding_),
+            int(estimator._n_neighbors),
+            float(estimator.local_connectivity),
+            str(estimator.metric),
+        )
 
 
 PLACE_BLOCK = 256  # new vectors measured against the fitted ones at once
@@ -225,81 +241,6 @@ def smooth_knn_dist(
     return sigma, rho
 
 
-@dataclass(frozen=True)
-class CompiledFunction:
-    """A numba-compiled library function (such as umap.distances.euclidean), by name."""
-
-    module: str
-    name: str
-
-    @classmethod
-    def of(cls, function: Any) -> CompiledFunction | None:
-        """A compiled function by name, or None when it is not a module's own function
-        (compiled at run time, so nothing to look up)."""
-        module, name = function.py_func.__module__, function.py_func.__name__
-        if getattr(importlib.import_module(module), name, None) is not function:
-            return None
-        return cls(module, name)
-
-    def resolve(self) -> Any:
-        """The compiled function itself."""
-        return getattr(importlib.import_module(self.module), self.name)
-
-
-@dataclass
-class SearchIndexState:
-    """UMAP's nearest-neighbour index (pynndescent, fitted on more than 4,096 images), pickled
-    without the search function it compiles at run time: restoring the index compiles it
-    again, and its pickle would carry a random id."""
-
-    kind: type
-    state: dict[str, Any]
-
-    @classmethod
-    def of(cls, index: Any) -> SearchIndexState:
-        """The portable state of a fitted index: library functions by name, and without
-        the functions compiled at run time (unpickling the index compiles them again)."""
-        state = {}
-        for key, value in index.__getstate__().items():
-            if hasattr(value, "py_func"):
-                value = CompiledFunction.of(value)
-                if value is None:
-                    continue
-            state[key] = value
-        return cls(type(index), state)
-
-    def resolve(self) -> Any:
-        """The index, rebuilt through its own unpickling."""
-        state = {
-            key: value.resolve() if isinstance(value, CompiledFunction) else value
-            for key, value in self.state.items()
-        }
-        index = self.kind.__new__(self.kind)
-        index.__setstate__(state)
-        return index
-
-
-def functions_by_name(estimator: Any) -> Any:
-    """A shallow copy of `estimator` whose numba-compiled attributes are CompiledFunctions
-    and whose nearest-neighbour index, if any, is a SearchIndexState."""
-    if estimator is None:
-        return None
-    compiled: dict[str, Any] = {}
-    for key, value in vars(estimator).items():
-        if hasattr(value, "py_func"):  # numba dispatchers keep the Python function there
-            named = CompiledFunction.of(value)
-            if named is not None:  # else kept as it is: loadable, if not byte-stable
-                compiled[key] = named
-    index = getattr(estimator, "_knn_search_index", None)
-    if index is not None and hasattr(index, "__setstate__"):
-        compiled["_knn_search_index"] = SearchIndexState.of(index)
-    if not compiled:
-        return estimator
-    named = copy.copy(estimator)
-    vars(named).update(compiled)
-    return named
-
-
 def renumber(raw: np.ndarray, order: dict[int, int]) -> np.ndarray:
     """Map raw labels to cluster numbers; labels the order does not know become noise."""
     return np.array([order.get(int(label), common.NOISE) for label in raw], dtype=np.int32)
@@ -345,5 +286,14 @@ def load_model(path: Path = common.CLUSTER_MODEL_FILE) -> ClusterModel:
     """The fitted ClusterModel that the cluster stage saved."""
     if not path.exists():
         raise common.UserError(f"{path} is missing: run `dvc repro cluster` first")
-    import_umap()  # before unpickling imports it with TensorFlow
-    return joblib.load(path)
+    try:
+        model = joblib.load(path)
+    except Exception as error:  # unpickling fails in many ways: another version's file, damage
+        raise common.UserError(
+            f"cannot load {path} ({type(error).__name__}: {error}); it was saved by another "
+            "version of this project or is damaged: fit it again with `dvc repro cluster` "
+            "(after `dvc unfreeze cluster` if it is frozen)"
+        ) from None
+    if not isinstance(model, ClusterModel):
+        raise common.UserError(f"{path} holds no cluster model: run `dvc repro cluster`")
+    return model

@@ -433,6 +433,17 @@ def run_stage(main: Callable[[], None]) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    end_process()
+
+
+def end_process() -> None:
+    """Exit at once, skipping the interpreter's teardown: every output is written and
+    closed when a stage's main returns, and tearing down TensorFlow, numba and thread
+    pools takes up to two seconds a stage, which a daily run pays ten times."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def seeded_digests(keys: list[str], seed: int) -> list[bytes]:

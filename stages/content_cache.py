@@ -131,7 +131,12 @@ class ContentCache:
             blob_writers = {}
             for name in self.blobs:
                 temporary = stack.enter_context(common.atomic_output(self.blob_path(segment, name)))
-                blob_writers[name] = stack.enter_context(pq.ParquetWriter(temporary, schema))
+                # Blobs never repeat: no dictionary, no statistics (see thumbnails.write_table).
+                blob_writers[name] = stack.enter_context(
+                    pq.ParquetWriter(
+                        temporary, schema, use_dictionary=False, write_statistics=False
+                    )
+                )
             writer = SegmentWriter(arrays, blob_writers)
             yield writer
             short = {name: rows for name, rows in writer.blob_rows.items() if rows != len(sha256s)}
@@ -150,8 +155,10 @@ class ContentCache:
 
     def located(self, sha256s: list[str]) -> pd.DataFrame:
         """The segment and row of each sha256, in order; KeyError for one not held."""
+        # drop_duplicates makes the merge many-to-one; pandas checking it again costs a
+        # quarter of a second at 100,000 rows.
         located = pd.DataFrame({"sha256": sha256s}).merge(
-            self.index.drop_duplicates("sha256"), on="sha256", how="left", validate="many_to_one"
+            self.index.drop_duplicates("sha256"), on="sha256", how="left"
         )
         absent = located["sha256"][located["segment"].isna()]
         if len(absent):
@@ -164,12 +171,20 @@ class ContentCache:
         """The cached blobs of sha256s, in order, as lists of `block_rows`; each block reads
         only the row groups that hold its rows."""
         located = self.located(sha256s)
+        # Each segment's file and row-group sizes, read once rather than once a block.
+        opened: dict[str, tuple[pq.ParquetFile, list[int]]] = {}
         for start in range(0, len(located), block_rows):
             rows = located.iloc[start : start + block_rows]
             block: list[bytes] = [b""] * len(rows)
             for segment, segment_rows in rows.groupby("segment", sort=True):
-                file = pq.ParquetFile(self.blob_path(str(segment), blob))
-                sizes = [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)]
+                if str(segment) not in opened:
+                    file = pq.ParquetFile(self.blob_path(str(segment), blob))
+                    groups = range(file.num_row_groups)
+                    opened[str(segment)] = (
+                        file,
+                        [file.metadata.row_group(i).num_rows for i in groups],
+                    )
+                file, sizes = opened[str(segment)]
                 starts = np.cumsum([0, *sizes])
                 wanted = segment_rows["row"].to_numpy()
                 group_of = np.searchsorted(starts, wanted, side="right") - 1

@@ -252,14 +252,24 @@ def atlas_file_task(task: tuple[Path, np.ndarray, AtlasGrid, int]) -> bytes:
 
 
 def atlas_key(
-    thumbs: thumbnails.ThumbnailRows, rows: np.ndarray, grid: AtlasGrid, quality: int
+    thumbs: thumbnails.ThumbnailRows,
+    rows: np.ndarray,
+    grid: AtlasGrid,
+    quality: int,
+    sha256s: list[str] | None = None,
 ) -> str:
     """What an atlas's bytes depend on: its grid, the JPEG quality and encoder, and its
-    sprites' stored JPEG bytes (or pixels, for an array) in order."""
+    sprites in order: named by the thumbnails' key and the files' `sha256s` where both are
+    known (reading no thumbnail), else by their stored JPEG bytes (or pixels, for an
+    array)."""
     digest = hashlib.sha256(
         json.dumps([dataclasses.astuple(grid), quality, PIL.__version__]).encode()
     )
-    if isinstance(thumbs, thumbnails.Thumbnails):
+    if isinstance(thumbs, thumbnails.Thumbnails) and thumbs.key and sha256s is not None:
+        digest.update(f"thumbnails {thumbs.key}".encode())
+        for row in rows:
+            digest.update(sha256s[int(row)].encode())
+    elif isinstance(thumbs, thumbnails.Thumbnails):
         for row in rows:
             digest.update(hashlib.sha256(thumbs.jpeg(int(row))).digest())
     else:
@@ -360,7 +370,7 @@ def build_explorer(
     summary = {**summary, "shown_images": len(rows)}
     data = page_data(shown, grid, atlas_names(len(rows), grid), summary, collection)
     blocks = atlas_blocks(rows, grid)
-    atlas_keys = [atlas_key(thumbs, block, grid, params.atlas_quality) for block in blocks]
+    atlas_keys = [atlas_key(thumbs, block, grid, params.atlas_quality, sha256s) for block in blocks]
     earlier = earlier_atlases(directory)
     kept = {index: earlier[key] for index, key in enumerate(atlas_keys) if key in earlier}
     jpegs = atlas_files(thumbs, blocks, grid, params.atlas_quality, common.worker_count(), kept)

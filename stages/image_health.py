@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from scipy.fft import dctn
 
 # Kept in the manifest's metadata: change it with any change to what a measurement gives,
 # so that sync measures every file again rather than keep scores made the old way.
@@ -60,6 +59,10 @@ def perceptual_hashes(gray: Image.Image) -> tuple[str, str]:
     The mirror's hash comes from the same coefficients with odd x-frequencies negated,
     which is what mirroring does to a DCT.
     """
+    # Imported here, not at the top: sync's run that finds nothing new measures nothing,
+    # and should not pay scipy's import.
+    from scipy.fft import dctn
+
     side = HASH_SIZE * HASH_SCALE
     small = np.asarray(gray.resize((side, side), Image.Resampling.LANCZOS), dtype=np.float64)
     low = dctn(small, type=2)[:HASH_SIZE, :HASH_SIZE]

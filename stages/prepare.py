@@ -238,7 +238,7 @@ def prepare_arrays(
     common.write_array_in_blocks(pixels_path, shape, cache.row_blocks(sha256s, "pixels"))
     blocks = cache.blob_blocks(sha256s, "thumbs")
     ids = manifest["id"].tolist()
-    thumbnails.write_table(thumbs_path, ids, blocks, thumb.height, thumb.width)
+    thumbnails.write_table(thumbs_path, ids, blocks, thumb.height, thumb.width, key)
     # The sha256 and the decode key name each row's pixels for the caches of later stages.
     keys = manifest[["id", "sha256"]].reset_index(drop=True)
     common.write_parquet(keys, ids_path, keys={"pixels_key": pixels_key(params)})

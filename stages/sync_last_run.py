@@ -2,8 +2,10 @@
 costs one walk of the source and the collection, and writes nothing.
 
 The record (data/cache/sync/last-run.json, outside DVC) holds two digests:
-- inputs: sync's params, its code, and the size and modification time of the history
-  file and of every file of the source folder and of the collection after the run;
+- inputs: sync's params, its code, the size and modification time of the history file
+  and of every file of the source folder, and the file names and folder times of the
+  collection after the run (sync writes there by renaming files into place, which
+  changes a folder's time; a copy edited in place by hand is not noticed);
 - outputs: the bytes of the manifest, the rejected list and the remote state it wrote.
 A run whose inputs and current outputs both match has nothing to do: sync is
 deterministic, so doing the work again would write the same bytes. Any difference (a new,
@@ -54,8 +56,10 @@ class LastRun:
 
 
 def listing_text(listing: sync_sources.FolderListing) -> str:
-    """A folder listing as text: one `path size mtime_ns` line a file, then what was left out."""
+    """A folder listing as text: one `path size mtime_ns` line a file, then one a folder
+    whose time it kept, then what was left out."""
     lines = [f"{path}\0{size}\0{mtime_ns}" for path, size, mtime_ns in listing.files]
+    lines.extend(f"folder\0{path}\0{mtime_ns}" for path, mtime_ns in listing.folders)
     lines.append(f"hidden\0{listing.hidden}")
     lines.extend(f"refused\0{name}\0{reason}" for name, reason in listing.refused)
     return "\n".join(lines)

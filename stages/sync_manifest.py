@@ -177,52 +177,80 @@ def read_history(path_text: str) -> tuple[pd.DataFrame, HistoryReport]:
     return parse_history(data.decode("utf-8", errors="replace"))
 
 
+# What measuring tells of each accepted file, as columns (the label is the one the source
+# gave, None where it gave none).
+MEASURED_COLUMNS = {
+    "path": "str",
+    "label": "str",
+    "sha256": "str",
+    "bytes": "int64",
+    "width": "int32",
+    "height": "int32",
+    "pixel_std": "float64",
+    "exif_taken_at": "datetime64[ms]",
+    **{column: "str" if column.startswith("phash") else "float64" for column in HEALTH_COLUMNS},
+}
+
+
+def measured_table(outcomes: list[FileOutcome]) -> pd.DataFrame:
+    """The measurements of the accepted outcomes (MEASURED_COLUMNS)."""
+    accepted = [outcome for outcome in outcomes if outcome.measurement is not None]
+    rows = [
+        (
+            outcome.relative_path,
+            outcome.label,
+            m.sha256,
+            m.bytes,
+            m.width,
+            m.height,
+            m.health.pixel_std,
+            m.exif_taken_at,
+            *(getattr(m.health, column) for column in HEALTH_COLUMNS),
+        )
+        for outcome in accepted
+        if (m := outcome.measurement) is not None
+    ]
+    table = pd.DataFrame(rows, columns=list(MEASURED_COLUMNS))
+    table["exif_taken_at"] = pd.to_datetime(table["exif_taken_at"])
+    return table.astype(MEASURED_COLUMNS)
+
+
+def reusable_manifest(previous: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The previous manifest indexed by path, when it holds every measurement (a manifest
+    written before a score existed is measured again)."""
+    if previous is None or not set(MEASURED_COLUMNS) <= set(previous.columns):
+        return None
+    return previous.set_index("path", drop=False)
+
+
+def reused_table(
+    previous: pd.DataFrame, paths: list[str], labels: list[str | None]
+) -> pd.DataFrame:
+    """The measurements of unchanged files, taken from the previous manifest
+    (reusable_manifest) without reading the files, with the labels their source gives."""
+    table = previous.loc[paths, list(MEASURED_COLUMNS)].reset_index(drop=True)
+    table["label"] = pd.Series(labels, dtype="object")
+    return table.astype(MEASURED_COLUMNS)
+
+
 def build_manifest(
-    outcomes: list[FileOutcome],
+    measured: pd.DataFrame,
     description: Description,
     history: pd.DataFrame | None,
 ) -> pd.DataFrame:
-    """One row per accepted image, sorted by path, with ids, times, places, labels and flags."""
-    accepted = sorted(
-        (outcome for outcome in outcomes if outcome.measurement is not None),
-        key=lambda outcome: outcome.relative_path,
-    )
-    paths = [outcome.relative_path for outcome in accepted]
-    measurements = [outcome.measurement for outcome in accepted]
-    assert all(measurement is not None for measurement in measurements)
-    ids = assign_ids(paths)
+    """One row per measured image (measured_table, reused_table), sorted by path, with ids,
+    times, places, labels and flags."""
+    measured = measured.sort_values("path", ignore_index=True)
+    paths = measured["path"].tolist()
     name_times = taken_at_from_names(paths, description.taken_at_pattern)
-    exif_times = [measurement.exif_taken_at for measurement in measurements]  # type: ignore[union-attr]
-    labels = [
-        outcome.label
-        if outcome.label is not None
-        else (
-            label_from_folder(outcome.relative_path) if description.label_from == "folder" else None
-        )
-        for outcome in accepted
-    ]
-    manifest = pd.DataFrame(
-        {
-            "id": pd.Series(ids, dtype="str"),
-            "path": pd.Series(paths, dtype="str"),
-            "sha256": pd.Series([m.sha256 for m in measurements], dtype="str"),  # type: ignore[union-attr]
-            "bytes": pd.Series([m.bytes for m in measurements], dtype="int64"),  # type: ignore[union-attr]
-            "width": pd.Series([m.width for m in measurements], dtype="int32"),  # type: ignore[union-attr]
-            "height": pd.Series([m.height for m in measurements], dtype="int32"),  # type: ignore[union-attr]
-            "taken_at": name_times.astype("datetime64[ms]")
-            .fillna(pd.Series(pd.to_datetime(exif_times)).astype("datetime64[ms]"))
-            .to_numpy(),
-            "label": pd.Series(labels, dtype="str"),
-            "pixel_std": pd.Series([m.health.pixel_std for m in measurements], dtype="float64"),  # type: ignore[union-attr]
-            "exif_taken_at": pd.to_datetime(exif_times).astype("datetime64[ms]"),
-            **{
-                column: pd.Series(
-                    [getattr(m.health, column) for m in measurements],  # type: ignore[union-attr]
-                    dtype="str" if column.startswith("phash") else "float64",
-                )
-                for column in HEALTH_COLUMNS
-            },
-        }
+    labels = measured["label"]
+    if description.label_from == "folder":
+        folders = pd.Series([label_from_folder(path) for path in paths], dtype="str")
+        labels = labels.fillna(folders)
+    manifest = measured.assign(
+        id=pd.Series(assign_ids(paths), dtype="str"),
+        label=labels.astype("str"),
+        taken_at=name_times.astype("datetime64[ms]").fillna(measured["exif_taken_at"]).to_numpy(),
     )
     manifest["blank"] = manifest["pixel_std"] < description.blank_max_std
     first_with_content = manifest.groupby("sha256", sort=False)["id"].transform("first")
@@ -239,10 +267,9 @@ def build_manifest(
 
 
 def reusable_rows(previous: pd.DataFrame | None) -> dict[str, dict[str, Any]]:
-    """The previous manifest's rows by path, to reuse for files that did not change."""
-    needed = {"path", "sha256", "bytes", "width", "height", "pixel_std", "exif_taken_at", "label"}
-    needed |= set(HEALTH_COLUMNS)  # a manifest written before a score existed is measured again
-    if previous is None or not needed <= set(previous.columns):
+    """The previous manifest's rows by path (see reusable_manifest), as dicts: remote
+    objects are reused one outcome at a time, with their ETags."""
+    if previous is None or not set(MEASURED_COLUMNS) <= set(previous.columns):
         return {}
     columns = previous.columns.tolist()
     # Column lists zipped into rows: several times faster than to_dict("records").

@@ -292,17 +292,37 @@ def test_bad_params_name_the_key(project_params, key: str, value: Any, words: st
         blob_params(project_params, **{key: value})
 
 
-def test_a_model_fitted_on_many_images_pickles_its_search_index(project_params, tmp_path) -> None:
-    # Above 4,096 images UMAP keeps a pynndescent index for transform; it must survive the
-    # file and leave out what numba compiles at run time.
+def test_a_saved_model_keeps_what_placing_needs_and_loads_without_umap(
+    project_params, tmp_path
+) -> None:
+    # Above 4,096 images UMAP keeps a pynndescent index with numba-compiled parts; the file
+    # holds only the fitted vectors and places, so loading it imports neither.
     vectors, truth = make_blobs(
         n_samples=4200, centers=3, n_features=8, cluster_std=0.5, random_state=4
     )
     params = blob_params(project_params, n_clusters=3)
     fit = fit_and_place(vectors.astype(np.float32), params)
     state = fit.model.__getstate__()
-    assert isinstance(vars(state["reducer"])["_knn_search_index"], cluster_model.SearchIndexState)
-    cluster_model.write_model(fit.model, tmp_path / "cluster.joblib")
-    model = cluster_model.load_model(tmp_path / "cluster.joblib")
+    assert isinstance(state["reducer"], cluster_model.FittedUmap)
+    np.testing.assert_array_equal(state["reducer"].embedding_, fit.model.reducer.embedding_)
+    path = tmp_path / "cluster.joblib"
+    cluster_model.write_model(fit.model, path)
+    model = cluster_model.load_model(path)
     np.testing.assert_array_equal(model.predict(vectors[:300]), fit.clusters[:300])
     assert adjusted_rand_score(truth, fit.clusters) == 1.0
+    code = """
+import sys
+from pathlib import Path
+from stages import cluster_model
+cluster_model.load_model(Path("cluster.joblib"))
+loaded = [name for name in ("umap", "numba", "pynndescent") if name in sys.modules]
+assert not loaded, loaded
+"""
+    in_fresh_process({}, code, tmp_path)
+
+
+def test_a_model_file_that_cannot_be_loaded_names_the_fix(tmp_path) -> None:
+    path = tmp_path / "cluster.joblib"
+    path.write_bytes(b"not a pickle")
+    with pytest.raises(common.UserError, match=r"cluster.joblib .*dvc repro cluster"):
+        cluster_model.load_model(path)
