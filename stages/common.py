@@ -353,8 +353,16 @@ def map_in_processes(
     if workers <= 1 or len(tasks) <= 1:
         yield from map(function, tasks)
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with multiprocessing.get_context("fork").Pool(workers, one_blas_thread) as pool:
         yield from pool.imap(function, tasks, chunksize=chunksize)
+
+
+def one_blas_thread() -> None:
+    """Keep a pool worker's BLAS on one thread: the pool has a worker per core already, and
+    each one's BLAS starting a thread per core as well made the neighbour search slower."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
 
 
 def searched_words(searched: int, total: int, what: str = "searched") -> str:

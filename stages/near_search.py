@@ -172,20 +172,20 @@ def exact_neighbour_block(
     error_rows, error_columns = search["share"] * norms[rows], search["share"] * norms
     itself = (np.arange(len(rows)), rows)
     count = min(k, vectors.shape[0] - 1)
-    # Upper bounds of the true squared distances: their k-th smallest bounds the k-th
-    # neighbour's. Every pair whose lower bound is within it may be among the k nearest.
+    # Bounds of the true squared distances: estimate -/+ (error_columns + error_rows). The
+    # k-th smallest upper bound bounds the k-th neighbour's; every pair whose lower bound
+    # is within it may be among the k nearest. The row's error is added after the
+    # partition, and the comparisons take it on their right side: fewer passes over a
+    # block of rows x every row.
     bound = estimate + error_columns[None, :]
-    bound += error_rows[:, None]
     bound[itself] = np.inf
-    kth_upper = np.partition(bound, count - 1, axis=1)[:, count - 1]
-    np.subtract(estimate, error_columns[None, :], out=bound)
-    bound -= error_rows[:, None]
-    bound[itself] = np.inf
-    lower = bound
-    widest = int((lower <= kth_upper[:, None]).sum(axis=1).max())
-    candidates = np.argpartition(lower, widest - 1, axis=1)[:, :widest]
+    kth_upper = np.partition(bound, count - 1, axis=1)[:, count - 1] + error_rows
+    lower_but_row = np.subtract(estimate, error_columns[None, :], out=bound)
+    lower_but_row[itself] = np.inf
+    within_row, within = np.nonzero(lower_but_row <= (kth_upper + error_rows)[:, None])
+    candidates = candidate_table(rows, within_row, within)
     near = np.empty(candidates.shape, dtype=np.float64)
-    step = max(1, MEASURED_CELLS // max(widest * vectors.shape[1], 1))
+    step = max(1, MEASURED_CELLS // max(candidates.shape[1] * vectors.shape[1], 1))
     for first in range(0, len(rows), step):
         part = slice(first, first + step)
         near[part] = measured_distances(vectors, rows[part, None], candidates[part])
@@ -197,7 +197,9 @@ def exact_neighbour_block(
     distances = np.take_along_axis(near, order, axis=1)
     if "reach" not in search:
         return indices, distances, *EMPTY_PAIRS[:2], np.empty(0, np.float32)
-    reached_query, reached = np.nonzero(lower <= search["reach"][None, :])
+    reached_query, reached = np.nonzero(
+        lower_but_row <= search["reach"][None, :] + error_rows[:, None]
+    )
     reached_query = rows[reached_query]
     measured = np.empty(len(reached), dtype=np.float32)
     step = max(1, MEASURED_CELLS // vectors.shape[1])
@@ -205,6 +207,17 @@ def exact_neighbour_block(
         part = slice(first, first + step)
         measured[part] = measured_distances(vectors, reached_query[part], reached[part])
     return indices, distances, reached, reached_query, measured
+
+
+def candidate_table(rows: np.ndarray, within_row: np.ndarray, within: np.ndarray) -> np.ndarray:
+    """The candidate rows of each query row (`within` for the query at position
+    `within_row`, grouped by position as np.nonzero gives them) as a table as wide as
+    the longest list, the query row itself filling the rest (its distance is discarded)."""
+    counts = np.bincount(within_row, minlength=len(rows))
+    table = np.repeat(rows[:, None], max(int(counts.max(initial=0)), 1), axis=1)
+    starts = np.cumsum(counts) - counts
+    table[within_row, np.arange(len(within)) - starts[within_row]] = within
+    return table
 
 
 def measured_distances(vectors: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:

@@ -21,6 +21,8 @@ computed over every image each run.
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,9 @@ DISTANCE_BLOCK = 2048  # images whose distances to the centers are held at once
 OVERVIEW_THUMBS = 12  # thumbnails per cluster on the overview sheet
 OVERVIEW_LABEL_WIDTH = 150
 OUTLIERS = -2  # the key of the outliers' rows among the clusters' (noise is -1)
+# Cluster mosaics of earlier runs, by key (mosaic_keys): a daily run draws only those whose
+# images changed.
+MOSAIC_CACHE_DIR = common.CACHE_DIR / STAGE / "mosaics"
 
 
 class ScoreParams(settings.Section):
@@ -288,24 +293,64 @@ def central_rows(
     return {cluster: np.array(rows) for cluster, rows in result.items()}
 
 
+def mosaic_keys(
+    rows_by_cluster: dict[int, np.ndarray], side: int, thumbs: Any, sha256s: list[str]
+) -> dict[int, str]:
+    """Each cluster mosaic's key: what its bytes depend on, without drawing it: the files
+    it shows (by sha256, in order), the thumbnails' key (how prepare made them), the side,
+    and the code that draws it. Empty when the thumbnails carry no key (an array)."""
+    thumbs_key = getattr(thumbs, "key", "")
+    if not thumbs_key:
+        return {}
+    code = hashlib.sha256(Path(mosaics.__file__).read_bytes()).hexdigest()
+    keys = {}
+    for cluster, rows in rows_by_cluster.items():
+        digest = hashlib.sha256(f"{code} {thumbs_key} {side}".encode())
+        for row in rows[: side * side]:
+            digest.update(sha256s[int(row)].encode())
+        keys[cluster] = digest.hexdigest()[:32]
+    return keys
+
+
 def write_mosaics(
     thumbs: thumbnails.ThumbnailRows,
     rows_by_cluster: dict[int, np.ndarray],
     per_cluster: pd.DataFrame,
     side: int,
     directory: Path,
-) -> None:
-    """A mosaic per cluster and the overview sheet, replacing the folder as a whole."""
+    kept: dict[int, Path] | None = None,
+) -> dict[int, Path]:
+    """A mosaic per cluster and the overview sheet, replacing the folder as a whole; the
+    clusters of `kept` are copied from those files instead of drawn. Returns each
+    cluster's mosaic file."""
+    kept = kept or {}
+    digits = max(3, len(str(max(rows_by_cluster, default=0))))
+    names = {cluster: f"cluster-{cluster:0{digits}d}.png" for cluster in rows_by_cluster}
     with common.replace_folder(directory) as staging:
-        digits = max(3, len(str(max(rows_by_cluster, default=0))))
         pictures = {
-            staging / f"cluster-{cluster:0{digits}d}.png": mosaics.mosaic(
-                thumbs[rows[: side * side]], side
-            )
+            staging / names[cluster]: mosaics.mosaic(thumbs[rows[: side * side]], side)
             for cluster, rows in rows_by_cluster.items()
+            if cluster not in kept
         }
         pictures[staging / "overview.png"] = overview_sheet(thumbs, rows_by_cluster, per_cluster)
         mosaics.save_pngs(pictures, common.worker_count())
+        for cluster, path in kept.items():
+            shutil.copyfile(path, staging / names[cluster])
+    return {cluster: directory / name for cluster, name in names.items()}
+
+
+def keep_mosaics(files: dict[int, Path], keys: dict[int, str], cache: Path) -> None:
+    """Keep this run's cluster mosaics in `cache` by key, and only them."""
+    if not keys:
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    for cluster, key in keys.items():
+        if not (cache / f"{key}.png").exists():
+            common.write_bytes_atomic(files[cluster].read_bytes(), cache / f"{key}.png")
+    current = {f"{key}.png" for key in keys.values()}
+    for old in cache.glob("*.png"):
+        if old.name not in current:
+            old.unlink()
 
 
 # ----------------------------------------------------------------------------- main
@@ -392,14 +437,24 @@ def main() -> None:
     common.write_csv(result.per_cluster, SILHOUETTE_FILE)
     common.write_parquet(result.scores, common.SCORES_FILE)
     common.write_csv(result.outliers, OUTLIERS_FILE)
-    # Only the thumbnails the pictures show are decoded: a cluster's first rows, the outliers.
+    # Only the thumbnails the pictures show are decoded: the first rows of each cluster
+    # whose mosaic is not kept from an earlier run, the overview's, the outliers.
+    stored = thumbnails.load(ids)
+    keys = mosaic_keys(result.mosaic_rows, params.mosaic_side, stored, sha256s)
+    kept = {
+        cluster: MOSAIC_CACHE_DIR / f"{key}.png"
+        for cluster, key in keys.items()
+        if (MOSAIC_CACHE_DIR / f"{key}.png").is_file()
+    }
     shown = max(params.mosaic_side**2, OVERVIEW_THUMBS)
-    row_sets = {cluster: rows[:shown] for cluster, rows in result.mosaic_rows.items()}
-    thumbs, picked = thumbnails.pick(
-        thumbnails.load(ids), {**row_sets, OUTLIERS: result.outlier_rows}
-    )
+    row_sets = {
+        cluster: rows[: OVERVIEW_THUMBS if cluster in kept else shown]
+        for cluster, rows in result.mosaic_rows.items()
+    }
+    thumbs, picked = thumbnails.pick(stored, {**row_sets, OUTLIERS: result.outlier_rows})
     outlier_rows = picked.pop(OUTLIERS)
-    write_mosaics(thumbs, picked, result.per_cluster, params.mosaic_side, MOSAICS_DIR)
+    files = write_mosaics(thumbs, picked, result.per_cluster, params.mosaic_side, MOSAICS_DIR, kept)
+    keep_mosaics(files, keys, MOSAIC_CACHE_DIR)
     mosaics.save_png_atomically(
         mosaics.mosaic(thumbs[outlier_rows], params.mosaic_side), OUTLIERS_MOSAIC_FILE
     )
@@ -412,7 +467,7 @@ def main() -> None:
     logger.info(
         "%d images in %d clusters (%d silhouettes computed against %d reference images, "
         "the others from the cache): silhouette %s, Calinski-Harabasz %s, Davies-Bouldin %s%s; "
-        "%d outliers listed; %.1f s",
+        "%d outliers listed; %d of %d cluster mosaics kept from the last run; %.1f s",
         len(ids),
         metrics["n_clusters"],
         computed,
@@ -422,6 +477,8 @@ def main() -> None:
         metrics["davies_bouldin"],
         agreement,
         len(result.outliers),
+        len(kept),
+        len(result.mosaic_rows),
         time.perf_counter() - started,
     )
 

@@ -316,6 +316,27 @@ def test_a_second_run_takes_every_silhouette_from_the_cache(score_project: Path,
     assert common.SCORES_FILE.read_bytes() == first
 
 
+def test_a_second_run_copies_the_mosaics_it_drew_before(score_project: Path, logged) -> None:
+    ids = pd.read_parquet(common.ARRAY_IDS_FILE)["id"].tolist()
+    stored = thumbnails.Thumbnails(thumbnails.THUMBS_FILE)
+    jpegs = [stored.jpeg(row) for row in range(len(stored))]
+    thumbnails.write_table(thumbnails.THUMBS_FILE, ids, [jpegs], 9, 16, key="thumbs-key")
+    score.main()
+    assert "0 of 3 cluster mosaics kept from the last run" in logged.text
+    drawn = {path.name: path.read_bytes() for path in score.MOSAICS_DIR.iterdir()}
+    (score.MOSAIC_CACHE_DIR / "stale.png").write_bytes(b"from an older run")
+    logged.clear()
+    score.main()
+    assert "3 of 3 cluster mosaics kept from the last run" in logged.text
+    assert {path.name: path.read_bytes() for path in score.MOSAICS_DIR.iterdir()} == drawn
+    assert len(list(score.MOSAIC_CACHE_DIR.iterdir())) == 3, "only this run's mosaics stay"
+    # Other thumbnails (another key) draw every mosaic again.
+    thumbnails.write_table(thumbnails.THUMBS_FILE, ids, [jpegs], 9, 16, key="other-key")
+    logged.clear()
+    score.main()
+    assert "0 of 3 cluster mosaics kept from the last run" in logged.text
+
+
 def test_stage_refuses_clusters_of_other_images(score_project: Path) -> None:
     table = pd.read_parquet(common.CLUSTERS_FILE)
     common.write_parquet(table.iloc[1:], common.CLUSTERS_FILE)
