@@ -80,6 +80,20 @@ def cluster_centers(vectors: np.ndarray, clusters: np.ndarray) -> dict[int, np.n
     }
 
 
+def reference_centers(
+    vectors: np.ndarray, clusters: np.ndarray, reference: np.ndarray
+) -> dict[int, np.ndarray]:
+    """Each cluster's center: the mean of its images among the `reference` rows (the
+    silhouette reference, from the cluster fit sample), which stays still while frozen
+    models place new images, so an earlier image's distance and the mosaics' order keep;
+    the mean of all its images for a cluster the reference misses."""
+    centers = cluster_centers(vectors[reference], clusters[reference])
+    missing = (clusters != common.NOISE) & ~np.isin(clusters, list(centers))
+    if missing.any():
+        centers.update(cluster_centers(vectors[missing], clusters[missing]))
+    return centers
+
+
 def center_distances(
     vectors: np.ndarray, clusters: np.ndarray, centers: dict[int, np.ndarray]
 ) -> np.ndarray:
@@ -376,14 +390,17 @@ def score_clusters(
     manifest: pd.DataFrame,
     params: ScoreParams,
     copies: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
 ) -> ScoreResult:
     """Center distances, metrics, outliers and mosaic choices of a clustering whose
     silhouettes are given.
 
     `manifest` is indexed by id and gives each image's path and label; `copies` marks the
-    near-duplicate copies the mosaics leave out.
+    near-duplicate copies the mosaics leave out; `reference` (every row when None) the rows
+    whose means are the clusters' centers (see reference_centers).
     """
-    distances = center_distances(vectors, clusters, cluster_centers(vectors, clusters))
+    reference = np.arange(len(vectors)) if reference is None else reference
+    distances = center_distances(vectors, clusters, reference_centers(vectors, clusters, reference))
     per_cluster = silhouette_table(clusters, silhouettes)
     labels = manifest["label"].reindex(ids)
     metrics = cluster_metrics(vectors, clusters, silhouettes, per_cluster, labels)
@@ -431,7 +448,7 @@ def main() -> None:
     key = silhouette_cache_key(assign_key, [sha256s[row] for row in reference])
     per_image, computed = cached_silhouettes(vectors, clusters, reference, sha256s, key)
     copies = common.read_near_copies(ids)
-    result = score_clusters(ids, vectors, clusters, per_image, manifest, params, copies)
+    result = score_clusters(ids, vectors, clusters, per_image, manifest, params, copies, reference)
     metrics = result.metrics
     common.write_json(metrics, CLUSTER_METRICS_FILE)
     common.write_csv(result.per_cluster, SILHOUETTE_FILE)

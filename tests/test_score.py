@@ -129,6 +129,24 @@ def test_center_distances_across_blocks_and_for_noise(blobs, monkeypatch) -> Non
     assert (distances[clusters == common.NOISE] <= everyone[clusters == common.NOISE].T).all()
 
 
+def test_centers_come_from_the_reference_so_new_images_leave_them_still(blobs) -> None:
+    vectors, truth = blobs
+    clusters = truth.astype(np.int32)
+    reference = np.arange(0, len(vectors), 2)
+    centers = score.reference_centers(vectors, clusters, reference)
+    for cluster, center in centers.items():
+        members = reference[clusters[reference] == cluster]
+        np.testing.assert_allclose(center, vectors[members].mean(axis=0))
+    grown = np.vstack([vectors, vectors[:5] + 3.0])  # new images, outside the reference
+    grown_clusters = np.concatenate([clusters, clusters[:5]])
+    again = score.reference_centers(grown, grown_clusters, reference)
+    assert all(np.array_equal(again[c], centers[c]) for c in centers)
+    # A cluster with no image in the reference is centred on all its images.
+    lonely = np.concatenate([clusters, [7, 7]])
+    extra = np.vstack([vectors, [[1.0] * vectors.shape[1], [3.0] * vectors.shape[1]]])
+    np.testing.assert_allclose(score.reference_centers(extra, lonely, reference)[7], 2.0)
+
+
 def test_dispersion_scores_equal_scikit_learn_across_blocks(blobs, monkeypatch) -> None:
     from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score
 
