@@ -194,7 +194,6 @@ MEASURED_COLUMNS = {
 
 def measured_table(outcomes: list[FileOutcome]) -> pd.DataFrame:
     """The measurements of the accepted outcomes (MEASURED_COLUMNS)."""
-    accepted = [outcome for outcome in outcomes if outcome.measurement is not None]
     rows = [
         (
             outcome.relative_path,
@@ -207,7 +206,7 @@ def measured_table(outcomes: list[FileOutcome]) -> pd.DataFrame:
             m.exif_taken_at,
             *(getattr(m.health, column) for column in HEALTH_COLUMNS),
         )
-        for outcome in accepted
+        for outcome in outcomes
         if (m := outcome.measurement) is not None
     ]
     table = pd.DataFrame(rows, columns=list(MEASURED_COLUMNS))
@@ -215,10 +214,15 @@ def measured_table(outcomes: list[FileOutcome]) -> pd.DataFrame:
     return table.astype(MEASURED_COLUMNS)
 
 
+def holds_measurements(previous: pd.DataFrame | None) -> bool:
+    """Whether a previous manifest holds every measurement (one written before a score
+    existed is measured again)."""
+    return previous is not None and set(MEASURED_COLUMNS) <= set(previous.columns)
+
+
 def reusable_manifest(previous: pd.DataFrame | None) -> pd.DataFrame | None:
-    """The previous manifest indexed by path, when it holds every measurement (a manifest
-    written before a score existed is measured again)."""
-    if previous is None or not set(MEASURED_COLUMNS) <= set(previous.columns):
+    """The previous manifest indexed by path, when it holds every measurement."""
+    if previous is None or not holds_measurements(previous):
         return None
     return previous.set_index("path", drop=False)
 
@@ -269,7 +273,7 @@ def build_manifest(
 def reusable_rows(previous: pd.DataFrame | None) -> dict[str, dict[str, Any]]:
     """The previous manifest's rows by path (see reusable_manifest), as dicts: remote
     objects are reused one outcome at a time, with their ETags."""
-    if previous is None or not set(MEASURED_COLUMNS) <= set(previous.columns):
+    if previous is None or not holds_measurements(previous):
         return {}
     columns = previous.columns.tolist()
     # Column lists zipped into rows: several times faster than to_dict("records").
