@@ -58,8 +58,14 @@ def synthetic(count: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
             "label": None,
             "blank": False,
             "duplicate": False,
+            "near_group": 0,
+            "near_of": None,
+            "near_size": 1,
         }
     )
+    # Eight neighbours an image, as health lists them: here the next images by row.
+    ids = table["id"].tolist()
+    table["neighbors"] = [[ids[(i + step) % count] for step in range(1, 9)] for i in range(count)]
     return table, thumbs
 
 

@@ -47,6 +47,7 @@ EMBEDDINGS_FILE = PROCESSED_DIR / "embeddings.parquet"
 CLUSTERS_FILE = PROCESSED_DIR / "clusters.parquet"
 SCORES_FILE = PROCESSED_DIR / "scores.parquet"
 NEAR_GROUPS_FILE = PROCESSED_DIR / "near_groups.parquet"
+NEIGHBORS_FILE = PROCESSED_DIR / "neighbors.parquet"
 CACHE_DIR = Path("data/cache")
 AUTOENCODER_DIR = Path("models/autoencoder")
 ENCODER_FILE = AUTOENCODER_DIR / "encoder.keras"

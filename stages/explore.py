@@ -3,7 +3,7 @@
 Params:  ExploreParams below (params.yaml, section explore)
 Inputs:  data/processed/clusters.parquet (cluster, x, y), data/processed/scores.parquet
          (silhouette), data/processed/split.parquet, data/processed/near_groups.parquet,
-         data/raw/manifest.parquet, data/raw/rejected.csv,
+         data/processed/neighbors.parquet, data/raw/manifest.parquet, data/raw/rejected.csv,
          data/interim/thumbs.parquet + ids.parquet
 Outputs: reports/explorer/ (index.html, explorer.js, explorer.css, favicon.svg, data.js,
          atlas-NNN.jpg, atlases.json: each atlas's key)
@@ -12,7 +12,9 @@ The folder is a persistent output: a run keeps the atlases whose sprites are unc
 (by key) and makes only the others, so new images cost the atlases they land in.
 
 Near-duplicate copies are hidden until the page's "near-duplicate copies" box is ticked:
-each group shows its representative, and an image's details name its group.
+each group shows its representative, and an image's details name its group. An image's
+details also show its most similar images on the page (health's nearest neighbours),
+each a button that opens its own details.
 
 The page is self-contained: it loads only files of its own folder, so it opens from disk
 (file://) and over HTTP alike, offline. The detail panel links the full-size image by a
@@ -55,6 +57,7 @@ TEXT_COLUMNS = ("id", "path", "subset", "place", "label", "taken_at", "month", "
 NUMBER_COLUMNS = ("x", "y", "silhouette", "latitude", "longitude")
 COUNT_COLUMNS = ("cluster", "near_group", "near_size")
 FLAG_COLUMNS = ("blank", "duplicate")
+SIMILAR_SHOWN = 8  # nearest neighbours an image's details show
 
 
 class ExploreParams(settings.Section):
@@ -102,14 +105,16 @@ def explorer_table(
     split: pd.DataFrame,
     manifest: pd.DataFrame,
     near: pd.DataFrame,
+    neighbors: pd.DataFrame,
 ) -> pd.DataFrame:
     """One row per clustered image, in the clusters' order, with every field the page shows.
 
     Columns: id, path, cluster, x, y, silhouette, subset, taken_at, month, place, latitude,
     longitude, label, blank, duplicate, near_group, near_of, near_size (from `near`, health's
-    near-duplicate groups).
+    near-duplicate groups), neighbors (ids, nearest first, from health's `neighbors`).
     """
     table = clusters[["id", "cluster", "x", "y"]].copy()
+    table["neighbors"] = neighbors.set_index("id")["neighbors"].reindex(table["id"]).to_numpy()
     groups = near.set_index("id").reindex(table["id"])
     table["near_group"] = groups["near_group"].fillna(0).astype(np.int64).to_numpy()
     table["near_of"] = groups["near_of"].to_numpy()
@@ -155,6 +160,19 @@ def json_column(values: pd.Series, kind: str) -> list[Any]:
     return [round(float(v), 5) if ok else None for v, ok in zip(values.tolist(), present)]
 
 
+def similar_positions(
+    ids: list[str], neighbors: pd.Series, shown: int = SIMILAR_SHOWN
+) -> list[list[int]]:
+    """For each row, the rows (positions in `ids`) of its nearest neighbours that are among
+    `ids`, nearest first, at most `shown`: the similar images its details show."""
+    position = {image_id: row for row, image_id in enumerate(ids)}
+    result = []
+    for near in neighbors.tolist():
+        rows = [] if near is None or not hasattr(near, "__iter__") else near
+        result.append([position[str(other)] for other in rows if other in position][:shown])
+    return result
+
+
 def page_data(
     table: pd.DataFrame, grid: AtlasGrid, atlas_files: list[str], summary: dict, collection: str
 ) -> dict[str, Any]:
@@ -166,6 +184,7 @@ def page_data(
         columns[name] = json_column(table[name], "number")
     for name in FLAG_COLUMNS:
         columns[name] = json_column(table[name], "flag")
+    columns["similar"] = similar_positions(table["id"].tolist(), table["neighbors"])
     return {
         "count": len(table),
         "columns": columns,
@@ -388,9 +407,10 @@ def main() -> None:
     split = common.read_parquet(common.SPLIT_FILE, made_by="split")
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     near = common.read_parquet(common.NEAR_GROUPS_FILE, made_by="health")
+    neighbors = common.read_parquet(common.NEIGHBORS_FILE, made_by="health")
     ids = clusters["id"].tolist()
     thumbs = thumbnails.load(ids)
-    table = explorer_table(clusters, scores, split, manifest, near)
+    table = explorer_table(clusters, scores, split, manifest, near, neighbors)
     summary = collection_summary(manifest, read_rejected_count(), len(table), near)
     _, sha256s, _ = common.read_image_keys(ids)
     data, kept = build_explorer(

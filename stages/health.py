@@ -39,7 +39,7 @@ from stages import common, duplicates, mosaics, near_search, neighbour_lists, se
 
 STAGE = "health"
 HEALTH_FILE = common.PROCESSED_DIR / "health.parquet"
-NEIGHBORS_FILE = common.PROCESSED_DIR / "neighbors.parquet"
+NEIGHBORS_FILE = common.NEIGHBORS_FILE
 HEALTH_METRICS_FILE = common.METRICS_DIR / "health.json"
 REPORT_DIR = Path("reports/health")
 UNUSUAL_FILE = Path("reports/unusual.csv")

@@ -125,7 +125,9 @@ def test_the_table_joins_every_field_in_the_clusters_order() -> None:
     near = pd.DataFrame(
         {"id": ["a", "b"], "near_group": [1, 1], "near_of": [None, "a"], "near_size": [2, 2]}
     )
-    table = explore.explorer_table(clusters, scores, split, manifest, near)
+    neighbors = pd.DataFrame({"id": ["a", "b"], "neighbors": [["b"], ["a"]]})
+    table = explore.explorer_table(clusters, scores, split, manifest, near, neighbors)
+    assert [list(near) for near in table["neighbors"]] == [["a"], ["b"]]
     assert table["near_of"].tolist()[0] == "a" and pd.isna(table["near_of"].tolist()[1])
     assert table["near_size"].tolist() == [2, 2]
     assert table["id"].tolist() == ["b", "a"]
@@ -135,6 +137,12 @@ def test_the_table_joins_every_field_in_the_clusters_order() -> None:
     assert table["blank"].tolist() == [True, False]
     column = explore.json_column(table["silhouette"], "number")
     assert column == [None, 0.25]
+
+
+def test_similar_images_are_the_neighbours_on_the_page_nearest_first() -> None:
+    ids = ["a", "b", "c", "d"]
+    neighbors = pd.Series([["c", "gone", "b", "d"], ["a"], None, np.array(["b", "a"])])
+    assert explore.similar_positions(ids, neighbors, shown=2) == [[2, 1], [0], [], [1, 0]]
 
 
 @pytest.mark.parametrize(
@@ -202,6 +210,8 @@ def build_site(root: Path) -> Site:
                 "near_group": 1 if index in COPIES or index == 18 else 0,
                 "near_of": "scene-18" if index in COPIES else None,
                 "near_size": 3 if index in COPIES or index == 18 else 1,
+                # nearest first (scene-07 has another id: it is not on the page)
+                "neighbors": [f"scene-{(index + step) % 30:02d}" for step in (3, 6)],
             }
         )
     table = pd.DataFrame(rows)
@@ -305,6 +315,16 @@ def test_the_page_works_from_disk_and_asks_for_nothing_elsewhere(
     assert page.text_content('#detail dd[data-field="cluster"]') == "1"
     assert page.text_content('#detail dd[data-field="place"]') == "\u2014"
     page.wait_for_function("document.getElementById('detail-image').naturalWidth > 0")
+    # Its similar images (neighbours on the page, nearest first) open their own details.
+    similar = page.locator("#detail-similar button")
+    assert [similar.nth(k).get_attribute("title") for k in range(similar.count())] == [
+        "scene-10"
+    ], "scene-07 is not on the page"
+    assert page.is_visible("#detail-similar-title")
+    similar.first.click()
+    assert page.text_content("#detail-id") == "scene-10"
+    titles = [similar.nth(k).get_attribute("title") for k in range(similar.count())]
+    assert titles == ["scene-13", "scene-16"]
 
     page.screenshot(path=str(tmp_path / "explorer.png"))
     assert (tmp_path / "explorer.png").stat().st_size > 10000
@@ -316,8 +336,10 @@ def test_the_page_works_from_disk_and_asks_for_nothing_elsewhere(
         parsed = urlparse(url)
         assert parsed.scheme == "file", url
         path = Path(unquote(parsed.path)).resolve()
-        # The page's own folder, and the one original the detail panel links to.
-        assert path.is_relative_to(page_folder) or path == collection / "kind 1/scene-04.png", url
+        # The page's own folder, and the originals the detail panel showed: the images
+        # opened and their similar images.
+        shown = {collection / f"kind 1/scene-{index}.png" for index in ("04", "10", "13", "16")}
+        assert path.is_relative_to(page_folder) or path in shown, url
     page.close()
 
 

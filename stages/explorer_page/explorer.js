@@ -477,7 +477,29 @@
       description.dataset.field = name;
       list.append(term, description);
     }
+    showSimilar(i);
     requestDraw();
+  }
+
+  function showSimilar(i) {
+    // The nearest images on the page (health's neighbours), each opening its own details.
+    const similar = $("detail-similar");
+    similar.replaceChildren();
+    const rows = (col.similar && col.similar[i]) || [];
+    $("detail-similar-title").hidden = rows.length === 0;
+    for (const j of rows) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "similar";
+      button.title = col.id[j];
+      button.dataset.row = String(j);
+      const image = document.createElement("img");
+      image.src = collectionUrl(col.path[j]);
+      image.alt = col.id[j];
+      button.append(image);
+      button.addEventListener("click", () => openDetail(j));
+      similar.append(button);
+    }
   }
 
   function closeDetail() {
