@@ -275,7 +275,7 @@ def open_page(browser: object, url: str) -> Visit:
 
     page.on("dialog", dismiss)
     page.goto(url)
-    page.wait_for_function("window.explorer && window.explorer.atlasesLoaded()")
+    page.wait_for_function("() => window.explorer && window.explorer.atlasesLoaded()")
     return visit
 
 
@@ -314,7 +314,7 @@ def test_the_page_works_from_disk_and_asks_for_nothing_elsewhere(
     assert page.text_content("#detail-id") == "scene-04"
     assert page.text_content('#detail dd[data-field="cluster"]') == "1"
     assert page.text_content('#detail dd[data-field="place"]') == "\u2014"
-    page.wait_for_function("document.getElementById('detail-image').naturalWidth > 0")
+    page.wait_for_function("() => document.getElementById('detail-image').naturalWidth > 0")
     # Its similar images (neighbours on the page, nearest first) open their own details.
     similar = page.locator("#detail-similar button")
     assert [similar.nth(k).get_attribute("title") for k in range(similar.count())] == [
@@ -353,7 +353,7 @@ def test_a_hostile_file_name_is_shown_as_text_and_runs_nothing(browser: object, 
     assert page.text_content("#detail-id") == HOSTILE
     assert page.text_content('#detail dd[data-field="file"]') == f"kind 1/{HOSTILE}.png"
     # Its original loads through a percent-encoded link, and no element was made from it.
-    page.wait_for_function("document.getElementById('detail-image').naturalWidth > 0")
+    page.wait_for_function("() => document.getElementById('detail-image').naturalWidth > 0")
     assert page.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
     assert visit.dialogs == [] and visit.errors == []
     page.close()
@@ -413,7 +413,9 @@ def test_the_page_works_over_http_from_one_host_only(browser: object, site: Site
         assert shown_count(visit) == len(without_copies(site.table))
         visit.page.select_option("#layout", "grid")
         click_image(visit, "scene-05")
-        visit.page.wait_for_function("document.getElementById('detail-image').naturalWidth > 0")
+        visit.page.wait_for_function(
+            "() => document.getElementById('detail-image').naturalWidth > 0"
+        )
         assert visit.errors == [], visit.requests
         assert all(url.startswith(origin + "/") for url in visit.requests), visit.requests
         visit.page.close()
