@@ -262,7 +262,7 @@ def import_umap() -> Any:
     """The umap package, loaded without TensorFlow.
 
     umap's package imports TensorFlow for ParametricUMAP, which is never used here: that
-    costs seconds and TensorFlow's start-up log lines in every cluster and assign run. Marking
+    costs seconds and TensorFlow's start-up log lines in every cluster fit. Marking
     the submodule absent makes umap skip it, as it does where TensorFlow is not installed.
     Imported here, not at the top: numba is slow to load and only UMAP needs it.
     """

@@ -168,8 +168,8 @@ def similar_positions(
     position = {image_id: row for row, image_id in enumerate(ids)}
     result = []
     for near in neighbors.tolist():
-        rows = [] if near is None or not hasattr(near, "__iter__") else near
-        result.append([position[str(other)] for other in rows if other in position][:shown])
+        others = near if isinstance(near, list | np.ndarray) else []  # none: None or NaN
+        result.append([position[other] for other in others if other in position][:shown])
     return result
 
 
