@@ -43,6 +43,7 @@ MOSAICS_DIR = Path("reports/mosaics")
 OUTLIERS_FILE = Path("reports/outliers.csv")
 OUTLIERS_MOSAIC_FILE = Path("reports/outliers.png")
 DISTANCE_BLOCK = 2048  # images whose distances to the centers are held at once
+SCORE_DECIMALS = 9  # silhouettes and center distances are written rounded to this
 OVERVIEW_THUMBS = 12  # thumbnails per cluster on the overview sheet
 OVERVIEW_LABEL_WIDTH = 150
 OUTLIERS = -2  # the key of the outliers' rows among the clusters' (noise is -1)
@@ -401,6 +402,10 @@ def score_clusters(
     """
     reference = np.arange(len(vectors)) if reference is None else reference
     distances = center_distances(vectors, clusters, reference_centers(vectors, clusters, reference))
+    # BLAS kernels and numpy's SIMD sums differ between CPU kinds in the last bits;
+    # rounded, the same embeddings give the same scores' bytes on every machine.
+    silhouettes = np.round(silhouettes, SCORE_DECIMALS)
+    distances = np.round(distances, SCORE_DECIMALS)
     per_cluster = silhouette_table(clusters, silhouettes)
     labels = manifest["label"].reindex(ids)
     metrics = cluster_metrics(vectors, clusters, silhouettes, per_cluster, labels)
