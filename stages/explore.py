@@ -4,7 +4,8 @@ Params:  ExploreParams below (params.yaml, section explore)
 Inputs:  data/processed/clusters.parquet (cluster, x, y), data/processed/scores.parquet
          (silhouette), data/processed/split.parquet, data/processed/near_groups.parquet,
          data/processed/neighbors.parquet, data/raw/manifest.parquet, data/raw/rejected.csv,
-         data/interim/thumbs.parquet + ids.parquet
+         data/interim/thumbs.parquet + ids.parquet, clusterings/ (other clusterings to
+         compare: NAME.csv or NAME.parquet, columns id and cluster)
 Outputs: reports/explorer/ (index.html, explorer.js, explorer.css, favicon.svg, data.js,
          atlas-NNN.jpg, atlases.json: each atlas's key)
 
@@ -15,6 +16,12 @@ Near-duplicate copies are hidden until the page's "near-duplicate copies" box is
 each group shows its representative, and an image's details name its group. An image's
 details also show its most similar images on the page (health's nearest neighbours),
 each a button that opens its own details.
+
+Every table in clusterings/ is another clustering of the same images (an experiment's,
+another method's, an earlier run's: `python -m tools.keep_clustering NAME` saves one).
+The page can color by one and bin by another, and its overview shows their cross-table
+and how well each agrees with this run's (adjusted Rand index, normalized mutual
+information, over the images both cluster).
 
 The page is self-contained: it loads only files of its own folder, so it opens from disk
 (file://) and over HTTP alike, offline. The detail panel links the full-size image by a
@@ -34,7 +41,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -43,6 +50,9 @@ from PIL import Image
 from pydantic import Field
 
 from stages import common, settings, thumbnails
+
+if TYPE_CHECKING:
+    import logging
 
 STAGE = "explore"
 EXPLORER_DIR = Path("reports/explorer")
@@ -58,6 +68,8 @@ NUMBER_COLUMNS = ("x", "y", "silhouette", "latitude", "longitude")
 COUNT_COLUMNS = ("cluster", "near_group", "near_size")
 FLAG_COLUMNS = ("blank", "duplicate")
 SIMILAR_SHOWN = 8  # nearest neighbours an image's details show
+CLUSTERINGS_DIR = Path("clusterings")
+CLUSTERING_SUFFIXES = (".csv", ".parquet")
 
 
 class ExploreParams(settings.Section):
@@ -94,6 +106,14 @@ class AtlasGrid:
     def per_atlas(self) -> int:
         """Sprites one atlas holds."""
         return self.columns * self.rows
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """Another clustering of the images, compared with this run's on the page."""
+
+    name: str
+    clusters: pd.Series  # cluster (int64) by id; an image it leaves out has none
 
 
 # ----------------------------------------------------------------------------- table
@@ -173,10 +193,107 @@ def similar_positions(
     return result
 
 
+# ----------------------------------------------------------------------------- clusterings
+
+
+def clustering_table(path: Path) -> pd.Series:
+    """A clustering file (CSV or parquet with columns id and cluster) as clusters by id.
+
+    Rows with no cluster are left out. Raises UserError naming the file and the problem.
+    """
+    try:
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+        else:
+            table = pd.read_csv(path, dtype={"id": str}, keep_default_na=False, na_values=[""])
+    except Exception as error:  # any reader's failure: the file is not a table
+        raise common.UserError(f"{path}: cannot be read as a table ({error})") from error
+    missing = {"id", "cluster"} - set(table.columns)
+    if missing:
+        raise common.UserError(f"{path}: needs columns id and cluster; missing {sorted(missing)}")
+    table = table[table["cluster"].notna()]
+    clusters = pd.to_numeric(table["cluster"], errors="coerce")
+    bad = table["cluster"][clusters.isna() | (clusters != clusters.round())]
+    if len(bad):
+        raise common.UserError(f"{path}: cluster '{bad.iloc[0]}' is not a whole number")
+    ids = table["id"].astype(str)
+    repeated = ids[ids.duplicated()]
+    if len(repeated):
+        raise common.UserError(f"{path}: id {repeated.iloc[0]!r} appears more than once")
+    return pd.Series(clusters.to_numpy(np.int64), index=pd.Index(ids.to_numpy(), name="id"))
+
+
+def read_clusterings(folder: Path, logger: logging.Logger) -> list[Clustering]:
+    """Every clustering file in `folder`, named by its stem, in name order. A file that
+    cannot be used is skipped with a warning naming it: the page is still written."""
+    clusterings: list[Clustering] = []
+    names: set[str] = set()
+    paths = sorted(folder.glob("*")) if folder.is_dir() else []
+    for path in paths:
+        if path.suffix not in CLUSTERING_SUFFIXES or not path.is_file():
+            continue
+        if path.stem in names:
+            logger.warning("%s skipped: another file is already named %s", path, path.stem)
+            continue
+        try:
+            clusterings.append(Clustering(path.stem, clustering_table(path)))
+        except common.UserError as error:
+            logger.warning("%s; skipped", error)
+            continue
+        names.add(path.stem)
+    return clusterings
+
+
+def agreement(ours: pd.Series, other: pd.Series) -> dict[str, float | int]:
+    """How well two clusterings (clusters by id) agree on the images both cluster:
+    adjusted Rand index and normalized mutual information (1: the same partition)."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    shared = ours.index.intersection(other.index)
+    if len(shared) == 0:
+        return {"shared": 0, "ari": None, "nmi": None}
+    left, right = ours.loc[shared].to_numpy(), other.loc[shared].to_numpy()
+    return {
+        "shared": len(shared),
+        "ari": round(float(adjusted_rand_score(left, right)), 5),
+        "nmi": round(float(normalized_mutual_info_score(left, right)), 5),
+    }
+
+
+def compared_clusterings(
+    shown: pd.DataFrame, everything: pd.DataFrame, clusterings: list[Clustering]
+) -> list[dict[str, Any]]:
+    """Each other clustering as the page reads it: its name, its cluster of each shown
+    image (None where it has none), and its agreement with this run's over every image."""
+    ours = pd.Series(everything["cluster"].to_numpy(np.int64), index=everything["id"])
+    result = []
+    for clustering in clusterings:
+        on_page = clustering.clusters.reindex(shown["id"])
+        result.append(
+            {
+                "name": clustering.name,
+                "clusters": [None if pd.isna(v) else int(v) for v in on_page.tolist()],
+                "images": len(clustering.clusters),
+                "cluster_count": int(clustering.clusters.nunique()),
+                **agreement(ours, clustering.clusters),
+            }
+        )
+    return result
+
+
+# ----------------------------------------------------------------------------- page data
+
+
 def page_data(
-    table: pd.DataFrame, grid: AtlasGrid, atlas_files: list[str], summary: dict, collection: str
+    table: pd.DataFrame,
+    grid: AtlasGrid,
+    atlas_files: list[str],
+    summary: dict,
+    collection: str,
+    clusterings: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Everything the page reads, as one JSON-ready dict (columns, not rows: smaller, faster)."""
+    """Everything the page reads, as one JSON-ready dict (columns, not rows: smaller, faster);
+    `clusterings` as compared_clusterings gives them."""
     columns: dict[str, list[Any]] = {name: [int(v) for v in table[name]] for name in COUNT_COLUMNS}
     for name in TEXT_COLUMNS:
         columns[name] = json_column(table[name], "text")
@@ -192,6 +309,7 @@ def page_data(
         "atlas": {"columns": grid.columns, "rows": grid.rows, "files": atlas_files},
         "collection": collection,
         "summary": summary,
+        "clusterings": clusterings or [],
     }
 
 
@@ -375,9 +493,11 @@ def build_explorer(
     directory: Path,
     collection_dir: Path,
     sha256s: list[str] | None = None,
+    clusterings: list[Clustering] | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Write the explorer of `table` (row-aligned with `thumbs`, and with `sha256s`, the
-    files' hashes, which choose the sample beyond params.max_images) into `directory`.
+    files' hashes, which choose the sample beyond params.max_images) into `directory`,
+    with `clusterings` to compare with this run's.
 
     Returns the page data and how many atlases were kept from the last run.
     """
@@ -387,7 +507,8 @@ def build_explorer(
     grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, len(rows))
     collection = Path(os.path.relpath(collection_dir, directory)).as_posix() + "/"
     summary = {**summary, "shown_images": len(rows)}
-    data = page_data(shown, grid, atlas_names(len(rows), grid), summary, collection)
+    compared = compared_clusterings(shown, table, clusterings or [])
+    data = page_data(shown, grid, atlas_names(len(rows), grid), summary, collection, compared)
     blocks = atlas_blocks(rows, grid)
     atlas_keys = [atlas_key(thumbs, block, grid, params.atlas_quality, sha256s) for block in blocks]
     earlier = earlier_atlases(directory)
@@ -413,9 +534,21 @@ def main() -> None:
     table = explorer_table(clusters, scores, split, manifest, near, neighbors)
     summary = collection_summary(manifest, read_rejected_count(), len(table), near)
     _, sha256s, _ = common.read_image_keys(ids)
+    clusterings = read_clusterings(CLUSTERINGS_DIR, logger)
     data, kept = build_explorer(
-        table, thumbs, summary, params, EXPLORER_DIR, common.COLLECTION_DIR, sha256s
+        table, thumbs, summary, params, EXPLORER_DIR, common.COLLECTION_DIR, sha256s, clusterings
     )
+    for compared in data["clusterings"]:
+        logger.info(
+            "compared with %s: %d images in %d clusters; on the %d both cluster, adjusted "
+            "Rand index %s, normalized mutual information %s",
+            compared["name"],
+            compared["images"],
+            compared["cluster_count"],
+            compared["shared"],
+            compared["ari"],
+            compared["nmi"],
+        )
     logger.info(
         "%d of %d images on the page, %d atlas(es) of %dx%d sprites (%d kept from the last "
         "run); open %s; %.1f s",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import http.server
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,13 +17,16 @@ import pandas as pd
 import pytest
 from conftest import image_bytes, pattern_image, write
 from PIL import Image
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from stages import common, explore
+from tools import keep_clustering
 
 CHROMIUM = Path("/usr/bin/chromium")
 # As the issue asks: headless, and no background traffic to Google's hosts.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 HOSTILE = "<img src=x onerror=alert(1)>"
+AWKWARD = 'scene-11, "quoted"'  # a comma and quotes: the selection's CSV must quote it
 PARAMS = explore.ExploreParams(max_images=100000, sprite_height=27, atlas_quality=90, seed=0)
 
 
@@ -145,6 +150,82 @@ def test_similar_images_are_the_neighbours_on_the_page_nearest_first() -> None:
     assert explore.similar_positions(ids, neighbors, shown=2) == [[2, 1], [0], [], [1, 0]]
 
 
+def write_clustering(path: Path, frame: pd.DataFrame) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, index=False)
+
+
+def test_clusterings_are_read_by_name_and_bad_files_are_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "clusterings"
+    write_clustering(folder / "n2d.csv", pd.DataFrame({"id": ["a", "b"], "cluster": [3, -1]}))
+    (folder / "hdbscan.csv").write_text("id,cluster,extra\na,1,x\nb,,y\n007,2,z\n")
+    write_clustering(folder / "n2d.parquet", pd.DataFrame({"id": ["a"], "cluster": [1]}))
+    write_clustering(folder / "columns.csv", pd.DataFrame({"image": ["a"], "cluster": [1]}))
+    write_clustering(folder / "fraction.csv", pd.DataFrame({"id": ["a"], "cluster": [1.5]}))
+    write_clustering(folder / "twice.csv", pd.DataFrame({"id": ["a", "a"], "cluster": [1, 2]}))
+    (folder / "broken.parquet").write_bytes(b"PAR1 not really")
+    (folder / "README.md").write_text("notes")
+    logger = logging.getLogger("test-explore")
+    with caplog.at_level(logging.WARNING, logger="test-explore"):
+        clusterings = explore.read_clusterings(folder, logger)
+    assert [c.name for c in clusterings] == ["hdbscan", "n2d"]
+    hdbscan = clusterings[0].clusters
+    assert hdbscan.to_dict() == {"a": 1, "007": 2}, "an empty cell is no cluster; ids stay text"
+    assert clusterings[1].clusters.to_dict() == {"a": 3, "b": -1}
+    warnings = "\n".join(record.getMessage() for record in caplog.records)
+    for name, words in [
+        ("broken.parquet", "cannot be read as a table"),
+        ("columns.csv", "needs columns id and cluster; missing ['id']"),
+        ("fraction.csv", "cluster '1.5' is not a whole number"),
+        ("twice.csv", "id 'a' appears more than once"),
+        ("n2d.parquet", "another file is already named n2d"),
+    ]:
+        assert any(name in line and words in line for line in warnings.splitlines()), name
+    assert "README" not in warnings
+
+
+def test_compared_clusterings_agree_as_scikit_learn_says_and_leave_gaps_empty() -> None:
+    everything = pd.DataFrame({"id": list("abcdef"), "cluster": [0, 0, 1, 1, 2, 2]})
+    other = explore.Clustering("k3", pd.Series([5, 5, 5, 6, 6], index=list("abcdz")))
+    shown = everything.iloc[[5, 0, 3]]
+    [compared] = explore.compared_clusterings(shown, everything, [other])
+    assert compared["name"] == "k3"
+    assert compared["clusters"] == [None, 5, 6]
+    assert compared["images"] == 5 and compared["cluster_count"] == 2
+    assert compared["shared"] == 4
+    ours, theirs = [0, 0, 1, 1], [5, 5, 5, 6]
+    assert compared["ari"] == round(adjusted_rand_score(ours, theirs), 5)
+    assert compared["nmi"] == round(normalized_mutual_info_score(ours, theirs), 5)
+    alone = explore.Clustering("none", pd.Series([1], index=["zz"]))
+    [empty] = explore.compared_clusterings(shown, everything, [alone])
+    assert empty["shared"] == 0 and empty["ari"] is None and empty["clusters"] == [None] * 3
+
+
+def test_keep_clustering_saves_id_and_cluster_and_never_replaces_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    clusters = pd.DataFrame({"id": ["a", "b"], "cluster": [1, 2], "x": [0.0, 1.0]})
+    common.write_parquet(clusters, common.CLUSTERS_FILE)
+    assert keep_clustering.main(["n2d"]) == 0
+    saved = pd.read_parquet(tmp_path / "clusterings/n2d.parquet")
+    assert saved.to_dict("list") == {"id": ["a", "b"], "cluster": [1, 2]}
+    before = (tmp_path / "clusterings/n2d.parquet").read_bytes()
+    common.write_parquet(clusters.assign(cluster=[7, 7]), common.CLUSTERS_FILE)
+    with pytest.raises(common.UserError, match=r"n2d\.parquet already exists"):
+        keep_clustering.keep_clustering("n2d", None, Path("clusterings"))
+    assert (tmp_path / "clusterings/n2d.parquet").read_bytes() == before
+    with pytest.raises(common.UserError, match=r"name '\.\./n2d'"):
+        keep_clustering.keep_clustering("../n2d", None, Path("clusterings"))
+    assert keep_clustering.main(["../up"]) == 1
+    assert not (tmp_path / "up.parquet").exists()
+
+
 @pytest.mark.parametrize(
     ("key", "value", "words"),
     [
@@ -174,6 +255,17 @@ class Site:
 
 
 COPIES = (21, 24)  # rows of the site's near-duplicate copies
+UNPLACED = (27, 28, 29)  # rows with no location and no time taken
+
+
+def site_name(index: int) -> str:
+    return {7: HOSTILE, 11: AWKWARD}.get(index, f"scene-{index:02d}")
+
+
+def other_clustering(table: pd.DataFrame) -> explore.Clustering:
+    """Two clusters by the scenes' parity; the last two scenes left out."""
+    ids = table["id"].iloc[:28]
+    return explore.Clustering("parity 2", pd.Series(np.arange(28) % 2, index=ids.to_numpy()))
 
 
 def build_site(root: Path) -> Site:
@@ -183,9 +275,10 @@ def build_site(root: Path) -> Site:
     thumbs = np.zeros((30, 54, 96, 3), dtype=np.uint8)
     for index in range(30):
         cluster = index % 3
-        name = f"{HOSTILE}.png" if index == 7 else f"scene-{index:02d}.png"
+        name = f"{site_name(index)}.png"
         path = f"kind {cluster}/{name}"
         image = pattern_image(64, 36, seed=index)
+        unplaced = index in UNPLACED
         write(collection / path, image_bytes(image, "PNG"))
         thumbs[index] = np.asarray(image.resize((96, 54)))
         angle = 2 * np.pi * cluster / 3
@@ -198,11 +291,11 @@ def build_site(root: Path) -> Site:
                 "y": float(np.sin(angle) * 5),
                 "silhouette": 0.2 + 0.02 * index,
                 "subset": ["train", "test", "valid"][index % 3],
-                "taken_at": f"2017-05-{1 + index:02d} 10:00:00",
-                "month": "2017-05",
+                "taken_at": None if unplaced else f"2017-05-{1 + index:02d} 10:00:00",
+                "month": None if unplaced else "2017-05",
                 "place": "Pacific Ocean" if index % 2 else None,
-                "latitude": 10.0 + index,
-                "longitude": -150.0,
+                "latitude": None if unplaced else 10.0 + index,
+                "longitude": None if unplaced else -150.0 + 2 * index,
                 "label": None,
                 "blank": False,
                 "duplicate": False,
@@ -220,15 +313,17 @@ def build_site(root: Path) -> Site:
         "clustered_images": 30,
         "shown_images": 30,
         "rejected_files": 2,
-        "with_timestamp": 30,
-        "with_location": 30,
+        "with_timestamp": 30 - len(UNPLACED),
+        "with_location": 30 - len(UNPLACED),
         "blank_images": 0,
         "duplicate_images": 0,
         "near_groups": 1,
         "near_copies": len(COPIES),
     }
     directory = root / "reports/explorer"
-    data, _ = explore.build_explorer(table, thumbs, summary, PARAMS, directory, collection)
+    data, _ = explore.build_explorer(
+        table, thumbs, summary, PARAMS, directory, collection, None, [other_clustering(table)]
+    )
     return Site(root, directory / "index.html", table, data)
 
 
@@ -392,6 +487,150 @@ def test_filters_and_the_overview_count_what_they_should(browser: object, site: 
     sizes = page.locator("#cluster-table tbody tr td.number").all_text_contents()[0::2]
     assert sizes == ["10", "10", "10"]
     assert visit.errors == []
+    page.close()
+
+
+def group_sizes(visit: Visit) -> dict[str, int]:
+    """The side list of groups: each group's label and size."""
+    pairs = visit.page.evaluate(
+        """() => Array.from(document.querySelectorAll("#groups li"), (item) =>
+            [item.children[1].textContent, item.querySelector(".size").textContent])"""
+    )
+    return {label: int(size.replace(",", "")) for label, size in pairs}
+
+
+def screen_point(visit: Visit, image_id: str) -> dict[str, float]:
+    point = visit.page.evaluate("(id) => window.explorer.screenPointOf(id)", image_id)
+    assert point is not None, f"{image_id} is not shown"
+    return point
+
+
+def test_place_and_time_layouts_set_aside_what_they_cannot_place(
+    browser: object, site: Site
+) -> None:
+    visit = open_page(browser, site.page.as_uri())
+    page = visit.page
+    shown = without_copies(site.table)
+    unplaced = int(shown["latitude"].isna().sum())
+    assert unplaced == len(UNPLACED)
+    page.select_option("#layout", "place")
+    assert group_sizes(visit) == {"with a location": len(shown) - unplaced, "no location": unplaced}
+    assert shown_count(visit) == len(shown), "set aside, not dropped"
+    north, south = screen_point(visit, "scene-20"), screen_point(visit, "scene-10")
+    assert north["y"] < south["y"] and north["x"] > south["x"], "latitude up, longitude right"
+    placed_bottom = max(screen_point(visit, f"scene-{i:02d}")["y"] for i in (0, 10, 20, 26))
+    assert screen_point(visit, "scene-28")["y"] > placed_bottom, "set aside below the map"
+    click_image(visit, "scene-28")
+    assert page.text_content('#detail dd[data-field="latitude"]') == "\u2014"
+
+    page.select_option("#layout", "time")
+    sizes = group_sizes(visit)
+    assert sizes.pop("no time taken") == unplaced
+    assert sum(sizes.values()) == len(shown) - unplaced
+    labels = list(sizes)
+    assert labels[0] == "2017-05-01" and labels == sorted(labels), "days, earliest first"
+    assert screen_point(visit, "scene-20")["x"] > screen_point(visit, "scene-10")["x"]
+    assert screen_point(visit, "scene-01")["y"] < screen_point(visit, "scene-29")["y"]
+    assert visit.errors == []
+    page.close()
+
+
+def test_another_clustering_colors_bins_and_is_cross_tabulated(browser: object, site: Site) -> None:
+    visit = open_page(browser, site.page.as_uri())
+    page = visit.page
+    other = other_clustering(site.table)
+    parity = other.clusters.reindex(site.table["id"]).to_numpy()
+    shown = without_copies(site.table)
+    shown_parity = other.clusters.reindex(shown["id"])
+    page.select_option("#layout", "grid")
+    page.select_option("#bin-by", "compare-0")
+    assert group_sizes(visit) == {
+        "parity 2 0": int((shown_parity == 0).sum()),
+        "parity 2 1": int((shown_parity == 1).sum()),
+        "parity 2 (none)": int(shown_parity.isna().sum()),
+    }
+    page.select_option("#color-by", "compare-0")
+    assert page.text_content("#legend-title") == "Colors: parity 2"
+
+    page.click("#tab-overview")
+    cells = page.locator('#agreement-table tr[data-name="parity 2"] td').all_text_contents()
+    ours = pd.Series(site.table["cluster"].to_numpy(), index=site.table["id"])
+    expected = explore.agreement(ours, other.clusters)
+    assert cells == [
+        "parity 2",
+        "28",
+        "2",
+        "28",
+        f"{expected['ari']:.3f}",
+        f"{expected['nmi']:.3f}",
+    ]
+    crossed = pd.crosstab(site.table["cluster"], pd.Series(parity).fillna(-9).to_numpy())
+    for cluster, row in crossed.iterrows():
+        for column, number in row.items():
+            key = "(none)" if column == -9 else str(int(column))
+            selector = f'#cross-table tr[data-key="{cluster}"] td[data-column="{key}"]'
+            assert page.text_content(selector) == (str(number) if number else ""), selector
+    page.select_option("#cross-rows", "compare-0")
+    assert page.locator("#cross-table tr").count() == 1 + 3, "a header and parity 0, 1, none"
+    assert visit.errors == []
+    page.close()
+
+
+def draw_lasso(page: object, corners: list[tuple[float, float]], modifier: str = "") -> None:
+    """Drag the mouse around `corners` (and back to the first), holding `modifier`."""
+    if modifier:
+        page.keyboard.down(modifier)
+    page.mouse.move(*corners[0])
+    page.mouse.down()
+    for x, y in [*corners[1:], corners[0]]:
+        page.mouse.move(x, y, steps=4)
+    page.mouse.up()
+    if modifier:
+        page.keyboard.up(modifier)
+
+
+def around(visit: Visit, ids: list[str]) -> list[tuple[float, float]]:
+    """The corners of a box just around the centers of `ids` on screen."""
+    points = [screen_point(visit, image_id) for image_id in ids]
+    left, right = min(p["x"] for p in points) - 3, max(p["x"] for p in points) + 3
+    top, bottom = min(p["y"] for p in points) - 3, max(p["y"] for p in points) + 3
+    return [(left, top), (right, top), (right, bottom), (left, bottom)]
+
+
+def test_a_lasso_selects_what_it_encloses_and_saves_it_as_csv(browser: object, site: Site) -> None:
+    visit = open_page(browser, site.page.as_uri())
+    page = visit.page
+    shown = without_copies(site.table)
+    page.select_option("#layout", "grid")
+    first = shown[shown["cluster"] == 1]
+    draw_lasso(page, around(visit, first["id"].tolist()), "Shift")
+    assert page.text_content("#selected") == str(len(first))
+    assert page.evaluate("window.explorer.shownCount()") == len(shown), "a lasso does not pan"
+
+    # The lasso box draws without Shift; Ctrl adds to the selection.
+    second = shown[shown["cluster"] == 2]
+    page.check("#lasso-mode")
+    draw_lasso(page, around(visit, second["id"].tolist()), "Control")
+    chosen = shown[shown["cluster"].isin([1, 2])]
+    assert AWKWARD in chosen["id"].tolist() and HOSTILE in chosen["id"].tolist()
+    assert page.evaluate("window.explorer.selectedCount()") == len(chosen)
+    with page.expect_download() as download:
+        page.click("#selection-save")
+    assert download.value.suggested_filename == "selection.csv"
+    with open(download.value.path(), newline="", encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["id"] for row in rows] == chosen["id"].tolist(), "the page's order"
+    assert [row["path"] for row in rows] == chosen["path"].tolist()
+    assert [int(row["cluster"]) for row in rows] == chosen["cluster"].tolist()
+
+    page.check("#only-selected")
+    assert shown_count(visit) == len(chosen)
+    page.click("#selection-clear")
+    assert page.text_content("#selected") == "0" and page.is_disabled("#selection-save")
+    assert shown_count(visit) == 0
+    page.uncheck("#only-selected")
+    assert shown_count(visit) == len(shown)
+    assert visit.errors == [] and visit.dialogs == []
     page.close()
 
 

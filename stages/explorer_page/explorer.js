@@ -16,6 +16,12 @@
 
   const count = data.count;
   const col = data.columns;
+  // Other clusterings (clusterings/ in the project) are fields "compare-0", "compare-1"...
+  // of the columns: their names come from file names, so they never become keys.
+  const clusterings = data.clusterings || [];
+  clusterings.forEach((clustering, k) => {
+    col["compare-" + k] = clustering.clusters;
+  });
   const spriteWidth = data.sprite.width;
   const spriteHeight = data.sprite.height;
   const perAtlas = data.atlas.columns * data.atlas.rows;
@@ -24,6 +30,7 @@
   const ZOOM_STEP = 1.5;
   const CLICK_SLOP = 5; // px a press may move and still count as a click
   const MIN_THUMB_PX = 4; // below this on screen, draw colored cells, not thumbnails
+  const SELECTION_COLOR = "#ffcc33";
 
   // ------------------------------------------------------------------ state
 
@@ -36,8 +43,11 @@
     silhouetteMax: null,
     text: "",
     showCopies: false, // near-duplicate copies hidden: each group shows its representative
-    selected: -1,
+    onlySelected: false,
+    selected: -1, // the image whose details are open
   };
+  const selection = new Uint8Array(count); // 1: in the lasso selection
+  let selectedCount = 0;
   const view = { scale: 1, x: 0, y: 0 }; // screen = world * scale + (x, y), CSS px
   let visible = new Int32Array(0); // indices of the shown images, in drawing order
   const worldX = new Float32Array(count);
@@ -97,15 +107,25 @@
     return value === null || value === undefined ? NONE : String(value);
   }
 
+  function isClustering(field) {
+    return field === "cluster" || field.startsWith("compare-");
+  }
+
+  function fieldName(field) {
+    // How the page names a field: another clustering by its own name.
+    return field.startsWith("compare-") ? clusterings[Number(field.slice(8))].name : field;
+  }
+
   function categoryOrder(field, values) {
-    // Clusters in numeric order (noise last), months in time order, others by size.
+    // Clusters in numeric order (noise, then none, last), months in time order, others
+    // by size.
     const counts = new Map();
     for (const value of values) counts.set(value, (counts.get(value) || 0) + 1);
     const keys = Array.from(counts.keys());
-    if (field === "cluster") {
+    if (isClustering(field)) {
       keys.sort((a, b) => {
-        const na = Number(a), nb = Number(b);
-        return (na === NOISE) - (nb === NOISE) || na - nb;
+        const na = a === NONE ? Infinity : Number(a), nb = b === NONE ? Infinity : Number(b);
+        return (na === NOISE) - (nb === NOISE) || (na > nb) - (na < nb);
       });
     } else if (field === "month") {
       keys.sort((a, b) => (a === NONE) - (b === NONE) || (a < b ? -1 : a > b ? 1 : 0));
@@ -174,7 +194,7 @@
     palette = order.map((entry, position) => {
       const color = categoryColor(position, entry.key);
       indexOf.set(entry.key, position);
-      legendEntries.push({ color, label: field + " " + entry.key, count: entry.count });
+      legendEntries.push({ color, label: fieldName(field) + " " + entry.key, count: entry.count });
       return color;
     });
     for (let i = 0; i < count; i += 1) colorIndex[i] = indexOf.get(values[i]);
@@ -184,6 +204,7 @@
 
   function passes(i) {
     if (!state.showCopies && col.near_of[i] !== null) return false;
+    if (state.onlySelected && !selection[i]) return false;
     if (state.filterCluster !== "all" && String(col.cluster[i]) !== state.filterCluster) {
       return false;
     }
@@ -251,7 +272,7 @@
         worldX[i] = x + (k % columns) * spriteWidth;
         worldY[i] = y + Math.floor(k / columns) * spriteHeight;
       });
-      groups.push({ key, label: field + " " + key, count: indices.length, x, y, width, height });
+      groups.push({ key, label: fieldName(field) + " " + key, count: indices.length, x, y, width, height });
       x += width + gap;
       right = Math.max(right, x);
       lineHeight = Math.max(lineHeight, height);
@@ -259,10 +280,121 @@
     bounds = { left: 0, top: 0, right: Math.max(right, 1), bottom: y + lineHeight + gap };
   }
 
+  function placeSetAside(indices, label, top) {
+    // The images a layout cannot place (no location, no time) in one labelled block
+    // below it: counted and shown, not dropped. Returns the block's bottom.
+    if (indices.length === 0) return top;
+    const columns = Math.max(1, Math.ceil(Math.sqrt(indices.length * spriteHeight / spriteWidth)));
+    const y = top + spriteHeight * 1.5;
+    indices.forEach((i, k) => {
+      worldX[i] = (k % columns) * spriteWidth;
+      worldY[i] = y + Math.floor(k / columns) * spriteHeight;
+    });
+    const height = Math.ceil(indices.length / columns) * spriteHeight;
+    groups.push({ key: "set-aside", label, count: indices.length, x: 0, y, width: columns * spriteWidth, height });
+    bounds.right = Math.max(bounds.right, columns * spriteWidth);
+    return y + height;
+  }
+
+  function located(i) {
+    return col.latitude[i] !== null && col.longitude[i] !== null;
+  }
+
+  function layoutPlace() {
+    // Longitude across, latitude up, one scale for both (equirectangular), over the
+    // extent of every located image on the page: filtering does not move them.
+    let minX = Infinity, maxX = -Infinity, minY = Infinity, maxY = -Infinity;
+    for (let i = 0; i < count; i += 1) {
+      if (!located(i)) continue;
+      minX = Math.min(minX, col.longitude[i]); maxX = Math.max(maxX, col.longitude[i]);
+      minY = Math.min(minY, col.latitude[i]); maxY = Math.max(maxY, col.latitude[i]);
+    }
+    const side = Math.max(spriteWidth, spriteHeight) * Math.max(4, Math.sqrt(count) * 1.6);
+    const span = Math.max(maxX - minX, maxY - minY) || 1;
+    const unit = side / span;
+    const placed = [], missing = [];
+    for (const i of visible) (located(i) ? placed : missing).push(i);
+    for (const i of placed) {
+      worldX[i] = (col.longitude[i] - minX) * unit;
+      worldY[i] = (maxY - col.latitude[i]) * unit; // north up
+    }
+    const width = placed.length ? (maxX - minX) * unit + spriteWidth : 0;
+    const height = placed.length ? (maxY - minY) * unit + spriteHeight : 0;
+    groups = placed.length
+      ? [{ key: "located", label: "with a location", count: placed.length, x: 0, y: 0, width, height }]
+      : [];
+    bounds = { left: 0, top: -spriteHeight * 1.5, right: Math.max(width, 1), bottom: height };
+    bounds.bottom = placeSetAside(missing, "no location", height + spriteWidth);
+  }
+
+  let takenSeconds = null; // per image, seconds since 1970 (NaN: no time), parsed once
+
+  function takenTimes() {
+    if (takenSeconds) return takenSeconds;
+    takenSeconds = new Float64Array(count);
+    for (let i = 0; i < count; i += 1) {
+      const text = col.taken_at[i]; // "YYYY-MM-DD HH:MM:SS", as written by explore
+      takenSeconds[i] = text === null ? NaN : Date.parse(text.replace(" ", "T") + "Z") / 1000;
+    }
+    return takenSeconds;
+  }
+
+  function timeLabel(seconds, span) {
+    // As fine as the timeline's span needs: months over years, days over days, else minutes.
+    const text = new Date(seconds * 1000).toISOString();
+    if (span > 2 * 365 * 86400) return text.slice(0, 7);
+    if (span > 2 * 86400) return text.slice(0, 10);
+    return text.slice(0, 16).replace("T", " ");
+  }
+
+  const TIME_BINS = 48;
+
+  function layoutTime() {
+    // A histogram of thumbnails: equal spans of time across, each bin's images stacked
+    // upwards in time order, the whole about square.
+    const times = takenTimes();
+    let first = Infinity, last = -Infinity;
+    for (let i = 0; i < count; i += 1) {
+      if (Number.isNaN(times[i])) continue;
+      first = Math.min(first, times[i]);
+      last = Math.max(last, times[i]);
+    }
+    const timed = [], missing = [];
+    for (const i of visible) (Number.isNaN(times[i]) ? missing : timed).push(i);
+    timed.sort((a, b) => times[a] - times[b] || a - b);
+    const across = Math.max(1, Math.round(Math.sqrt((count * spriteHeight) / spriteWidth)));
+    const binCount = Math.min(TIME_BINS, across);
+    const binColumns = Math.max(1, Math.ceil(across / binCount));
+    const span = last - first || 1;
+    const bins = Array.from({ length: binCount }, () => []);
+    for (const i of timed) {
+      bins[Math.min(binCount - 1, Math.floor(((times[i] - first) / span) * binCount))].push(i);
+    }
+    const binWidth = binColumns * spriteWidth;
+    const gap = spriteWidth * 0.25;
+    const rowsOf = (members) => Math.ceil(members.length / binColumns);
+    const baseline = Math.max(0, ...bins.map(rowsOf)) * spriteHeight;
+    groups = [];
+    bins.forEach((members, b) => {
+      const x = b * (binWidth + gap);
+      members.forEach((i, k) => {
+        worldX[i] = x + (k % binColumns) * spriteWidth;
+        worldY[i] = baseline - (Math.floor(k / binColumns) + 1) * spriteHeight;
+      });
+      if (members.length === 0) return;
+      const height = rowsOf(members) * spriteHeight;
+      const label = timeLabel(first + (b * span) / binCount, span);
+      groups.push({ key: "bin " + b, label, count: members.length, x, y: baseline - height, width: binWidth, height });
+    });
+    bounds = { left: 0, top: -spriteHeight * 1.5, right: binCount * (binWidth + gap), bottom: baseline };
+    bounds.bottom = placeSetAside(missing, "no time taken", baseline + spriteWidth);
+  }
+
+  const LAYOUTS = { map: layoutMap, grid: layoutGrid, place: layoutPlace, time: layoutTime };
+
   function relayout(fit) {
     applyFilter();
-    if (state.layout === "map") layoutMap();
-    else layoutGrid();
+    LAYOUTS[state.layout]();
     renderGroups();
     if (fit) fitView();
     requestDraw();
@@ -397,6 +529,13 @@
         x + frame, y + frame, spriteWidth - 2 * frame, spriteHeight - 2 * frame
       );
     }
+    if (selectedCount > 0) {
+      const outline = new Path2D();
+      for (const i of inView) if (selection[i]) outline.rect(worldX[i], worldY[i], spriteWidth, spriteHeight);
+      context.strokeStyle = SELECTION_COLOR;
+      context.lineWidth = 2 / view.scale;
+      context.stroke(outline);
+    }
     if (state.selected >= 0 && passes(state.selected)) {
       context.strokeStyle = "#ffffff";
       context.lineWidth = 3 / view.scale;
@@ -509,6 +648,68 @@
     requestDraw();
   }
 
+  // ------------------------------------------------------------------ selection
+
+  function insidePolygon(polygon, x, y) {
+    // Even-odd rule: a ray to the right crosses the outline an odd number of times.
+    let inside = false;
+    for (let k = 0, j = polygon.length - 1; k < polygon.length; j = k, k += 1) {
+      const [xk, yk] = polygon[k], [xj, yj] = polygon[j];
+      if (yk > y !== yj > y && x < ((xj - xk) * (y - yk)) / (yj - yk) + xk) inside = !inside;
+    }
+    return inside;
+  }
+
+  function selectInLasso(screenPoints, add) {
+    // The shown images whose centers lie inside the lasso (drawn in canvas px).
+    const polygon = screenPoints.map(([x, y]) => [(x - view.x) / view.scale, (y - view.y) / view.scale]);
+    const xs = polygon.map((point) => point[0]), ys = polygon.map((point) => point[1]);
+    const left = Math.min(...xs), right = Math.max(...xs);
+    const top = Math.min(...ys), bottom = Math.max(...ys);
+    if (!add) selection.fill(0);
+    for (const i of visible) {
+      const x = worldX[i] + spriteWidth / 2, y = worldY[i] + spriteHeight / 2;
+      if (x < left || x > right || y < top || y > bottom) continue;
+      if (insidePolygon(polygon, x, y)) selection[i] = 1;
+    }
+    selectionChanged();
+  }
+
+  function selectionChanged() {
+    selectedCount = 0;
+    for (let i = 0; i < count; i += 1) selectedCount += selection[i];
+    $("selected").textContent = selectedCount.toLocaleString("en-US");
+    $("selection-save").disabled = selectedCount === 0;
+    if (state.onlySelected) relayout(false);
+    else requestDraw();
+  }
+
+  function csvField(value) {
+    const text = value === null || value === undefined ? "" : String(value);
+    return /[",\r\n]|^\s|\s$/.test(text) ? '"' + text.replace(/"/g, '""') + '"' : text;
+  }
+
+  function selectionCsv() {
+    // One row per selected image, in the page's order: id, file, cluster.
+    const lines = [["id", "path", "cluster"].join(",")];
+    for (let i = 0; i < count; i += 1) {
+      if (selection[i]) lines.push([col.id[i], col.path[i], col.cluster[i]].map(csvField).join(","));
+    }
+    return lines.join("\r\n") + "\r\n";
+  }
+
+  function saveSelection() {
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(new Blob([selectionCsv()], { type: "text/csv" }));
+    link.download = "selection.csv";
+    link.click();
+    window.setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+  }
+
+  function showLasso(points) {
+    $("lasso-path").setAttribute("points", points.map((point) => point.join(",")).join(" "));
+  }
+
   // ------------------------------------------------------------------ side lists
 
   function listItem(color, label, size, gradient) {
@@ -536,7 +737,7 @@
   function renderLegend() {
     const list = $("legend");
     list.replaceChildren();
-    $("legend-title").textContent = "Colors: " + state.colorBy;
+    $("legend-title").textContent = "Colors: " + fieldName(state.colorBy);
     for (const entry of legendEntries.slice(0, 100)) {
       list.append(listItem(entry.color, entry.label, entry.count, entry.gradient));
     }
@@ -648,6 +849,102 @@
     }
   }
 
+  // ------------------------------------------------------------------ compare clusterings
+
+  const CROSS_LIMIT = 60; // rows or columns of the cross-table; the smallest beyond go to "other"
+
+  function crossKeys(field) {
+    // The categories of a clustering on the page, the largest CROSS_LIMIT - 1 kept when
+    // there are more: returns the keys in order and each image's position among them.
+    const values = [];
+    for (let i = 0; i < count; i += 1) values.push(fieldValue(field, i));
+    let order = categoryOrder(field, values);
+    if (order.length > CROSS_LIMIT) {
+      const largest = new Set(
+        order.slice().sort((a, b) => b.count - a.count).slice(0, CROSS_LIMIT - 1).map((e) => e.key)
+      );
+      order = order.filter((entry) => largest.has(entry.key)).concat([{ key: "other" }]);
+    }
+    const position = new Map(order.map((entry, k) => [entry.key, k]));
+    const other = order.length - 1;
+    const of = values.map((value) => (position.has(value) ? position.get(value) : other));
+    return { keys: order.map((entry) => entry.key), of };
+  }
+
+  function renderCrossTable() {
+    const rowField = $("cross-rows").value, columnField = $("cross-columns").value;
+    const rows = crossKeys(rowField), columns = crossKeys(columnField);
+    const counts = new Uint32Array(rows.keys.length * columns.keys.length);
+    const totals = new Uint32Array(rows.keys.length);
+    for (let i = 0; i < count; i += 1) {
+      counts[rows.of[i] * columns.keys.length + columns.of[i]] += 1;
+      totals[rows.of[i]] += 1;
+    }
+    const table = $("cross-table");
+    table.replaceChildren();
+    const head = document.createElement("tr");
+    cell(head, fieldName(rowField) + " \\ " + fieldName(columnField), "corner");
+    for (const key of columns.keys) cell(head, key, "number");
+    cell(head, "images", "number");
+    table.append(head);
+    rows.keys.forEach((key, r) => {
+      const row = document.createElement("tr");
+      row.dataset.key = key;
+      cell(row, key);
+      columns.keys.forEach((columnKey, c) => {
+        const value = counts[r * columns.keys.length + c];
+        const td = cell(row, value ? value.toLocaleString("en-US") : "", "number");
+        td.dataset.column = columnKey;
+        if (value) td.style.background = "rgba(255, 204, 51, " + (0.7 * value / totals[r]).toFixed(3) + ")";
+      });
+      cell(row, totals[r].toLocaleString("en-US"), "number");
+      table.append(row);
+    });
+  }
+
+  function renderComparison() {
+    $("compare-section").hidden = clusterings.length === 0;
+    if (clusterings.length === 0) return;
+    const body = $("agreement-table").tBodies[0];
+    body.replaceChildren();
+    for (const clustering of clusterings) {
+      const row = document.createElement("tr");
+      row.dataset.name = clustering.name;
+      cell(row, clustering.name);
+      cell(row, clustering.images.toLocaleString("en-US"), "number");
+      cell(row, clustering.cluster_count.toLocaleString("en-US"), "number");
+      cell(row, clustering.shared.toLocaleString("en-US"), "number");
+      cell(row, clustering.ari === null ? "" : clustering.ari.toFixed(3), "number");
+      cell(row, clustering.nmi === null ? "" : clustering.nmi.toFixed(3), "number");
+      body.append(row);
+    }
+    const fields = ["cluster"].concat(clusterings.map((_, k) => "compare-" + k));
+    for (const [id, chosen] of [["cross-rows", "cluster"], ["cross-columns", "compare-0"]]) {
+      const select = $(id);
+      for (const field of fields) {
+        const option = document.createElement("option");
+        option.value = field;
+        option.textContent = field === "cluster" ? "this run" : fieldName(field);
+        select.append(option);
+      }
+      select.value = chosen;
+      select.addEventListener("change", renderCrossTable);
+    }
+    renderCrossTable();
+  }
+
+  function addClusteringOptions() {
+    // Bin by and color by any other clustering too.
+    clusterings.forEach((clustering, k) => {
+      for (const id of ["bin-by", "color-by"]) {
+        const option = document.createElement("option");
+        option.value = "compare-" + k;
+        option.textContent = "clustering " + clustering.name;
+        $(id).append(option);
+      }
+    });
+  }
+
   function showTab(name) {
     const overview = name === "overview";
     $("overview-view").hidden = !overview;
@@ -705,6 +1002,15 @@
   $("zoom-in").addEventListener("click", () => zoomAt(ZOOM_STEP, canvas.clientWidth / 2, canvas.clientHeight / 2));
   $("zoom-out").addEventListener("click", () => zoomAt(1 / ZOOM_STEP, canvas.clientWidth / 2, canvas.clientHeight / 2));
   $("zoom-fit").addEventListener("click", fitView);
+  $("only-selected").addEventListener("change", (event) => {
+    state.onlySelected = event.target.checked;
+    relayout(false);
+  });
+  $("selection-clear").addEventListener("click", () => {
+    selection.fill(0);
+    selectionChanged();
+  });
+  $("selection-save").addEventListener("click", saveSelection);
   $("detail-close").addEventListener("click", closeDetail);
   $("tab-explorer").addEventListener("click", () => showTab("explorer"));
   $("tab-overview").addEventListener("click", () => showTab("overview"));
@@ -717,7 +1023,12 @@
 
   let press = null;
   canvas.addEventListener("pointerdown", (event) => {
-    press = { x: event.clientX, y: event.clientY, viewX: view.x, viewY: view.y, moved: false };
+    const lasso = event.shiftKey || $("lasso-mode").checked;
+    press = {
+      x: event.clientX, y: event.clientY, viewX: view.x, viewY: view.y, moved: false,
+      lasso: lasso ? [] : null, // canvas px of the lasso drawn so far
+      add: event.ctrlKey || event.metaKey,
+    };
     canvas.setPointerCapture(event.pointerId);
   });
   canvas.addEventListener("pointermove", (event) => {
@@ -725,6 +1036,13 @@
     const dx = event.clientX - press.x, dy = event.clientY - press.y;
     if (!press.moved && Math.hypot(dx, dy) < CLICK_SLOP) return;
     press.moved = true;
+    if (press.lasso) {
+      const box = canvas.getBoundingClientRect();
+      if (press.lasso.length === 0) press.lasso.push([press.x - box.left, press.y - box.top]);
+      press.lasso.push([event.clientX - box.left, event.clientY - box.top]);
+      showLasso(press.lasso);
+      return;
+    }
     canvas.classList.add("dragging");
     view.x = press.viewX + dx;
     view.y = press.viewY + dy;
@@ -736,7 +1054,10 @@
       const i = imageAt(event.clientX - box.left, event.clientY - box.top);
       if (i >= 0) openDetail(i);
       else closeDetail();
+    } else if (press && press.lasso && press.lasso.length >= 3) {
+      selectInLasso(press.lasso, press.add);
     }
+    showLasso([]);
     press = null;
     canvas.classList.remove("dragging");
   });
@@ -767,6 +1088,7 @@
       };
     },
     lastDrawMs: () => lastDrawMs,
+    selectedCount: () => selectedCount,
     atlasesLoaded: () => atlases.every((atlas) => atlas.full !== null && atlas.small !== null),
     zoomAt,
     fitView,
@@ -774,6 +1096,9 @@
   };
 
   fillClusterFilter();
+  addClusteringOptions();
+  renderComparison();
+  selectionChanged();
   computeColors();
   renderLegend();
   renderOverview();
