@@ -6,11 +6,21 @@ Inputs:  data/processed/clusters.parquet (cluster, x, y), data/processed/scores.
          data/processed/neighbors.parquet, data/raw/manifest.parquet, data/raw/rejected.csv,
          data/interim/thumbs.parquet + ids.parquet, clusterings/ (other clusterings to
          compare: NAME.csv or NAME.parquet, columns id and cluster)
-Outputs: reports/explorer/ (index.html, explorer.js, explorer.css, favicon.svg, data.js,
-         atlas-NNN.jpg, atlases.json: each atlas's key)
+Outputs: reports/explorer/ (index.html, explorer.js, renderer.js, explorer.css, favicon.svg,
+         data.js, atlas-NNN.js and icons-NNN.js: the sprite atlases, atlases.json: each
+         one's key)
 
-The folder is a persistent output: a run keeps the atlases whose sprites are unchanged
-(by key) and makes only the others, so new images cost the atlases they land in.
+The page draws every image with WebGL2. Each atlas comes twice: full-size sprites
+(atlas-NNN.js, fetched when the view zooms in far enough) and the same sprites as small
+icons (icons-NNN.js, all loaded at once: ICON_PIXELS bounds them whatever the count).
+Atlases travel as scripts holding the JPEG in base64, because a page opened from disk
+may not read its own files' pixels any other way (Chromium makes every file:// file its
+own origin, and WebGL refuses a cross-origin <img>).
+
+Atlases are cut by cluster (the page's rows are ordered by cluster, in table order
+within one), so a zoomed-in view of one cluster needs few full-size atlases, and a new
+image changes only its cluster's last atlas. The folder is a persistent output: a run
+keeps the atlases whose sprites are unchanged (by key) and makes only the others.
 
 Near-duplicate copies are hidden until the page's "near-duplicate copies" box is ticked:
 each group shows its representative, and an image's details name its group. An image's
@@ -30,6 +40,7 @@ relative path into data/raw/collections/. The page's own code is in stages/explo
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import io
@@ -57,12 +68,18 @@ if TYPE_CHECKING:
 STAGE = "explore"
 EXPLORER_DIR = Path("reports/explorer")
 PAGE_FILES_DIR = Path(__file__).with_name("explorer_page")
-PAGE_FILES = ("index.html", "explorer.js", "explorer.css", "favicon.svg")
+PAGE_FILES = ("index.html", "explorer.js", "renderer.js", "explorer.css", "favicon.svg")
 DATA_SCRIPT = "data.js"
 # Each atlas's key (see atlas_key), so that the next run keeps the atlases whose sprites
 # are unchanged instead of decoding and encoding them again.
 ATLAS_KEYS_FILE = "atlases.json"
-MAX_ATLAS_SIDE = 8192  # px; larger images fail to decode or draw in some browsers
+# px: a full-size atlas is one GPU texture layer on the page (64 MiB at 4096 px, RGBA)
+MAX_ATLAS_SIDE = 4096
+# Every image's icon stays loaded, so all icons together hold about this many pixels
+# (190 MiB on the GPU as RGBA) whatever the count: smaller icons for more images.
+ICON_PIXELS = 48_000_000
+MIN_ICON_HEIGHT = 4  # px
+ATLAS_FORMAT = "script-base64-jpeg-1"  # part of each atlas's key: a new format remakes them
 TEXT_COLUMNS = ("id", "path", "subset", "place", "label", "taken_at", "month", "near_of")
 NUMBER_COLUMNS = ("x", "y", "silhouette", "latitude", "longitude")
 COUNT_COLUMNS = ("cluster", "near_group", "near_size")
@@ -95,12 +112,15 @@ class ExploreParams(settings.Section):
 
 @dataclass(frozen=True)
 class AtlasGrid:
-    """How sprites are packed: `columns` x `rows` sprites of `width` x `height` px per atlas."""
+    """How sprites are packed: `columns` x `rows` sprites of `width` x `height` px per atlas;
+    its icon atlas holds the same grid of `icon_width` x `icon_height` px icons."""
 
     width: int
     height: int
     columns: int
     rows: int
+    icon_width: int
+    icon_height: int
 
     @property
     def per_atlas(self) -> int:
@@ -287,13 +307,14 @@ def compared_clusterings(
 def page_data(
     table: pd.DataFrame,
     grid: AtlasGrid,
-    atlas_files: list[str],
+    block_sizes: list[int],
     summary: dict,
     collection: str,
     clusterings: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Everything the page reads, as one JSON-ready dict (columns, not rows: smaller, faster);
-    `clusterings` as compared_clusterings gives them."""
+    `block_sizes` are the atlases' sprite counts (the page's rows in order), `clusterings`
+    as compared_clusterings gives them."""
     columns: dict[str, list[Any]] = {name: [int(v) for v in table[name]] for name in COUNT_COLUMNS}
     for name in TEXT_COLUMNS:
         columns[name] = json_column(table[name], "text")
@@ -306,7 +327,14 @@ def page_data(
         "count": len(table),
         "columns": columns,
         "sprite": {"width": grid.width, "height": grid.height},
-        "atlas": {"columns": grid.columns, "rows": grid.rows, "files": atlas_files},
+        "atlas": {
+            "columns": grid.columns,
+            "rows": grid.rows,
+            "sizes": block_sizes,
+            "files": (files := atlas_names(len(block_sizes))),
+            "icons": [icons_name(name) for name in files],
+            "icon": {"width": grid.icon_width, "height": grid.icon_height},
+        },
         "collection": collection,
         "summary": summary,
         "clusterings": clusterings or [],
@@ -328,17 +356,22 @@ def data_script(data: dict[str, Any]) -> str:
 
 
 def atlas_grid(thumb_shape: tuple[int, int], sprite_height: int, count: int) -> AtlasGrid:
-    """Sprite size from the thumbnails' (height, width) and the grid of one atlas.
+    """Sprite size from the thumbnails' (height, width), the grid of one atlas, and the
+    icons' size for `count` images.
 
     An atlas holds as many sprites as fit in MAX_ATLAS_SIDE on both sides, and no more
-    rows than `count` needs, so a small collection gets one small atlas.
+    rows than `count` needs, so a small collection gets small atlases. Icons are as large
+    as ICON_PIXELS allows for `count` images, from MIN_ICON_HEIGHT to half the sprite.
     """
     thumb_height, thumb_width = thumb_shape
     height = min(sprite_height, MAX_ATLAS_SIDE)
     width = max(1, min(MAX_ATLAS_SIDE, round(height * thumb_width / thumb_height)))
     columns = max(1, min(MAX_ATLAS_SIDE // width, math.ceil(math.sqrt(count * height / width))))
     rows = max(1, min(MAX_ATLAS_SIDE // height, math.ceil(count / columns)))
-    return AtlasGrid(width=width, height=height, columns=columns, rows=rows)
+    fitting = math.floor(math.sqrt(ICON_PIXELS / max(count, 1) * height / width))
+    icon_height = max(1, min(max(MIN_ICON_HEIGHT, height // 2), max(MIN_ICON_HEIGHT, fitting)))
+    icon_width = max(1, round(icon_height * width / height))
+    return AtlasGrid(width, height, columns, rows, icon_width, icon_height)
 
 
 def sprite(thumb: np.ndarray | Image.Image, grid: AtlasGrid) -> Image.Image:
@@ -361,10 +394,29 @@ def atlas(thumbs: thumbnails.ThumbnailRows, rows: np.ndarray, grid: AtlasGrid) -
     return image
 
 
-def atlas_blocks(rows: np.ndarray, grid: AtlasGrid) -> list[np.ndarray]:
-    """The rows of each atlas: sprite i sits in atlas i // per_atlas, at column
-    (i % per_atlas) % columns and row (i % per_atlas) // columns."""
-    return [rows[start : start + grid.per_atlas] for start in range(0, len(rows), grid.per_atlas)]
+def icon_atlas(image: Image.Image, grid: AtlasGrid) -> Image.Image:
+    """An atlas at icon size: the same grid, each sprite shrunk to an icon. (A filter
+    that crosses a sprite's edge blends only its border, which the page covers with
+    the image's color frame.)"""
+    columns = image.width // grid.width
+    used_rows = image.height // grid.height
+    size = (columns * grid.icon_width, used_rows * grid.icon_height)
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def atlas_blocks(
+    rows: np.ndarray, grid: AtlasGrid, clusters: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """The rows of each atlas: per_atlas rows at most, and, given the `clusters` of `rows`
+    (in runs: rows ordered by cluster), never two clusters in one atlas. The k-th sprite
+    of an atlas sits at column k % columns and row k // columns."""
+    starts = [0] if clusters is None else [0, *(np.flatnonzero(np.diff(clusters)) + 1)]
+    ends = [*starts[1:], len(rows)]
+    return [
+        rows[begin : min(begin + grid.per_atlas, end)]
+        for start, end in zip(starts, ends, strict=True)
+        for begin in range(start, end, grid.per_atlas)
+    ]
 
 
 def atlases(
@@ -382,10 +434,25 @@ def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def atlas_file_task(task: tuple[Path, np.ndarray, AtlasGrid, int]) -> bytes:
-    """One atlas of thumbnails stored in a file, as JPEG bytes (a task for a process)."""
+def atlas_script(jpeg: bytes) -> bytes:
+    """A JPEG as a script that hands its base64 to the page (see the module docstring).
+    The script does not name itself: the page knows which script element it added."""
+    return b'explorerAtlas(document.currentScript,"' + base64.b64encode(jpeg) + b'");\n'
+
+
+def atlas_scripts(image: Image.Image, grid: AtlasGrid, quality: int) -> tuple[bytes, bytes]:
+    """An atlas's two script files: full-size sprites, and icons."""
+    return (
+        atlas_script(jpeg_bytes(image, quality)),
+        atlas_script(jpeg_bytes(icon_atlas(image, grid), quality)),
+    )
+
+
+def atlas_file_task(task: tuple[Path, np.ndarray, AtlasGrid, int]) -> tuple[bytes, bytes]:
+    """The two script files of one atlas of thumbnails stored in a file (a task for a
+    process)."""
     path, rows, grid, quality = task
-    return jpeg_bytes(atlas(thumbnails.Thumbnails(path), rows, grid), quality)
+    return atlas_scripts(atlas(thumbnails.Thumbnails(path), rows, grid), grid, quality)
 
 
 def atlas_key(
@@ -400,7 +467,7 @@ def atlas_key(
     known (reading no thumbnail), else by their stored JPEG bytes (or pixels, for an
     array)."""
     digest = hashlib.sha256(
-        json.dumps([dataclasses.astuple(grid), quality, PIL.__version__]).encode()
+        json.dumps([dataclasses.astuple(grid), quality, PIL.__version__, ATLAS_FORMAT]).encode()
     )
     if isinstance(thumbs, thumbnails.Thumbnails) and thumbs.key and sha256s is not None:
         digest.update(f"thumbnails {thumbs.key}".encode())
@@ -414,19 +481,26 @@ def atlas_key(
     return digest.hexdigest()
 
 
-def earlier_atlases(directory: Path) -> dict[str, Path]:
-    """The atlases the last run left in `directory`, by key (none when it left no keys)."""
+def icons_name(atlas_name: str) -> str:
+    """The icon atlas's file name of a full-size atlas's (atlas-007.js: icons-007.js)."""
+    return "icons-" + atlas_name.removeprefix("atlas-")
+
+
+def earlier_atlases(directory: Path) -> dict[str, tuple[Path, Path]]:
+    """The atlases the last run left in `directory` (full-size and icon files), by key;
+    none when it left no keys."""
     try:
         names = json.loads((directory / ATLAS_KEYS_FILE).read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(names, dict):
         return {}
-    return {
-        str(key): directory / str(name)
-        for name, key in names.items()
-        if (directory / str(name)).is_file()
-    }
+    found = {}
+    for name, key in names.items():
+        files = (directory / str(name), directory / icons_name(str(name)))
+        if all(path.is_file() for path in files):
+            found[str(key)] = files
+    return found
 
 
 def atlas_files(
@@ -435,37 +509,46 @@ def atlas_files(
     grid: AtlasGrid,
     quality: int,
     workers: int,
-    kept: dict[int, Path] | None = None,
-) -> Iterator[bytes]:
-    """The atlases of each block of rows as JPEG files' bytes, in order; block i is read
-    from kept[i] when given. Stored thumbnails are decoded and encoded on `workers`
-    processes, an atlas a task, which send back only the few MB of its JPEG."""
+    kept: dict[int, tuple[Path, Path]] | None = None,
+) -> Iterator[tuple[bytes, bytes]]:
+    """The two script files (full-size, icons) of each block of rows, in order; block i
+    is read from kept[i] when given. Stored thumbnails are decoded and encoded on
+    `workers` processes, an atlas a task, which send back only its few MB of scripts."""
     kept = kept or {}
     made = [index for index in range(len(blocks)) if index not in kept]
     if isinstance(thumbs, thumbnails.Thumbnails):
         tasks = [(thumbs.path, blocks[index], grid, quality) for index in made]
         fresh = common.map_in_processes(atlas_file_task, tasks, workers)
     else:
-        fresh = (jpeg_bytes(atlas(thumbs, blocks[index], grid), quality) for index in made)
+        fresh = (atlas_scripts(atlas(thumbs, blocks[index], grid), grid, quality) for index in made)
     for index in range(len(blocks)):
-        yield kept[index].read_bytes() if index in kept else next(fresh)
+        if index in kept:
+            full, icons = kept[index]
+            yield full.read_bytes(), icons.read_bytes()
+        else:
+            yield next(fresh)
 
 
 # ----------------------------------------------------------------------------- output
 
 
 def write_explorer(
-    directory: Path, data: dict[str, Any], atlas_jpegs: Iterator[bytes], atlas_keys: list[str]
+    directory: Path,
+    data: dict[str, Any],
+    atlas_pairs: Iterator[tuple[bytes, bytes]],
+    atlas_keys: list[str],
 ) -> None:
     """Write the page, its data script, its atlases and their keys into `directory`,
     replacing it as a whole.
 
-    Each atlas is saved under its name in data["atlas"]["files"]; the counts must agree.
+    Each atlas's scripts are saved under its names in data["atlas"]["files"] and
+    data["atlas"]["icons"]; the counts must agree.
     """
     names = data["atlas"]["files"]
     with common.replace_folder(directory) as staging:
-        for name, jpeg in zip(names, atlas_jpegs, strict=True):
-            (staging / name).write_bytes(jpeg)
+        for name, (full, icons) in zip(names, atlas_pairs, strict=True):
+            (staging / name).write_bytes(full)
+            (staging / icons_name(name)).write_bytes(icons)
         keys = dict(zip(names, atlas_keys, strict=True))
         (staging / ATLAS_KEYS_FILE).write_text(json.dumps(keys, indent=1) + "\n")
         (staging / DATA_SCRIPT).write_text(data_script(data), encoding="ascii")
@@ -473,9 +556,9 @@ def write_explorer(
             shutil.copyfile(PAGE_FILES_DIR / name, staging / name)
 
 
-def atlas_names(count: int, grid: AtlasGrid) -> list[str]:
-    """The atlas file names for `count` sprites."""
-    return [f"atlas-{index:03d}.jpg" for index in range(math.ceil(count / grid.per_atlas))]
+def atlas_names(block_count: int) -> list[str]:
+    """The full-size atlases' file names (icons_name gives their icon atlases')."""
+    return [f"atlas-{index:03d}.js" for index in range(block_count)]
 
 
 def read_rejected_count(path: Path = common.REJECTED_FILE) -> int:
@@ -502,19 +585,23 @@ def build_explorer(
     Returns the page data and how many atlases were kept from the last run.
     """
     keys = table["id"].tolist() if sha256s is None else sha256s
-    rows = common.page_sample(keys, params.max_images, params.seed)
+    sample = common.page_sample(keys, params.max_images, params.seed)
+    # By cluster, in table order within one: each atlas then holds one cluster's images.
+    clusters = table["cluster"].to_numpy()
+    rows = sample[np.argsort(clusters[sample], kind="stable")]
     shown = table.iloc[rows].reset_index(drop=True)
     grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, len(rows))
+    blocks = atlas_blocks(rows, grid, clusters[rows])
     collection = Path(os.path.relpath(collection_dir, directory)).as_posix() + "/"
     summary = {**summary, "shown_images": len(rows)}
     compared = compared_clusterings(shown, table, clusterings or [])
-    data = page_data(shown, grid, atlas_names(len(rows), grid), summary, collection, compared)
-    blocks = atlas_blocks(rows, grid)
+    sizes = [len(block) for block in blocks]
+    data = page_data(shown, grid, sizes, summary, collection, compared)
     atlas_keys = [atlas_key(thumbs, block, grid, params.atlas_quality, sha256s) for block in blocks]
     earlier = earlier_atlases(directory)
     kept = {index: earlier[key] for index, key in enumerate(atlas_keys) if key in earlier}
-    jpegs = atlas_files(thumbs, blocks, grid, params.atlas_quality, common.worker_count(), kept)
-    write_explorer(directory, data, jpegs, atlas_keys)
+    scripts = atlas_files(thumbs, blocks, grid, params.atlas_quality, common.worker_count(), kept)
+    write_explorer(directory, data, scripts, atlas_keys)
     return data, len(kept)
 
 
@@ -550,13 +637,15 @@ def main() -> None:
             compared["nmi"],
         )
     logger.info(
-        "%d of %d images on the page, %d atlas(es) of %dx%d sprites (%d kept from the last "
-        "run); open %s; %.1f s",
+        "%d of %d images on the page, %d atlas(es) of %dx%d sprites and %dx%d icons (%d kept "
+        "from the last run); open %s; %.1f s",
         data["count"],
         len(table),
         len(data["atlas"]["files"]),
         data["sprite"]["width"],
         data["sprite"]["height"],
+        data["atlas"]["icon"]["width"],
+        data["atlas"]["icon"]["height"],
         kept,
         EXPLORER_DIR / "index.html",
         time.perf_counter() - started,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import http.server
+import io
 import json
 import logging
 import threading
@@ -33,19 +35,48 @@ PARAMS = explore.ExploreParams(max_images=100000, sprite_height=27, atlas_qualit
 # ----------------------------------------------------------------------------- units
 
 
+def script_image(path: Path) -> Image.Image:
+    """The JPEG an atlas script carries, decoded."""
+    text = path.read_text(encoding="ascii")
+    prefix, suffix = 'explorerAtlas(document.currentScript,"', '");\n'
+    assert text.startswith(prefix) and text.endswith(suffix)
+    image = Image.open(io.BytesIO(base64.b64decode(text[len(prefix) : -len(suffix)])))
+    assert image.format == "JPEG"
+    return image
+
+
 def test_atlas_grid_keeps_the_thumbnail_aspect_and_fits_small_collections() -> None:
     grid = explore.atlas_grid((54, 96), sprite_height=27, count=10)
     assert (grid.width, grid.height) == (48, 27)
     assert grid.per_atlas >= 10
     assert grid.columns * grid.width <= explore.MAX_ATLAS_SIDE
+    assert (grid.icon_width, grid.icon_height) == (23, 13), "half the sprite at most"
 
 
-def test_atlases_never_exceed_the_side_limit_and_split_across_files() -> None:
+@pytest.mark.parametrize("count", [100_000, 1_000_000, 10_000_000])
+def test_icons_shrink_as_images_grow_and_stay_within_their_pixel_budget(count: int) -> None:
+    grid = explore.atlas_grid((54, 96), sprite_height=54, count=count)
+    assert grid.icon_height >= explore.MIN_ICON_HEIGHT
+    icon_pixels = count * grid.icon_width * grid.icon_height
+    assert icon_pixels <= explore.ICON_PIXELS or grid.icon_height == explore.MIN_ICON_HEIGHT
+    assert abs(grid.icon_width / grid.icon_height - 96 / 54) < 0.35
+
+
+def test_atlases_never_exceed_the_side_limit_and_hold_one_cluster_each() -> None:
     grid = explore.atlas_grid((54, 96), sprite_height=54, count=15000)
-    assert grid.columns * grid.width <= 8192 and grid.rows * grid.height <= 8192
-    names = explore.atlas_names(15000, grid)
-    assert len(names) == 2  # 85 x 151 = 12,835 sprites fit in one 8192 px atlas
-    assert names == ["atlas-000.jpg", "atlas-001.jpg"]
+    assert grid.columns * grid.width <= 4096 and grid.rows * grid.height <= 4096
+    assert grid.per_atlas == 42 * 75  # 96 x 54 px sprites in 4096 px
+    blocks = explore.atlas_blocks(np.arange(15000), grid)
+    assert [len(block) for block in blocks] == [3150] * 4 + [2400]
+    names = explore.atlas_names(len(blocks))
+    assert names[:2] == ["atlas-000.js", "atlas-001.js"]
+    assert explore.icons_name(names[1]) == "icons-001.js"
+    clusters = np.array([0] * 3200 + [4] * 10 + [7] * 3150)
+    rows = np.arange(len(clusters)) + 100
+    blocks = explore.atlas_blocks(rows, grid, clusters)
+    assert [len(block) for block in blocks] == [3150, 50, 10, 3150]
+    assert all(len(set(clusters[block - 100])) == 1 for block in blocks)
+    assert np.concatenate(blocks).tolist() == rows.tolist()
 
 
 def test_every_sprite_lands_where_the_page_looks_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,15 +85,19 @@ def test_every_sprite_lands_where_the_page_looks_for_it(monkeypatch: pytest.Monk
     thumbs = np.zeros((count, 10, 10, 3), dtype=np.uint8)
     thumbs[:, :, :, 0] = np.arange(count)[:, None, None] * 6  # each sprite its own red
     grid = explore.atlas_grid((10, 10), sprite_height=10, count=count)
+    assert (grid.icon_width, grid.icon_height) == (5, 5)
     rows = np.arange(count)
-    images = [np.asarray(a) for a in explore.atlases(thumbs, rows, grid)]
-    assert len(images) == len(explore.atlas_names(count, grid)) == 3
+    made = list(explore.atlases(thumbs, rows, grid))
+    images = [np.asarray(a) for a in made]
+    icons = [np.asarray(explore.icon_atlas(a, grid)) for a in made]
+    assert len(images) == len(explore.atlas_blocks(rows, grid)) == 3
     assert all(a.shape[0] <= 40 and a.shape[1] <= 40 for a in images)
     for index in range(count):
-        atlas = images[index // grid.per_atlas]
+        atlas, icon = images[index // grid.per_atlas], icons[index // grid.per_atlas]
         cell = index % grid.per_atlas
-        x, y = (cell % grid.columns) * 10, (cell // grid.columns) * 10
-        assert atlas[y + 5, x + 5, 0] == index * 6
+        column, row = cell % grid.columns, cell // grid.columns
+        assert atlas[row * 10 + 5, column * 10 + 5, 0] == index * 6
+        assert abs(int(icon[row * 5 + 2, column * 5 + 2, 0]) - index * 6) <= 1
 
 
 def test_the_sample_is_seeded_and_everything_is_kept_under_the_limit() -> None:
@@ -619,9 +654,12 @@ def test_a_lasso_selects_what_it_encloses_and_saves_it_as_csv(browser: object, s
     assert download.value.suggested_filename == "selection.csv"
     with open(download.value.path(), newline="", encoding="utf-8") as file:
         rows = list(csv.DictReader(file))
-    assert [row["id"] for row in rows] == chosen["id"].tolist(), "the page's order"
-    assert [row["path"] for row in rows] == chosen["path"].tolist()
-    assert [int(row["cluster"]) for row in rows] == chosen["cluster"].tolist()
+    in_page_order = chosen.set_index("id").loc[
+        [i for i in site.data["columns"]["id"] if i in set(chosen["id"])]
+    ]
+    assert [row["id"] for row in rows] == in_page_order.index.tolist()
+    assert [row["path"] for row in rows] == in_page_order["path"].tolist()
+    assert [int(row["cluster"]) for row in rows] == in_page_order["cluster"].tolist()
 
     page.check("#only-selected")
     assert shown_count(visit) == len(chosen)
@@ -631,6 +669,73 @@ def test_a_lasso_selects_what_it_encloses_and_saves_it_as_csv(browser: object, s
     page.uncheck("#only-selected")
     assert shown_count(visit) == len(shown)
     assert visit.errors == [] and visit.dialogs == []
+    page.close()
+
+
+def drawn_sprite(visit: Visit, image_id: str) -> np.ndarray:
+    """The middle 70% of an image as the page drew it (inside its color frame), as pixels."""
+    point = screen_point(visit, image_id)
+    scale = visit.page.evaluate("window.explorer.scale()")
+    width, height = 0.7 * 48 * scale, 0.7 * 27 * scale  # PARAMS: 48 x 27 px sprites
+    clip = {"x": point["x"] - width / 2, "y": point["y"] - height / 2}
+    shot = visit.page.screenshot(clip={**clip, "width": width, "height": height})
+    return np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(int)
+
+
+def assert_drawn_from(drawn: np.ndarray, index: int) -> None:
+    """The site's pattern image `index` (red grows rightwards, green downwards, its own
+    blue) drawn upright, from its own cell."""
+    quarter_x, quarter_y = max(1, drawn.shape[1] // 4), max(1, drawn.shape[0] // 4)
+    assert np.median(drawn[:, -quarter_x:, 0]) - np.median(drawn[:, :quarter_x, 0]) > 60
+    assert np.median(drawn[-quarter_y:, :, 1]) - np.median(drawn[:quarter_y, :, 1]) > 60
+    blue = np.median(np.asarray(pattern_image(64, 36, seed=index))[..., 2])
+    assert abs(np.median(drawn[..., 2]) - blue) < 30, (np.median(drawn[..., 2]), blue)
+
+
+def test_webgl_draws_each_image_from_its_icon_then_its_full_size_atlas(
+    browser: object, site: Site
+) -> None:
+    visit = open_page(browser, site.page.as_uri())
+    page = visit.page
+    page.select_option("#layout", "grid")
+    assert page.evaluate("window.explorer.detailLevel()") == 2, "30 images: zoomed in"
+    atlas = page.evaluate("window.explorer.atlasOf('scene-04')")
+    page.wait_for_function(f"() => window.explorer.residentAtlases().includes({atlas})")
+    page.evaluate("window.explorer.draw()")
+    for index in (4, 9, 17, 22):
+        assert_drawn_from(drawn_sprite(visit, f"scene-{index:02d}"), index)
+
+    # Zoomed out until a sprite is about the icons' size: drawn from the icons.
+    scale = page.evaluate("window.explorer.scale()")
+    middle = page.evaluate(
+        "[document.getElementById('view').clientWidth / 2, "
+        "document.getElementById('view').clientHeight / 2]"
+    )
+    page.evaluate(f"window.explorer.zoomAt({0.55 / scale}, {middle[0]}, {middle[1]})")
+    assert page.evaluate("window.explorer.detailLevel()") == 1
+    page.evaluate("window.explorer.draw()")
+    # scene-22 and the image in the same cell of the next atlas differ in blue by 188
+    assert_drawn_from(drawn_sprite(visit, "scene-22"), 22)
+    assert visit.errors == []
+    page.close()
+
+
+def test_a_browser_without_webgl2_is_told_in_one_line(browser: object, site: Site) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.add_init_script(
+        """(() => { const original = HTMLCanvasElement.prototype.getContext;
+        HTMLCanvasElement.prototype.getContext = function (kind, ...rest) {
+          return kind === "webgl2" ? null : original.call(this, kind, ...rest); }; })()"""
+    )
+    page.goto(site.page.as_uri())
+    page.wait_for_selector("#message:not([hidden])")
+    message = page.text_content("#message")
+    assert "WebGL2" in message and "\n" not in message
+    page.click("#tab-overview")
+    assert page.locator("#cluster-table tbody tr").count() == 3, "the overview still works"
+    assert errors == []
     page.close()
 
 
@@ -670,12 +775,15 @@ def test_a_rebuild_replaces_the_whole_folder(tmp_path: Path) -> None:
     rebuilt = build_site(tmp_path)
     assert not stale.exists()
     files = sorted(p.name for p in site.page.parent.iterdir())
+    atlas = rebuilt.data["atlas"]
     assert files == sorted(
-        [*explore.PAGE_FILES, "data.js", "atlases.json", *rebuilt.data["atlas"]["files"]]
+        [*explore.PAGE_FILES, "data.js", "atlases.json", *atlas["files"], *atlas["icons"]]
     )
-    with Image.open(site.page.parent / "atlas-000.jpg") as atlas:
-        grid = rebuilt.data["atlas"]
-        assert atlas.width == grid["columns"] * rebuilt.data["sprite"]["width"]
+    assert len(atlas["files"]) == 3 and atlas["sizes"] == [10, 10, 10], "one atlas a cluster"
+    with script_image(site.page.parent / "atlas-000.js") as image:
+        assert image.width == atlas["columns"] * rebuilt.data["sprite"]["width"]
+    with script_image(site.page.parent / "icons-000.js") as image:
+        assert image.width == atlas["columns"] * atlas["icon"]["width"]
 
 
 def test_a_rebuild_keeps_the_atlases_whose_sprites_are_unchanged(
@@ -692,11 +800,13 @@ def test_a_rebuild_keeps_the_atlases_whose_sprites_are_unchanged(
         keys = [explore.atlas_key(pictures, block, grid, 85) for block in blocks]
         earlier = explore.earlier_atlases(directory)
         kept = {index: earlier[key] for index, key in enumerate(keys) if key in earlier}
-        jpegs = list(explore.atlas_files(pictures, blocks, grid, 85, 1, kept))
-        data = {"atlas": {"files": explore.atlas_names(30, grid)}, "count": 30}
+        scripts = list(explore.atlas_files(pictures, blocks, grid, 85, 1, kept))
+        names = explore.atlas_names(len(blocks))
+        data = {"atlas": {"files": names}, "count": 30}
         monkeypatch.setattr(explore, "data_script", lambda data: "")
-        explore.write_explorer(directory, data, iter(jpegs), keys)
-        return [(directory / name).read_bytes() for name in data["atlas"]["files"]], len(kept)
+        explore.write_explorer(directory, data, iter(scripts), keys)
+        files = [*names, *(explore.icons_name(name) for name in names)]
+        return [(directory / name).read_bytes() for name in files], len(kept)
 
     first, kept = build(tmp_path / "a", thumbs)
     assert kept == 0
@@ -706,5 +816,6 @@ def test_a_rebuild_keeps_the_atlases_whose_sprites_are_unchanged(
     changed[29] = 255 - changed[29]  # the last sprite: the last atlas only
     rebuilt, kept = build(tmp_path / "a", changed)
     assert kept == 4 and rebuilt[:4] == first[:4] and rebuilt[4] != first[4]
+    assert rebuilt[5:9] == first[5:9] and rebuilt[9] != first[9], "its icons too"
     fresh, kept = build(tmp_path / "b", changed)
     assert kept == 0 and fresh == rebuilt  # as a run from nothing makes them

@@ -167,10 +167,13 @@ def test_the_demo_explorer_and_posters_are_written(demo: tuple[Path, str]) -> No
     data = json.loads((explorer / "data.js").read_text()[len(prefix) : -2])
     clusters = pd.read_parquet(project / "data/processed/clusters.parquet")
     assert data["count"] == 1797
-    assert data["columns"]["id"] == clusters["id"].tolist()
-    assert data["columns"]["cluster"] == clusters["cluster"].tolist()
+    by_cluster = clusters.sort_values("cluster", kind="stable")  # the page's order
+    assert data["columns"]["id"] == by_cluster["id"].tolist()
+    assert data["columns"]["cluster"] == by_cluster["cluster"].tolist()
     assert data["collection"] == "../../data/raw/collections/"
-    for name in (*data["atlas"]["files"], "index.html", "explorer.js", "explorer.css"):
+    assert sum(data["atlas"]["sizes"]) == 1797
+    atlases = [*data["atlas"]["files"], *data["atlas"]["icons"]]
+    for name in (*atlases, "index.html", "explorer.js", "renderer.js", "explorer.css"):
         assert (explorer / name).stat().st_size > 0, name
 
     posters = project / "reports/posters"

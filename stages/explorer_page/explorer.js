@@ -24,13 +24,11 @@
   });
   const spriteWidth = data.sprite.width;
   const spriteHeight = data.sprite.height;
-  const perAtlas = data.atlas.columns * data.atlas.rows;
   const NONE = "(none)";
   const NOISE = -1;
   const ZOOM_STEP = 1.5;
   const CLICK_SLOP = 5; // px a press may move and still count as a click
   const MIN_THUMB_PX = 4; // below this on screen, draw colored cells, not thumbnails
-  const SELECTION_COLOR = "#ffcc33";
 
   // ------------------------------------------------------------------ state
 
@@ -55,45 +53,22 @@
   let groups = []; // grid layout: {label, count, x, y, width, height}
   let bounds = { left: 0, top: 0, right: 1, bottom: 1 };
   let palette = []; // CSS colors
+  let paletteRgb = []; // the same as [r, g, b], for the GPU
   let colorIndex = new Uint16Array(count); // per image, its color in the palette
   let legendEntries = [];
 
   const canvas = $("view");
-  const context = canvas.getContext("2d");
-  // Each atlas is decoded once into ImageBitmaps, full size and a quarter size for the
-  // zoomed-out view: drawing from a plain <img> of 8192 px may decode it again every frame.
-  const LOW_DETAIL = 4;
-  // Whole pixels per small sprite: fractional source rectangles draw slower and bleed.
-  const smallWidth = Math.max(1, Math.round(spriteWidth / LOW_DETAIL));
-  const smallHeight = Math.max(1, Math.round(spriteHeight / LOW_DETAIL));
-  const atlases = data.atlas.files.map((file) => {
-    const atlas = { full: null, small: null, failed: false };
-    const image = new Image();
-    image.onload = () => {
-      const small = {
-        resizeWidth: (image.naturalWidth / spriteWidth) * smallWidth,
-        resizeHeight: (image.naturalHeight / spriteHeight) * smallHeight,
-        resizeQuality: "medium",
-      };
-      Promise.all([createImageBitmap(image), createImageBitmap(image, small)]).then(
-        ([full, reduced]) => {
-          atlas.full = full;
-          atlas.small = reduced;
-          requestDraw();
-        },
-        () => {
-          atlas.failed = true;
-          showMessage("Could not decode " + file + ": run `dvc repro explore`.");
-        }
-      );
-    };
-    image.onerror = () => {
-      atlas.failed = true;
-      showMessage("Could not load " + file + ": run `dvc repro explore`.");
-    };
-    image.src = file;
-    return atlas;
-  });
+  const labels = $("labels").getContext("2d"); // group labels, over the WebGL canvas
+  let renderer = null;
+  try {
+    renderer = window.createExplorerRenderer(canvas, data, { changed: requestDraw, failed: showMessage });
+  } catch (error) {
+    showMessage("The explorer could not start WebGL2 drawing: " + error.message);
+  }
+  if (!renderer && $("message").hidden) {
+    showMessage("This page draws with WebGL2, which this browser does not offer: " +
+      "try a recent Chrome, Firefox, Edge or Safari with hardware acceleration on.");
+  }
 
   function showMessage(text) {
     $("message").hidden = false;
@@ -184,9 +159,24 @@
         { gradient: true, label: "-1 \u2026 1" },
         { color: "#777777", label: "none (noise)" },
       ];
-      return;
+    } else {
+      computeCategoryColors(state.colorBy);
     }
-    const field = state.colorBy;
+    paletteRgb = palette.map(cssRgb);
+    stylesChanged();
+  }
+
+  const colorProbe = document.createElement("canvas").getContext("2d", { willReadFrequently: true });
+
+  function cssRgb(color) {
+    // A CSS color as [r, g, b] bytes, as the browser itself reads it.
+    colorProbe.clearRect(0, 0, 1, 1);
+    colorProbe.fillStyle = color;
+    colorProbe.fillRect(0, 0, 1, 1);
+    return Array.from(colorProbe.getImageData(0, 0, 1, 1).data.slice(0, 3));
+  }
+
+  function computeCategoryColors(field) {
     const values = [];
     for (let i = 0; i < count; i += 1) values.push(fieldValue(field, i));
     const order = categoryOrder(field, values);
@@ -397,7 +387,7 @@
     LAYOUTS[state.layout]();
     renderGroups();
     if (fit) fitView();
-    requestDraw();
+    positionsChanged();
   }
 
   // ------------------------------------------------------------------ view
@@ -427,131 +417,104 @@
     requestViewDraw();
   }
 
-  // Two kinds of frame. A full draw renders every image in view and keeps a snapshot of
-  // the result. While the user pans or zooms, frames only move and scale that snapshot
-  // (one blit, however many images), and a full draw follows once the view rests.
-  const snapshot = { canvas: document.createElement("canvas"), scale: 0, x: 0, y: 0 };
-  const REST_MS = 150;
-  let drawPending = false, viewOnly = true, restTimer = 0;
+  // A frame is drawn on the next animation frame after anything changes. The GPU
+  // buffers follow the page: positions when the layout or filter changes, colors and
+  // outlines when colors, the selection or the opened image change.
+  const REST_MS = 150; // after the view rests this long, full-size atlases are chosen
+  let drawPending = false, restTimer = 0, positionsStale = true, stylesStale = true;
 
   function requestDraw() {
-    viewOnly = false;
-    scheduleFrame();
-  }
-
-  function requestViewDraw() {
     window.clearTimeout(restTimer);
-    restTimer = window.setTimeout(requestDraw, REST_MS);
-    scheduleFrame();
-  }
-
-  function scheduleFrame() {
+    restTimer = window.setTimeout(chooseFullAtlases, REST_MS);
     if (drawPending) return;
     drawPending = true;
     window.requestAnimationFrame(() => {
       drawPending = false;
-      if (viewOnly && snapshot.scale > 0) drawSnapshot();
-      else draw();
-      viewOnly = true;
+      draw();
     });
   }
 
-  function drawSnapshot() {
-    const ratio = window.devicePixelRatio || 1;
-    const zoom = view.scale / snapshot.scale;
-    context.setTransform(1, 0, 0, 1, 0, 0);
-    context.clearRect(0, 0, canvas.width, canvas.height);
-    context.setTransform(zoom, 0, 0, zoom, ratio * (view.x - snapshot.x * zoom), ratio * (view.y - snapshot.y * zoom));
-    context.drawImage(snapshot.canvas, 0, 0);
+  function requestViewDraw() {
+    requestDraw();
   }
 
-  function keepSnapshot() {
-    if (snapshot.canvas.width !== canvas.width || snapshot.canvas.height !== canvas.height) {
-      snapshot.canvas.width = canvas.width;
-      snapshot.canvas.height = canvas.height;
-    }
-    const copy = snapshot.canvas.getContext("2d");
-    copy.clearRect(0, 0, canvas.width, canvas.height);
-    copy.drawImage(canvas, 0, 0);
-    Object.assign(snapshot, { scale: view.scale, x: view.x, y: view.y });
+  function positionsChanged() {
+    positionsStale = true;
+    requestDraw();
   }
 
-  function resizeCanvas() {
-    const ratio = window.devicePixelRatio || 1;
+  function stylesChanged() {
+    stylesStale = true;
+    requestDraw();
+  }
+
+  function detailLevel() {
+    // 0: colored cells; 1: icons; 2: full-size sprites where their atlas is loaded.
+    if (!renderer || spriteWidth * view.scale < MIN_THUMB_PX) return 0;
+    return spriteHeight * view.scale > renderer.iconSize.height * 1.25 ? 2 : 1;
+  }
+
+  function viewRect() {
+    // The world rectangle on screen, widened by a sprite: images that touch it.
     const { width, height } = canvasSize();
-    canvas.width = Math.max(1, Math.round(width * ratio));
-    canvas.height = Math.max(1, Math.round(height * ratio));
+    return {
+      left: -view.x / view.scale - spriteWidth, right: (width - view.x) / view.scale,
+      top: -view.y / view.scale - spriteHeight, bottom: (height - view.y) / view.scale,
+    };
+  }
+
+  function chooseFullAtlases() {
+    // Zoomed in: the atlases of the images in view, those with the most images first.
+    if (detailLevel() < 2) return;
+    const { left, right, top, bottom } = viewRect();
+    const inView = new Map();
+    for (const i of visible) {
+      const x = worldX[i], y = worldY[i];
+      if (x < left || x > right || y < top || y > bottom) continue;
+      const k = renderer.atlasOf(i);
+      inView.set(k, (inView.get(k) || 0) + 1);
+    }
+    renderer.wantFull(Array.from(inView.keys()).sort((a, b) => inView.get(b) - inView.get(a) || a - b));
   }
 
   let lastDrawMs = 0;
   function draw() {
     const started = performance.now();
-    const ratio = window.devicePixelRatio || 1;
     const { width, height } = canvasSize();
-    if (canvas.width !== Math.round(width * ratio)) resizeCanvas();
-    context.setTransform(1, 0, 0, 1, 0, 0);
-    context.clearRect(0, 0, canvas.width, canvas.height);
-    context.setTransform(ratio * view.scale, 0, 0, ratio * view.scale, ratio * view.x, ratio * view.y);
-    // Cells in view only: the world rectangle the screen shows.
-    const left = -view.x / view.scale - spriteWidth, right = (width - view.x) / view.scale;
-    const top = -view.y / view.scale - spriteHeight, bottom = (height - view.y) / view.scale;
-    const drawThumbs = spriteWidth * view.scale >= MIN_THUMB_PX;
-    // Zoomed out, sprites come from the quarter-size atlas: less to filter per draw.
-    const reduced = spriteWidth * view.scale < spriteWidth / LOW_DETAIL;
-    const sourceWidth = reduced ? smallWidth : spriteWidth;
-    const sourceHeight = reduced ? smallHeight : spriteHeight;
-    const frame = Math.max(spriteWidth * 0.06, 1 / view.scale);
-    context.imageSmoothingEnabled = true;
-    // Colored cells first, one path per color (setting a fill style per image is slow),
-    // then the thumbnails on top, in drawing order.
-    const paths = palette.map(() => new Path2D());
-    const inView = [];
-    for (const i of visible) {
-      const x = worldX[i], y = worldY[i];
-      if (x < left || x > right || y < top || y > bottom) continue;
-      paths[colorIndex[i]].rect(x, y, spriteWidth, spriteHeight);
-      inView.push(i);
+    const ratio = window.devicePixelRatio || 1;
+    if (renderer) {
+      if (positionsStale) {
+        renderer.setInstances(visible, worldX, worldY);
+        positionsStale = false;
+        stylesStale = true;
+      }
+      if (stylesStale) {
+        renderer.setStyles((i) => paletteRgb[colorIndex[i]], (i) => selection[i] === 1, state.selected);
+        stylesStale = false;
+      }
+      renderer.draw(view, width, height, ratio, detailLevel());
     }
-    paths.forEach((path, k) => {
-      context.fillStyle = palette[k];
-      context.fill(path);
-    });
-    for (const i of drawThumbs ? inView : []) {
-      const x = worldX[i], y = worldY[i];
-      const atlas = atlases[Math.floor(i / perAtlas)];
-      const bitmap = reduced ? atlas.small : atlas.full;
-      if (!bitmap) continue;
-      const cell = i % perAtlas;
-      const sourceX = (cell % data.atlas.columns) * sourceWidth;
-      const sourceY = Math.floor(cell / data.atlas.columns) * sourceHeight;
-      context.drawImage(
-        bitmap, sourceX, sourceY, sourceWidth, sourceHeight,
-        x + frame, y + frame, spriteWidth - 2 * frame, spriteHeight - 2 * frame
-      );
+    drawLabels(width, height, ratio);
+    lastDrawMs = performance.now() - started;
+  }
+
+  function drawLabels(width, height, ratio) {
+    const target = labels.canvas;
+    if (target.width !== Math.round(width * ratio) || target.height !== Math.round(height * ratio)) {
+      target.width = Math.round(width * ratio);
+      target.height = Math.round(height * ratio);
     }
-    if (selectedCount > 0) {
-      const outline = new Path2D();
-      for (const i of inView) if (selection[i]) outline.rect(worldX[i], worldY[i], spriteWidth, spriteHeight);
-      context.strokeStyle = SELECTION_COLOR;
-      context.lineWidth = 2 / view.scale;
-      context.stroke(outline);
-    }
-    if (state.selected >= 0 && passes(state.selected)) {
-      context.strokeStyle = "#ffffff";
-      context.lineWidth = 3 / view.scale;
-      context.strokeRect(worldX[state.selected], worldY[state.selected], spriteWidth, spriteHeight);
-    }
-    context.setTransform(ratio, 0, 0, ratio, 0, 0);
-    context.fillStyle = "#e6e6e6";
-    context.font = "12px system-ui, sans-serif";
-    context.textBaseline = "bottom";
+    labels.setTransform(1, 0, 0, 1, 0, 0);
+    labels.clearRect(0, 0, target.width, target.height);
+    labels.setTransform(ratio, 0, 0, ratio, 0, 0);
+    labels.fillStyle = "#e6e6e6";
+    labels.font = "12px system-ui, sans-serif";
+    labels.textBaseline = "bottom";
     for (const group of groups) {
       const sx = group.x * view.scale + view.x, sy = group.y * view.scale + view.y - 3;
       if (sx > width || sy < 0 || sy > height + 12) continue;
-      context.fillText(group.label + " (" + group.count + ")", sx, sy);
+      labels.fillText(group.label + " (" + group.count + ")", sx, sy);
     }
-    keepSnapshot();
-    lastDrawMs = performance.now() - started;
   }
 
   // ------------------------------------------------------------------ picking and detail
@@ -617,7 +580,7 @@
       list.append(term, description);
     }
     showSimilar(i);
-    requestDraw();
+    stylesChanged();
   }
 
   function showSimilar(i) {
@@ -645,7 +608,7 @@
     state.selected = -1;
     $("detail").hidden = true;
     $("detail-image").removeAttribute("src");
-    requestDraw();
+    stylesChanged();
   }
 
   // ------------------------------------------------------------------ selection
@@ -681,7 +644,7 @@
     $("selected").textContent = selectedCount.toLocaleString("en-US");
     $("selection-save").disabled = selectedCount === 0;
     if (state.onlySelected) relayout(false);
-    else requestDraw();
+    else stylesChanged();
   }
 
   function csvField(value) {
@@ -951,10 +914,7 @@
     $("explorer-view").hidden = overview;
     $("tab-overview").setAttribute("aria-selected", String(overview));
     $("tab-explorer").setAttribute("aria-selected", String(!overview));
-    if (!overview) {
-      resizeCanvas();
-      requestDraw();
-    }
+    if (!overview) requestDraw();
   }
 
   // ------------------------------------------------------------------ events
@@ -978,7 +938,6 @@
     state.colorBy = event.target.value;
     computeColors();
     renderLegend();
-    requestDraw();
   });
   $("filter-cluster").addEventListener("change", (event) => {
     state.filterCluster = event.target.value;
@@ -1069,10 +1028,7 @@
     else if (event.key === "0") fitView();
     else if (event.key === "Escape") closeDetail();
   });
-  new ResizeObserver(() => {
-    resizeCanvas();
-    requestDraw();
-  }).observe(canvas);
+  new ResizeObserver(() => requestDraw()).observe(canvas);
 
   // A small read-only handle for tests and the curious: where an image is on screen.
   window.explorer = {
@@ -1088,11 +1044,20 @@
       };
     },
     lastDrawMs: () => lastDrawMs,
+    scale: () => view.scale,
     selectedCount: () => selectedCount,
-    atlasesLoaded: () => atlases.every((atlas) => atlas.full !== null && atlas.small !== null),
+    // Every icon atlas is on the GPU (full-size atlases come later, when zoomed in).
+    atlasesLoaded: () => renderer !== null && renderer.iconsLoaded(),
+    detailLevel,
+    residentAtlases: () => (renderer ? renderer.residentAtlases() : []),
+    atlasOf: (id) => (renderer ? renderer.atlasOf(col.id.indexOf(id)) : -1),
     zoomAt,
     fitView,
-    draw,
+    draw() {
+      // One frame, drawn now, and waits for the GPU to finish it: for timing.
+      draw();
+      if (renderer) renderer.finish();
+    },
   };
 
   fillClusterFilter();
@@ -1102,6 +1067,5 @@
   computeColors();
   renderLegend();
   renderOverview();
-  resizeCanvas();
   relayout(true);
 })();

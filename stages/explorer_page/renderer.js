@@ -1,0 +1,420 @@
+// The explorer's WebGL2 renderer: every shown image is one instance of a quad, drawn in
+// one call from GPU buffers. Thumbnails come in two levels of detail: an icon of every
+// image (icons-NNN.js, all loaded at once, one texture layer per atlas) and full-size
+// sprites (atlas-NNN.js), loaded for the atlases the view needs once it zooms in far
+// enough, at most FULL_SLOTS at a time, so the page's memory stays bounded.
+//
+// Atlases are scripts that call explorerAtlas(script, base64 JPEG): a page opened from
+// disk may not read the pixels of its own image files, but it may run its own scripts.
+"use strict";
+
+window.createExplorerRenderer = function (canvas, layout, events) {
+  const gl = canvas.getContext("webgl2", { antialias: false, alpha: false });
+  if (!gl) return null;
+
+  const FULL_SLOTS = 6; // full-size atlases on the GPU at once (64 MiB each at 4096 px)
+  const PARALLEL_LOADS = 6; // atlas scripts loading at once
+  const BLOB_CACHE = 24; // full-size atlases kept as JPEG bytes, to reload without a script
+
+  const sprite = layout.sprite; // {width, height}
+  const atlas = layout.atlas; // {columns, rows, sizes, files, icons, icon: {width, height}}
+  const atlasCount = atlas.sizes.length;
+  const fullSize = { width: atlas.columns * sprite.width, height: atlas.rows * sprite.height };
+  const iconSize = { width: atlas.columns * atlas.icon.width, height: atlas.rows * atlas.icon.height };
+
+  // Each image's atlas and its cell there: atlas k holds the next sizes[k] rows.
+  const count = atlas.sizes.reduce((sum, size) => sum + size, 0);
+  const atlasOf = new Uint16Array(count);
+  const cellOf = new Uint32Array(count);
+  for (let k = 0, row = 0; k < atlasCount; k += 1) {
+    for (let cell = 0; cell < atlas.sizes[k]; cell += 1, row += 1) {
+      atlasOf[row] = k;
+      cellOf[row] = cell;
+    }
+  }
+
+  // ------------------------------------------------------------------ program
+
+  const VERTEX = `#version 300 es
+    precision highp float;
+    precision highp int;
+    layout(location = 0) in vec2 corner;    // (0, 0) to (1, 1)
+    layout(location = 1) in vec4 instance;  // world x, y; atlas; cell
+    layout(location = 2) in vec4 style;     // rgb; flags (1 selected, 2 opened)
+    uniform vec2 scale, offset;             // world to clip space
+    uniform vec2 spriteSize;                // world units
+    uniform int columns;
+    uniform highp isampler2D slots;         // per atlas, its full-size slot or -1
+    out vec2 uv;
+    flat out vec3 color;
+    flat out int flags;
+    flat out vec2 cell;
+    flat out float layer;
+    flat out float slot;
+    void main() {
+      gl_Position = vec4((instance.xy + corner * spriteSize) * scale + offset, 0.0, 1.0);
+      uv = corner;
+      color = style.rgb;
+      flags = int(style.a * 255.0 + 0.5);
+      int index = int(instance.w + 0.5);
+      cell = vec2(float(index % columns), float(index / columns));
+      layer = instance.z;
+      slot = float(texelFetch(slots, ivec2(int(instance.z + 0.5), 0), 0).r);
+    }`;
+
+  const FRAGMENT = `#version 300 es
+    precision highp float;
+    precision highp int;
+    precision highp sampler2DArray;
+    in vec2 uv;
+    flat in vec3 color;
+    flat in int flags;
+    flat in vec2 cell;
+    flat in float layer;
+    flat in float slot;
+    uniform int level;                      // 0 colors, 1 icons, 2 full-size where loaded
+    uniform sampler2DArray icons, full;
+    uniform vec2 iconCell, fullCell;        // one cell in texture coordinates
+    uniform vec2 iconHalfTexel, fullHalfTexel; // half a texel, as a share of a cell
+    uniform vec2 frame, outline;            // as a share of the sprite
+    out vec4 pixel;
+    void main() {
+      vec2 edge = min(uv, 1.0 - uv);
+      if ((flags & 2) != 0 && (edge.x < 1.5 * outline.x || edge.y < 1.5 * outline.y)) {
+        pixel = vec4(1.0);
+        return;
+      }
+      if ((flags & 1) != 0 && (edge.x < outline.x || edge.y < outline.y)) {
+        pixel = vec4(1.0, 0.8, 0.2, 1.0);
+        return;
+      }
+      if (level == 0 || edge.x < frame.x || edge.y < frame.y) {
+        pixel = vec4(color, 1.0);
+        return;
+      }
+      vec2 inner = (uv - frame) / (1.0 - 2.0 * frame);
+      if (level == 2 && slot >= 0.0) {
+        vec2 at = cell + clamp(inner, fullHalfTexel, 1.0 - fullHalfTexel);
+        pixel = texture(full, vec3(at * fullCell, slot));
+      } else {
+        vec2 at = cell + clamp(inner, iconHalfTexel, 1.0 - iconHalfTexel);
+        pixel = texture(icons, vec3(at * iconCell, layer));
+      }
+    }`;
+
+  function compile(type, source) {
+    const shader = gl.createShader(type);
+    gl.shaderSource(shader, source);
+    gl.compileShader(shader);
+    if (!gl.getShaderParameter(shader, gl.COMPILE_STATUS)) throw new Error(gl.getShaderInfoLog(shader));
+    return shader;
+  }
+
+  const program = gl.createProgram();
+  gl.attachShader(program, compile(gl.VERTEX_SHADER, VERTEX));
+  gl.attachShader(program, compile(gl.FRAGMENT_SHADER, FRAGMENT));
+  gl.linkProgram(program);
+  if (!gl.getProgramParameter(program, gl.LINK_STATUS)) throw new Error(gl.getProgramInfoLog(program));
+  gl.useProgram(program);
+  const uniform = {};
+  for (const name of ["scale", "offset", "spriteSize", "columns", "slots", "level", "icons", "full",
+    "iconCell", "fullCell", "iconHalfTexel", "fullHalfTexel", "frame", "outline"]) {
+    uniform[name] = gl.getUniformLocation(program, name);
+  }
+
+  const vertexArray = gl.createVertexArray();
+  gl.bindVertexArray(vertexArray);
+  const cornerBuffer = gl.createBuffer();
+  gl.bindBuffer(gl.ARRAY_BUFFER, cornerBuffer);
+  gl.bufferData(gl.ARRAY_BUFFER, new Float32Array([0, 0, 1, 0, 0, 1, 1, 1]), gl.STATIC_DRAW);
+  gl.enableVertexAttribArray(0);
+  gl.vertexAttribPointer(0, 2, gl.FLOAT, false, 0, 0);
+  const instanceBuffer = gl.createBuffer();
+  gl.bindBuffer(gl.ARRAY_BUFFER, instanceBuffer);
+  gl.enableVertexAttribArray(1);
+  gl.vertexAttribPointer(1, 4, gl.FLOAT, false, 0, 0);
+  gl.vertexAttribDivisor(1, 1);
+  const styleBuffer = gl.createBuffer();
+  gl.bindBuffer(gl.ARRAY_BUFFER, styleBuffer);
+  gl.enableVertexAttribArray(2);
+  gl.vertexAttribPointer(2, 4, gl.UNSIGNED_BYTE, true, 0, 0);
+  gl.vertexAttribDivisor(2, 1);
+  let instanceCount = 0;
+
+  // ------------------------------------------------------------------ textures
+
+  function arrayTexture(unit, width, height, layers) {
+    const texture = gl.createTexture();
+    gl.activeTexture(gl.TEXTURE0 + unit);
+    gl.bindTexture(gl.TEXTURE_2D_ARRAY, texture);
+    gl.texStorage3D(gl.TEXTURE_2D_ARRAY, 1, gl.RGBA8, width, height, layers);
+    gl.texParameteri(gl.TEXTURE_2D_ARRAY, gl.TEXTURE_MIN_FILTER, gl.LINEAR);
+    gl.texParameteri(gl.TEXTURE_2D_ARRAY, gl.TEXTURE_MAG_FILTER, gl.LINEAR);
+    gl.texParameteri(gl.TEXTURE_2D_ARRAY, gl.TEXTURE_WRAP_S, gl.CLAMP_TO_EDGE);
+    gl.texParameteri(gl.TEXTURE_2D_ARRAY, gl.TEXTURE_WRAP_T, gl.CLAMP_TO_EDGE);
+    return texture;
+  }
+
+  const layerLimit = gl.getParameter(gl.MAX_ARRAY_TEXTURE_LAYERS);
+  if (atlasCount > layerLimit) {
+    throw new Error(atlasCount + " atlases, more than this GPU's " + layerLimit + " texture layers");
+  }
+  const iconTexture = arrayTexture(0, iconSize.width, iconSize.height, Math.max(1, atlasCount));
+  const fullSlots = Math.max(1, Math.min(FULL_SLOTS, atlasCount));
+  const fullTexture = arrayTexture(1, fullSize.width, fullSize.height, fullSlots);
+  // Per atlas, the slot holding its full-size sprites (-1: none), read by the shader.
+  const slotOf = new Int16Array(Math.max(1, atlasCount)).fill(-1);
+  gl.activeTexture(gl.TEXTURE2);
+  const slotTexture = gl.createTexture();
+  gl.bindTexture(gl.TEXTURE_2D, slotTexture);
+  gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_MIN_FILTER, gl.NEAREST);
+  gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_MAG_FILTER, gl.NEAREST);
+  gl.pixelStorei(gl.UNPACK_ALIGNMENT, 1);
+  gl.texImage2D(gl.TEXTURE_2D, 0, gl.R16I, slotOf.length, 1, 0, gl.RED_INTEGER, gl.SHORT, slotOf);
+
+  function uploadSlots() {
+    gl.activeTexture(gl.TEXTURE2);
+    gl.bindTexture(gl.TEXTURE_2D, slotTexture);
+    gl.texSubImage2D(gl.TEXTURE_2D, 0, 0, 0, slotOf.length, 1, gl.RED_INTEGER, gl.SHORT, slotOf);
+  }
+
+  gl.uniform1i(uniform.icons, 0);
+  gl.uniform1i(uniform.full, 1);
+  gl.uniform1i(uniform.slots, 2);
+  gl.uniform1i(uniform.columns, atlas.columns);
+  gl.uniform2f(uniform.spriteSize, sprite.width, sprite.height);
+  gl.uniform2f(uniform.iconCell, atlas.icon.width / iconSize.width, atlas.icon.height / iconSize.height);
+  gl.uniform2f(uniform.fullCell, sprite.width / fullSize.width, sprite.height / fullSize.height);
+  gl.uniform2f(uniform.iconHalfTexel, 0.5 / atlas.icon.width, 0.5 / atlas.icon.height);
+  gl.uniform2f(uniform.fullHalfTexel, 0.5 / sprite.width, 0.5 / sprite.height);
+
+  function upload(texture, unit, layer, bitmap) {
+    gl.activeTexture(gl.TEXTURE0 + unit);
+    gl.bindTexture(gl.TEXTURE_2D_ARRAY, texture);
+    gl.texSubImage3D(gl.TEXTURE_2D_ARRAY, 0, 0, 0, layer, bitmap.width, bitmap.height, 1,
+      gl.RGBA, gl.UNSIGNED_BYTE, bitmap);
+    bitmap.close();
+  }
+
+  // ------------------------------------------------------------------ atlas scripts
+
+  const BASE64 = new Uint8Array(128);
+  "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    .split("").forEach((char, value) => { BASE64[char.charCodeAt(0)] = value; });
+
+  function fromBase64(text) {
+    if (Uint8Array.fromBase64) return Uint8Array.fromBase64(text);
+    const padding = text.endsWith("==") ? 2 : text.endsWith("=") ? 1 : 0;
+    const bytes = new Uint8Array((text.length / 4) * 3 - padding);
+    for (let i = 0, j = 0; i < text.length; i += 4) {
+      const n = (BASE64[text.charCodeAt(i)] << 18) | (BASE64[text.charCodeAt(i + 1)] << 12) |
+        (BASE64[text.charCodeAt(i + 2)] << 6) | BASE64[text.charCodeAt(i + 3)];
+      if (j < bytes.length) bytes[j++] = n >> 16;
+      if (j < bytes.length) bytes[j++] = (n >> 8) & 255;
+      if (j < bytes.length) bytes[j++] = n & 255;
+    }
+    return bytes;
+  }
+
+  const waiting = new Map(); // script element: {resolve, reject}
+  window.explorerAtlas = (script, text) => {
+    const entry = waiting.get(script);
+    if (!entry) return;
+    waiting.delete(script);
+    try {
+      entry.resolve(new Blob([fromBase64(text)], { type: "image/jpeg" }));
+    } catch (error) {
+      entry.reject(error);
+    }
+  };
+
+  function loadScript(file) {
+    // The JPEG bytes an atlas script carries, as a Blob.
+    return new Promise((resolve, reject) => {
+      const script = document.createElement("script");
+      waiting.set(script, { resolve, reject });
+      script.onload = () => {
+        script.remove();
+        if (waiting.delete(script)) reject(new Error(file + " did not hand over an atlas"));
+      };
+      script.onerror = () => {
+        script.remove();
+        waiting.delete(script);
+        reject(new Error("could not load " + file));
+      };
+      script.src = file;
+      document.head.append(script);
+    });
+  }
+
+  const queue = []; // {file, done}: scripts to load, PARALLEL_LOADS at a time
+  let loading = 0;
+  function enqueue(file, first) {
+    return new Promise((resolve, reject) => {
+      const task = { file, resolve, reject };
+      if (first) queue.unshift(task);
+      else queue.push(task);
+      pump();
+    });
+  }
+  function pump() {
+    while (loading < PARALLEL_LOADS && queue.length) {
+      const task = queue.shift();
+      loading += 1;
+      loadScript(task.file).then(task.resolve, task.reject).finally(() => {
+        loading -= 1;
+        pump();
+      });
+    }
+  }
+
+  let iconsLoaded = 0, failed = false;
+  atlas.icons.forEach((file, k) => {
+    enqueue(file, false)
+      .then((blob) => createImageBitmap(blob))
+      .then((bitmap) => {
+        upload(iconTexture, 0, k, bitmap);
+        iconsLoaded += 1;
+        events.changed();
+      })
+      .catch((error) => {
+        failed = true;
+        events.failed(file + ": " + error.message + "; run `dvc repro explore`.");
+      });
+  });
+
+  // Full-size atlases: which are on the GPU, which are on their way, and recent JPEGs.
+  const slotAtlas = new Int32Array(fullSlots).fill(-1); // per slot, its atlas
+  const slotUsed = new Float64Array(fullSlots); // when each slot was last wanted
+  const loadingInto = new Map(); // slot: the atlas on its way into it
+  const blobs = new Map(); // atlas: JPEG Blob, most recent last
+
+  function fetchFull(k) {
+    if (blobs.has(k)) {
+      const blob = blobs.get(k);
+      blobs.delete(k);
+      blobs.set(k, blob);
+      return Promise.resolve(blob);
+    }
+    return enqueue(atlas.files[k], true).then((blob) => {
+      blobs.set(k, blob);
+      if (blobs.size > BLOB_CACHE) blobs.delete(blobs.keys().next().value);
+      return blob;
+    });
+  }
+
+  function wantFull(wanted) {
+    // `wanted`: the atlases the view needs, most needed first. The first FULL_SLOTS stay
+    // or come; a newcomer takes the slot least recently wanted among those not needed.
+    const now = performance.now();
+    const chosen = wanted.slice(0, fullSlots);
+    const keep = new Set(chosen);
+    const onTheWay = new Set(loadingInto.values());
+    for (const k of chosen) if (slotOf[k] >= 0) slotUsed[slotOf[k]] = now;
+    for (const k of chosen) {
+      if (slotOf[k] >= 0 || onTheWay.has(k)) continue;
+      let slot = -1;
+      for (let s = 0; s < fullSlots; s += 1) {
+        if (loadingInto.has(s) || (slotAtlas[s] >= 0 && keep.has(slotAtlas[s]))) continue;
+        if (slot < 0 || slotUsed[s] < slotUsed[slot]) slot = s;
+      }
+      if (slot < 0) break;
+      if (slotAtlas[slot] >= 0) {
+        slotOf[slotAtlas[slot]] = -1;
+        slotAtlas[slot] = -1;
+        uploadSlots();
+      }
+      slotUsed[slot] = now;
+      loadingInto.set(slot, k);
+      onTheWay.add(k);
+      fetchFull(k)
+        .then((blob) => createImageBitmap(blob))
+        .then((bitmap) => {
+          upload(fullTexture, 1, slot, bitmap);
+          slotAtlas[slot] = k;
+          slotOf[k] = slot;
+          uploadSlots();
+          events.changed();
+        })
+        .catch((error) => events.failed(atlas.files[k] + ": " + error.message + "; run `dvc repro explore`."))
+        .finally(() => loadingInto.delete(slot));
+    }
+  }
+
+  // ------------------------------------------------------------------ drawing
+
+  let instanceImages = new Int32Array(0);
+
+  function setInstances(images, worldX, worldY) {
+    // The images to draw, in drawing order, at their world positions.
+    instanceImages = images;
+    const values = new Float32Array(images.length * 4);
+    for (let k = 0; k < images.length; k += 1) {
+      const i = images[k];
+      values[4 * k] = worldX[i];
+      values[4 * k + 1] = worldY[i];
+      values[4 * k + 2] = atlasOf[i];
+      values[4 * k + 3] = cellOf[i];
+    }
+    gl.bindBuffer(gl.ARRAY_BUFFER, instanceBuffer);
+    gl.bufferData(gl.ARRAY_BUFFER, values, gl.STATIC_DRAW);
+    instanceCount = images.length;
+  }
+
+  function setStyles(colorOf, selected, opened) {
+    // Per drawn image: colorOf(i) gives [r, g, b], selected(i) its lasso selection;
+    // `opened` is the image whose details are open.
+    const values = new Uint8Array(instanceImages.length * 4);
+    for (let k = 0; k < instanceImages.length; k += 1) {
+      const i = instanceImages[k];
+      const rgb = colorOf(i);
+      values[4 * k] = rgb[0];
+      values[4 * k + 1] = rgb[1];
+      values[4 * k + 2] = rgb[2];
+      values[4 * k + 3] = (selected(i) ? 1 : 0) | (i === opened ? 2 : 0);
+    }
+    gl.bindBuffer(gl.ARRAY_BUFFER, styleBuffer);
+    gl.bufferData(gl.ARRAY_BUFFER, values, gl.DYNAMIC_DRAW);
+  }
+
+  function draw(view, width, height, ratio, level) {
+    // view: screen = world * scale + (x, y), CSS px; level 0, 1 or 2 (see the shader).
+    const deviceWidth = Math.max(1, Math.round(width * ratio));
+    const deviceHeight = Math.max(1, Math.round(height * ratio));
+    if (canvas.width !== deviceWidth || canvas.height !== deviceHeight) {
+      canvas.width = deviceWidth; // resizing reallocates the drawing buffer: only on change
+      canvas.height = deviceHeight;
+    }
+    gl.viewport(0, 0, canvas.width, canvas.height);
+    gl.clearColor(0.082, 0.09, 0.11, 1);
+    gl.clear(gl.COLOR_BUFFER_BIT);
+    gl.useProgram(program);
+    gl.bindVertexArray(vertexArray);
+    gl.uniform2f(uniform.scale, (2 * view.scale) / width, (-2 * view.scale) / height);
+    gl.uniform2f(uniform.offset, (2 * view.x) / width - 1, 1 - (2 * view.y) / height);
+    gl.uniform1i(uniform.level, level);
+    const onScreen = sprite.width * view.scale * ratio; // device px of one sprite
+    const frame = Math.max(0.06, 1 / onScreen);
+    gl.uniform2f(uniform.frame, frame, (frame * sprite.width) / sprite.height);
+    const outline = Math.min(0.25, 2 / onScreen);
+    gl.uniform2f(uniform.outline, outline, (outline * sprite.width) / sprite.height);
+    gl.drawArraysInstanced(gl.TRIANGLE_STRIP, 0, 4, instanceCount);
+  }
+
+  canvas.addEventListener("webglcontextlost", (event) => {
+    event.preventDefault();
+    events.failed("The GPU dropped this page's drawing (WebGL context lost): reload the page.");
+  });
+
+  return {
+    setInstances,
+    setStyles,
+    draw,
+    wantFull,
+    atlasOf: (i) => atlasOf[i],
+    finish: () => gl.finish(),
+    iconsLoaded: () => iconsLoaded === atlasCount && !failed,
+    residentAtlases: () => Array.from(slotAtlas).filter((k) => k >= 0).sort((a, b) => a - b),
+    iconSize: atlas.icon,
+  };
+};
