@@ -75,8 +75,9 @@ DATA_SCRIPT = "data.js"
 ATLAS_KEYS_FILE = "atlases.json"
 # px: a full-size atlas is one GPU texture layer on the page (64 MiB at 4096 px, RGBA)
 MAX_ATLAS_SIDE = 4096
-# Every image's icon stays loaded, so all icons together hold about this many pixels
-# (190 MiB on the GPU as RGBA) whatever the count: smaller icons for more images.
+# Every image's icon stays loaded, one GPU texture layer an atlas: all the layers together
+# hold at most this many pixels (190 MiB as RGBA) whatever the count: smaller icons for
+# more images.
 ICON_PIXELS = 48_000_000
 MIN_ICON_HEIGHT = 4  # px
 ATLAS_FORMAT = "script-base64-jpeg-1"  # part of each atlas's key: a new format remakes them
@@ -355,20 +356,25 @@ def data_script(data: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- atlases
 
 
-def atlas_grid(thumb_shape: tuple[int, int], sprite_height: int, count: int) -> AtlasGrid:
-    """Sprite size from the thumbnails' (height, width), the grid of one atlas, and the
-    icons' size for `count` images.
+def atlas_grid(
+    thumb_shape: tuple[int, int], sprite_height: int, count: int, atlases: int | None = None
+) -> AtlasGrid:
+    """Sprite size from the thumbnails' (height, width), the grid of one atlas for at most
+    `count` sprites, and the icons' size for `atlases` atlases of that grid.
 
     An atlas holds as many sprites as fit in MAX_ATLAS_SIDE on both sides, and no more
-    rows than `count` needs, so a small collection gets small atlases. Icons are as large
-    as ICON_PIXELS allows for `count` images, from MIN_ICON_HEIGHT to half the sprite.
+    than `count` needs (the most one atlas is given), so small clusters get small atlases.
+    Icons are as large as ICON_PIXELS allows for `atlases` (by default, as many as
+    `count` sprites fill), from MIN_ICON_HEIGHT to half the sprite.
     """
     thumb_height, thumb_width = thumb_shape
     height = min(sprite_height, MAX_ATLAS_SIDE)
     width = max(1, min(MAX_ATLAS_SIDE, round(height * thumb_width / thumb_height)))
     columns = max(1, min(MAX_ATLAS_SIDE // width, math.ceil(math.sqrt(count * height / width))))
     rows = max(1, min(MAX_ATLAS_SIDE // height, math.ceil(count / columns)))
-    fitting = math.floor(math.sqrt(ICON_PIXELS / max(count, 1) * height / width))
+    atlases = math.ceil(count / (columns * rows)) if atlases is None else atlases
+    per_icon = ICON_PIXELS / max(1, atlases * columns * rows)
+    fitting = math.floor(math.sqrt(per_icon * height / width))
     icon_height = max(1, min(max(MIN_ICON_HEIGHT, height // 2), max(MIN_ICON_HEIGHT, fitting)))
     icon_width = max(1, round(icon_height * width / height))
     return AtlasGrid(width, height, columns, rows, icon_width, icon_height)
@@ -590,8 +596,11 @@ def build_explorer(
     clusters = table["cluster"].to_numpy()
     rows = sample[np.argsort(clusters[sample], kind="stable")]
     shown = table.iloc[rows].reset_index(drop=True)
-    grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, len(rows))
+    # The grid fits the largest cluster (up to MAX_ATLAS_SIDE); icons fit all the atlases.
+    runs = np.diff(np.flatnonzero(np.diff(clusters[rows], prepend=-2, append=-2)))
+    grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, int(runs.max(initial=0)))
     blocks = atlas_blocks(rows, grid, clusters[rows])
+    grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, grid.per_atlas, len(blocks))
     collection = Path(os.path.relpath(collection_dir, directory)).as_posix() + "/"
     summary = {**summary, "shown_images": len(rows)}
     compared = compared_clusterings(shown, table, clusterings or [])

@@ -55,9 +55,10 @@ def test_atlas_grid_keeps_the_thumbnail_aspect_and_fits_small_collections() -> N
 
 @pytest.mark.parametrize("count", [100_000, 1_000_000, 10_000_000])
 def test_icons_shrink_as_images_grow_and_stay_within_their_pixel_budget(count: int) -> None:
-    grid = explore.atlas_grid((54, 96), sprite_height=54, count=count)
+    grid = explore.atlas_grid((54, 96), sprite_height=54, count=3150, atlases=count // 3150 + 50)
     assert grid.icon_height >= explore.MIN_ICON_HEIGHT
-    icon_pixels = count * grid.icon_width * grid.icon_height
+    layers = (count // 3150 + 50) * grid.per_atlas  # icons' room on the GPU, partly empty
+    icon_pixels = layers * grid.icon_width * grid.icon_height
     assert icon_pixels <= explore.ICON_PIXELS or grid.icon_height == explore.MIN_ICON_HEIGHT
     assert abs(grid.icon_width / grid.icon_height - 96 / 54) < 0.35
 
@@ -704,6 +705,15 @@ def test_webgl_draws_each_image_from_its_icon_then_its_full_size_atlas(
     page.evaluate("window.explorer.draw()")
     for index in (4, 9, 17, 22):
         assert_drawn_from(drawn_sprite(visit, f"scene-{index:02d}"), index)
+
+    # Many images in view are drawn once into the overview texture, which the frame shows.
+    page.evaluate("window.explorer.useOverviewAbove(0)")
+    page.evaluate("window.explorer.draw()")
+    assert page.evaluate("window.explorer.lastFrame()") == "overview"
+    assert_drawn_from(drawn_sprite(visit, "scene-22"), 22)
+    page.evaluate("window.explorer.useOverviewAbove(40000)")
+    page.evaluate("window.explorer.draw()")
+    assert page.evaluate("window.explorer.lastFrame()").startswith("images ")
 
     # Zoomed out until a sprite is about the icons' size: drawn from the icons.
     scale = page.evaluate("window.explorer.scale()")

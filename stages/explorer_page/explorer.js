@@ -47,7 +47,7 @@
   const selection = new Uint8Array(count); // 1: in the lasso selection
   let selectedCount = 0;
   const view = { scale: 1, x: 0, y: 0 }; // screen = world * scale + (x, y), CSS px
-  let visible = new Int32Array(0); // indices of the shown images, in drawing order
+  let visible = new Int32Array(0); // indices of the shown images, in the page's order
   const worldX = new Float32Array(count);
   const worldY = new Float32Array(count);
   let groups = []; // grid layout: {label, count, x, y, width, height}
@@ -466,9 +466,10 @@
   function chooseFullAtlases() {
     // Zoomed in: the atlases of the images in view, those with the most images first.
     if (detailLevel() < 2) return;
+    syncBuffers();
     const { left, right, top, bottom } = viewRect();
     const inView = new Map();
-    for (const i of visible) {
+    for (const i of renderer.imagesIn(viewRect())) {
       const x = worldX[i], y = worldY[i];
       if (x < left || x > right || y < top || y > bottom) continue;
       const k = renderer.atlasOf(i);
@@ -478,24 +479,42 @@
   }
 
   let lastDrawMs = 0;
+  let lastFrame = ""; // how the renderer drew the last frame: "overview" or "images N"
+
+  function syncBuffers() {
+    // The GPU buffers (and the renderer's index of where images are) as the page is now.
+    if (positionsStale) {
+      renderer.setInstances(visible, worldX, worldY, layoutBounds());
+      positionsStale = false;
+      stylesStale = true;
+    }
+    if (stylesStale) {
+      renderer.setStyles((i) => paletteRgb[colorIndex[i]], (i) => selection[i] === 1, state.selected);
+      stylesStale = false;
+    }
+  }
+
+  function layoutBounds() {
+    // The world rectangle holding every shown image (set-aside blocks included).
+    let left = bounds.left, right = bounds.right, top = bounds.top, bottom = bounds.bottom;
+    for (const i of visible) {
+      left = Math.min(left, worldX[i]); right = Math.max(right, worldX[i] + spriteWidth);
+      top = Math.min(top, worldY[i]); bottom = Math.max(bottom, worldY[i] + spriteHeight);
+    }
+    return { left, top, right, bottom };
+  }
+  let firstFrameAt = null; // ms since the page began loading
   function draw() {
     const started = performance.now();
     const { width, height } = canvasSize();
     const ratio = window.devicePixelRatio || 1;
     if (renderer) {
-      if (positionsStale) {
-        renderer.setInstances(visible, worldX, worldY);
-        positionsStale = false;
-        stylesStale = true;
-      }
-      if (stylesStale) {
-        renderer.setStyles((i) => paletteRgb[colorIndex[i]], (i) => selection[i] === 1, state.selected);
-        stylesStale = false;
-      }
-      renderer.draw(view, width, height, ratio, detailLevel());
+      syncBuffers();
+      lastFrame = renderer.draw(view, width, height, ratio, detailLevel());
     }
     drawLabels(width, height, ratio);
     lastDrawMs = performance.now() - started;
+    if (firstFrameAt === null) firstFrameAt = performance.now();
   }
 
   function drawLabels(width, height, ratio) {
@@ -521,8 +540,12 @@
 
   function imageAt(screenX, screenY) {
     const x = (screenX - view.x) / view.scale, y = (screenY - view.y) / view.scale;
-    for (let k = visible.length - 1; k >= 0; k -= 1) {
-      const i = visible[k]; // drawn last = on top
+    if (renderer) syncBuffers(); // a click may come before the frame after a change
+    const near = renderer
+      ? renderer.imagesIn({ left: x - spriteWidth, right: x, top: y - spriteHeight, bottom: y })
+      : visible;
+    for (let k = near.length - 1; k >= 0; k -= 1) {
+      const i = near[k]; // drawn last = on top
       if (x >= worldX[i] && x < worldX[i] + spriteWidth && y >= worldY[i] && y < worldY[i] + spriteHeight) {
         return i;
       }
@@ -1044,6 +1067,10 @@
       };
     },
     lastDrawMs: () => lastDrawMs,
+    lastFrame: () => lastFrame,
+    // When the first frame was drawn and when the last icon atlas arrived, in ms since
+    // the page began loading (null: not yet).
+    loadTimes: () => ({ firstFrame: firstFrameAt, icons: renderer ? renderer.iconsLoadedAt() : null }),
     scale: () => view.scale,
     selectedCount: () => selectedCount,
     // Every icon atlas is on the GPU (full-size atlases come later, when zoomed in).
@@ -1051,12 +1078,18 @@
     detailLevel,
     residentAtlases: () => (renderer ? renderer.residentAtlases() : []),
     atlasOf: (id) => (renderer ? renderer.atlasOf(col.id.indexOf(id)) : -1),
+    useOverviewAbove(limit) {
+      // Draw from the overview texture whenever more than `limit` images are in view
+      // (40,000 by default): lets a test see the overview with a few images.
+      if (renderer) renderer.setDirectLimit(limit);
+      requestDraw();
+    },
     zoomAt,
     fitView,
     draw() {
       // One frame, drawn now, and waits for the GPU to finish it: for timing.
       draw();
-      if (renderer) renderer.finish();
+      if (renderer) renderer.sync();
     },
   };
 

@@ -1,8 +1,14 @@
-// The explorer's WebGL2 renderer: every shown image is one instance of a quad, drawn in
-// one call from GPU buffers. Thumbnails come in two levels of detail: an icon of every
-// image (icons-NNN.js, all loaded at once, one texture layer per atlas) and full-size
-// sprites (atlas-NNN.js), loaded for the atlases the view needs once it zooms in far
-// enough, at most FULL_SLOTS at a time, so the page's memory stays bounded.
+// The explorer's WebGL2 renderer. Every shown image is a quad in one GPU vertex buffer,
+// sorted by the cell of a coarse grid over the layout, so the images of any view are a
+// few ranges of it: a zoomed-in frame draws only those. Zoomed out, where the images are
+// too many to draw every frame (software WebGL spends about 0.5 us on each), a frame
+// shows the overview: every image drawn once into a texture, again only when something
+// changes.
+//
+// Thumbnails come in two levels of detail: an icon of every image (icons-NNN.js, all
+// loaded at once, one texture layer per atlas) and full-size sprites (atlas-NNN.js),
+// loaded for the atlases the view needs once it zooms in far enough, at most FULL_SLOTS
+// at a time, so the page's memory stays bounded.
 //
 // Atlases are scripts that call explorerAtlas(script, base64 JPEG): a page opened from
 // disk may not read the pixels of its own image files, but it may run its own scripts.
@@ -13,6 +19,9 @@ window.createExplorerRenderer = function (canvas, layout, events) {
   if (!gl) return null;
 
   const FULL_SLOTS = 6; // full-size atlases on the GPU at once (64 MiB each at 4096 px)
+  const OVERVIEW_SIDE = 4096; // px of the overview texture (64 MiB)
+  let directLimit = 40000; // a view with at most this many images is drawn image by image
+  const OVERVIEW_MS = 1000; // while icons arrive, the overview is redrawn at most this often
   const PARALLEL_LOADS = 6; // atlas scripts loading at once
   const BLOB_CACHE = 24; // full-size atlases kept as JPEG bytes, to reload without a script
 
@@ -38,8 +47,7 @@ window.createExplorerRenderer = function (canvas, layout, events) {
   const VERTEX = `#version 300 es
     precision highp float;
     precision highp int;
-    layout(location = 0) in vec2 corner;    // (0, 0) to (1, 1)
-    layout(location = 1) in vec4 instance;  // world x, y; atlas; cell
+    layout(location = 1) in vec4 instance;  // world x, y; atlas; cell (the image's 4 corners)
     layout(location = 2) in vec4 style;     // rgb; flags (1 selected, 2 opened)
     uniform vec2 scale, offset;             // world to clip space
     uniform vec2 spriteSize;                // world units
@@ -52,6 +60,8 @@ window.createExplorerRenderer = function (canvas, layout, events) {
     flat out float layer;
     flat out float slot;
     void main() {
+      int vertex = gl_VertexID & 3; // each image's four vertices are 4k .. 4k + 3
+      vec2 corner = vec2(float(vertex & 1), float(vertex >> 1));
       gl_Position = vec4((instance.xy + corner * spriteSize) * scale + offset, 0.0, 1.0);
       uv = corner;
       color = style.rgb;
@@ -122,24 +132,63 @@ window.createExplorerRenderer = function (canvas, layout, events) {
     uniform[name] = gl.getUniformLocation(program, name);
   }
 
+  // Four vertices an image (the same values at each: the shader finds its corner from
+  // gl_VertexID) and two triangles of indices, which never change.
   const vertexArray = gl.createVertexArray();
   gl.bindVertexArray(vertexArray);
-  const cornerBuffer = gl.createBuffer();
-  gl.bindBuffer(gl.ARRAY_BUFFER, cornerBuffer);
-  gl.bufferData(gl.ARRAY_BUFFER, new Float32Array([0, 0, 1, 0, 0, 1, 1, 1]), gl.STATIC_DRAW);
-  gl.enableVertexAttribArray(0);
-  gl.vertexAttribPointer(0, 2, gl.FLOAT, false, 0, 0);
   const instanceBuffer = gl.createBuffer();
   gl.bindBuffer(gl.ARRAY_BUFFER, instanceBuffer);
   gl.enableVertexAttribArray(1);
   gl.vertexAttribPointer(1, 4, gl.FLOAT, false, 0, 0);
-  gl.vertexAttribDivisor(1, 1);
   const styleBuffer = gl.createBuffer();
   gl.bindBuffer(gl.ARRAY_BUFFER, styleBuffer);
   gl.enableVertexAttribArray(2);
   gl.vertexAttribPointer(2, 4, gl.UNSIGNED_BYTE, true, 0, 0);
-  gl.vertexAttribDivisor(2, 1);
-  let instanceCount = 0;
+  const indices = new Uint32Array(Math.max(1, count) * 6);
+  for (let k = 0; k < count; k += 1) {
+    const first = 4 * k;
+    indices.set([first, first + 1, first + 2, first + 2, first + 1, first + 3], 6 * k);
+  }
+  const indexBuffer = gl.createBuffer();
+  gl.bindBuffer(gl.ELEMENT_ARRAY_BUFFER, indexBuffer);
+  gl.bufferData(gl.ELEMENT_ARRAY_BUFFER, indices, gl.STATIC_DRAW);
+  gl.bindVertexArray(null);
+
+  // The overview: a texture of every image, and a program that shows it as one quad.
+  const overviewProgram = gl.createProgram();
+  gl.attachShader(overviewProgram, compile(gl.VERTEX_SHADER, `#version 300 es
+    uniform vec4 area; // the texture's place in clip space: left, top, right, bottom
+    out vec2 uv;
+    void main() {
+      vec2 corner = vec2(float(gl_VertexID & 1), float(gl_VertexID >> 1));
+      uv = vec2(corner.x, 1.0 - corner.y);
+      gl_Position = vec4(mix(area.xy, area.zw, corner), 0.0, 1.0);
+    }`));
+  gl.attachShader(overviewProgram, compile(gl.FRAGMENT_SHADER, `#version 300 es
+    precision highp float;
+    uniform sampler2D picture;
+    in vec2 uv;
+    out vec4 pixel;
+    void main() { pixel = texture(picture, uv); }`));
+  gl.linkProgram(overviewProgram);
+  if (!gl.getProgramParameter(overviewProgram, gl.LINK_STATUS)) {
+    throw new Error(gl.getProgramInfoLog(overviewProgram));
+  }
+  const overviewArea = gl.getUniformLocation(overviewProgram, "area");
+  const overviewPicture = gl.getUniformLocation(overviewProgram, "picture");
+  gl.activeTexture(gl.TEXTURE3);
+  const overviewTexture = gl.createTexture();
+  gl.bindTexture(gl.TEXTURE_2D, overviewTexture);
+  const overviewLevels = Math.floor(Math.log2(OVERVIEW_SIDE)) + 1;
+  gl.texStorage2D(gl.TEXTURE_2D, overviewLevels, gl.RGBA8, OVERVIEW_SIDE, OVERVIEW_SIDE);
+  gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_MIN_FILTER, gl.LINEAR_MIPMAP_LINEAR);
+  gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_MAG_FILTER, gl.LINEAR);
+  gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_WRAP_S, gl.CLAMP_TO_EDGE);
+  gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_WRAP_T, gl.CLAMP_TO_EDGE);
+  const overviewFramebuffer = gl.createFramebuffer();
+  gl.bindFramebuffer(gl.FRAMEBUFFER, overviewFramebuffer);
+  gl.framebufferTexture2D(gl.FRAMEBUFFER, gl.COLOR_ATTACHMENT0, gl.TEXTURE_2D, overviewTexture, 0);
+  gl.bindFramebuffer(gl.FRAMEBUFFER, null);
 
   // ------------------------------------------------------------------ textures
 
@@ -268,13 +317,14 @@ window.createExplorerRenderer = function (canvas, layout, events) {
     }
   }
 
-  let iconsLoaded = 0, failed = false;
+  let iconsLoaded = 0, iconsLoadedAt = null, failed = false;
   atlas.icons.forEach((file, k) => {
     enqueue(file, false)
       .then((blob) => createImageBitmap(blob))
       .then((bitmap) => {
         upload(iconTexture, 0, k, bitmap);
         iconsLoaded += 1;
+        if (iconsLoaded === atlasCount) iconsLoadedAt = performance.now();
         events.changed();
       })
       .catch((error) => {
@@ -343,62 +393,187 @@ window.createExplorerRenderer = function (canvas, layout, events) {
 
   // ------------------------------------------------------------------ drawing
 
-  let instanceImages = new Int32Array(0);
+  // The images in drawing order, sorted by cell of a grid x grid layout of the world:
+  // cellStart[c] .. cellStart[c + 1] are cell c's positions in that order (row-major).
+  let order = new Int32Array(0);
+  let grid = 1, cellStart = new Uint32Array(2);
+  let world = { left: 0, top: 0, right: 1, bottom: 1 };
+  let overviewStale = true, overviewDrawnAt = 0, overviewLevel = -1;
 
-  function setInstances(images, worldX, worldY) {
-    // The images to draw, in drawing order, at their world positions.
-    instanceImages = images;
-    const values = new Float32Array(images.length * 4);
+  function setInstances(images, worldX, worldY, bounds) {
+    // The images to draw (in the page's drawing order) at their world positions, inside
+    // `bounds`. Returns the order they are drawn in: by grid cell, then as given.
+    world = bounds;
+    grid = Math.max(1, Math.min(256, Math.ceil(Math.sqrt(images.length / 32))));
+    const cellWidth = (world.right - world.left) / grid || 1;
+    const cellHeight = (world.bottom - world.top) / grid || 1;
+    const cellOfImage = new Uint32Array(images.length);
+    cellStart = new Uint32Array(grid * grid + 1);
     for (let k = 0; k < images.length; k += 1) {
       const i = images[k];
-      values[4 * k] = worldX[i];
-      values[4 * k + 1] = worldY[i];
-      values[4 * k + 2] = atlasOf[i];
-      values[4 * k + 3] = cellOf[i];
+      const column = Math.min(grid - 1, Math.max(0, Math.floor((worldX[i] - world.left) / cellWidth)));
+      const row = Math.min(grid - 1, Math.max(0, Math.floor((worldY[i] - world.top) / cellHeight)));
+      cellOfImage[k] = row * grid + column;
+      cellStart[cellOfImage[k] + 1] += 1;
+    }
+    for (let c = 0; c < grid * grid; c += 1) cellStart[c + 1] += cellStart[c];
+    order = new Int32Array(images.length);
+    const next = cellStart.slice(0, grid * grid);
+    for (let k = 0; k < images.length; k += 1) order[next[cellOfImage[k]]++] = images[k];
+    const values = new Float32Array(order.length * 16);
+    for (let k = 0; k < order.length; k += 1) {
+      const i = order[k];
+      for (let corner = 0; corner < 4; corner += 1) {
+        const at = 16 * k + 4 * corner;
+        values[at] = worldX[i];
+        values[at + 1] = worldY[i];
+        values[at + 2] = atlasOf[i];
+        values[at + 3] = cellOf[i];
+      }
     }
     gl.bindBuffer(gl.ARRAY_BUFFER, instanceBuffer);
     gl.bufferData(gl.ARRAY_BUFFER, values, gl.STATIC_DRAW);
-    instanceCount = images.length;
+    overviewStale = true;
+    return order;
   }
 
   function setStyles(colorOf, selected, opened) {
     // Per drawn image: colorOf(i) gives [r, g, b], selected(i) its lasso selection;
     // `opened` is the image whose details are open.
-    const values = new Uint8Array(instanceImages.length * 4);
-    for (let k = 0; k < instanceImages.length; k += 1) {
-      const i = instanceImages[k];
+    const values = new Uint8Array(order.length * 16);
+    for (let k = 0; k < order.length; k += 1) {
+      const i = order[k];
       const rgb = colorOf(i);
-      values[4 * k] = rgb[0];
-      values[4 * k + 1] = rgb[1];
-      values[4 * k + 2] = rgb[2];
-      values[4 * k + 3] = (selected(i) ? 1 : 0) | (i === opened ? 2 : 0);
+      const flags = (selected(i) ? 1 : 0) | (i === opened ? 2 : 0);
+      for (let corner = 0; corner < 4; corner += 1) {
+        const at = 16 * k + 4 * corner;
+        values[at] = rgb[0];
+        values[at + 1] = rgb[1];
+        values[at + 2] = rgb[2];
+        values[at + 3] = flags;
+      }
     }
     gl.bindBuffer(gl.ARRAY_BUFFER, styleBuffer);
     gl.bufferData(gl.ARRAY_BUFFER, values, gl.DYNAMIC_DRAW);
+    overviewStale = true;
+  }
+
+  function rangesIn(rect) {
+    // The [first, end) positions in drawing order of the grid cells that meet `rect`
+    // (world units), one range per grid row.
+    const cellWidth = (world.right - world.left) / grid || 1;
+    const cellHeight = (world.bottom - world.top) / grid || 1;
+    const clamp = (value) => Math.min(grid - 1, Math.max(0, value));
+    const left = clamp(Math.floor((rect.left - world.left) / cellWidth));
+    const right = clamp(Math.floor((rect.right - world.left) / cellWidth));
+    const top = clamp(Math.floor((rect.top - world.top) / cellHeight));
+    const bottom = clamp(Math.floor((rect.bottom - world.top) / cellHeight));
+    const ranges = [];
+    if (rect.right < world.left || rect.left > world.right) return ranges;
+    if (rect.bottom < world.top || rect.top > world.bottom) return ranges;
+    for (let row = top; row <= bottom; row += 1) {
+      const first = cellStart[row * grid + left], end = cellStart[row * grid + right + 1];
+      if (end > first) ranges.push([first, end]);
+    }
+    return ranges;
+  }
+
+  function imagesIn(rect) {
+    // The images whose cells meet `rect`, in drawing order (a superset of those in it).
+    const found = [];
+    for (const [first, end] of rangesIn(rect)) for (let k = first; k < end; k += 1) found.push(order[k]);
+    return found;
+  }
+
+  function useImageProgram(scaleX, scaleY, offsetX, offsetY, level, spriteOnScreen) {
+    gl.useProgram(program);
+    gl.bindVertexArray(vertexArray);
+    gl.uniform2f(uniform.scale, scaleX, scaleY);
+    gl.uniform2f(uniform.offset, offsetX, offsetY);
+    gl.uniform1i(uniform.level, level);
+    const frame = Math.max(0.06, 1 / spriteOnScreen);
+    gl.uniform2f(uniform.frame, frame, (frame * sprite.width) / sprite.height);
+    const outline = Math.min(0.25, 2 / spriteOnScreen);
+    gl.uniform2f(uniform.outline, outline, (outline * sprite.width) / sprite.height);
+  }
+
+  function drawRanges(ranges) {
+    for (const [first, end] of ranges) {
+      gl.drawElements(gl.TRIANGLES, (end - first) * 6, gl.UNSIGNED_INT, first * 6 * 4);
+    }
+  }
+
+  function overviewSpan() {
+    // The world square the overview texture covers, from the world's top left corner.
+    return Math.max(world.right - world.left, world.bottom - world.top, 1);
+  }
+
+  function renderOverview(iconsLevel) {
+    // Every image, drawn once into the overview texture, with its mipmaps.
+    const span = overviewSpan();
+    const spriteOnTexture = (sprite.width * OVERVIEW_SIDE) / span;
+    const level = spriteOnTexture < 4 ? 0 : iconsLevel;
+    gl.bindFramebuffer(gl.FRAMEBUFFER, overviewFramebuffer);
+    gl.viewport(0, 0, OVERVIEW_SIDE, OVERVIEW_SIDE);
+    gl.clearColor(0.082, 0.09, 0.11, 1);
+    gl.clear(gl.COLOR_BUFFER_BIT);
+    // Texture rows go upwards in clip space: world top is texture row 0.
+    const scale = 2 / span;
+    useImageProgram(scale, scale, -1 - world.left * scale, -1 - world.top * scale, level, spriteOnTexture);
+    gl.drawElements(gl.TRIANGLES, order.length * 6, gl.UNSIGNED_INT, 0);
+    gl.bindFramebuffer(gl.FRAMEBUFFER, null);
+    gl.activeTexture(gl.TEXTURE3);
+    gl.bindTexture(gl.TEXTURE_2D, overviewTexture);
+    gl.generateMipmap(gl.TEXTURE_2D);
+    overviewStale = false;
+    overviewDrawnAt = performance.now();
+    overviewLevel = iconsLevel;
   }
 
   function draw(view, width, height, ratio, level) {
     // view: screen = world * scale + (x, y), CSS px; level 0, 1 or 2 (see the shader).
+    // Returns how the frame was drawn: "images" (count) or "overview".
     const deviceWidth = Math.max(1, Math.round(width * ratio));
     const deviceHeight = Math.max(1, Math.round(height * ratio));
     if (canvas.width !== deviceWidth || canvas.height !== deviceHeight) {
       canvas.width = deviceWidth; // resizing reallocates the drawing buffer: only on change
       canvas.height = deviceHeight;
     }
-    gl.viewport(0, 0, canvas.width, canvas.height);
+    const rect = {
+      left: -view.x / view.scale - sprite.width, right: (width - view.x) / view.scale,
+      top: -view.y / view.scale - sprite.height, bottom: (height - view.y) / view.scale,
+    };
+    const ranges = rangesIn(rect);
+    const inView = ranges.reduce((sum, [first, end]) => sum + end - first, 0);
+    // The overview serves while one of its texels covers at most 1.5 device px.
+    const texel = (overviewSpan() / OVERVIEW_SIDE) * view.scale * ratio;
+    const useOverview = inView > directLimit && texel <= 1.5;
+    if (useOverview) {
+      const iconsLevel = iconsLoaded > 0 ? 1 : 0;
+      const late = performance.now() - overviewDrawnAt > OVERVIEW_MS;
+      if (overviewStale && (late || iconsLoaded === atlasCount) || overviewLevel !== iconsLevel) {
+        renderOverview(iconsLevel);
+      }
+    }
+    gl.viewport(0, 0, deviceWidth, deviceHeight);
     gl.clearColor(0.082, 0.09, 0.11, 1);
     gl.clear(gl.COLOR_BUFFER_BIT);
-    gl.useProgram(program);
-    gl.bindVertexArray(vertexArray);
-    gl.uniform2f(uniform.scale, (2 * view.scale) / width, (-2 * view.scale) / height);
-    gl.uniform2f(uniform.offset, (2 * view.x) / width - 1, 1 - (2 * view.y) / height);
-    gl.uniform1i(uniform.level, level);
-    const onScreen = sprite.width * view.scale * ratio; // device px of one sprite
-    const frame = Math.max(0.06, 1 / onScreen);
-    gl.uniform2f(uniform.frame, frame, (frame * sprite.width) / sprite.height);
-    const outline = Math.min(0.25, 2 / onScreen);
-    gl.uniform2f(uniform.outline, outline, (outline * sprite.width) / sprite.height);
-    gl.drawArraysInstanced(gl.TRIANGLE_STRIP, 0, 4, instanceCount);
+    if (useOverview) {
+      const span = overviewSpan();
+      const toClipX = (x) => ((x * view.scale + view.x) / width) * 2 - 1;
+      const toClipY = (y) => 1 - ((y * view.scale + view.y) / height) * 2;
+      gl.useProgram(overviewProgram);
+      gl.bindVertexArray(null);
+      gl.uniform1i(overviewPicture, 3);
+      gl.uniform4f(overviewArea, toClipX(world.left), toClipY(world.top + span),
+        toClipX(world.left + span), toClipY(world.top));
+      gl.drawArrays(gl.TRIANGLE_STRIP, 0, 4);
+      return "overview";
+    }
+    useImageProgram((2 * view.scale) / width, (-2 * view.scale) / height,
+      (2 * view.x) / width - 1, 1 - (2 * view.y) / height, level, sprite.width * view.scale * ratio);
+    drawRanges(ranges);
+    return "images " + inView;
   }
 
   canvas.addEventListener("webglcontextlost", (event) => {
@@ -410,10 +585,19 @@ window.createExplorerRenderer = function (canvas, layout, events) {
     setInstances,
     setStyles,
     draw,
+    imagesIn,
+    setDirectLimit(limit) {
+      // For tests: use the overview whenever more than `limit` images are in view.
+      directLimit = limit;
+    },
     wantFull,
     atlasOf: (i) => atlasOf[i],
-    finish: () => gl.finish(),
+    sync() {
+      // Waits until the GPU has drawn everything asked of it (reading a pixel must).
+      gl.readPixels(0, 0, 1, 1, gl.RGBA, gl.UNSIGNED_BYTE, new Uint8Array(4));
+    },
     iconsLoaded: () => iconsLoaded === atlasCount && !failed,
+    iconsLoadedAt: () => iconsLoadedAt,
     residentAtlases: () => Array.from(slotAtlas).filter((k) => k >= 0).sort((a, b) => a - b),
     iconSize: atlas.icon,
   };
