@@ -19,8 +19,10 @@ own origin, and WebGL refuses a cross-origin <img>).
 
 Atlases are cut by cluster (the page's rows are ordered by cluster, in table order
 within one), so a zoomed-in view of one cluster needs few full-size atlases, and a new
-image changes only its cluster's last atlas. The folder is a persistent output: a run
-keeps the atlases whose sprites are unchanged (by key) and makes only the others.
+image changes only its cluster's last atlas. Their grid and the icons' size change only
+when the largest cluster, or the number of atlases, passes a power of two. The folder is
+a persistent output: a run keeps the atlases whose sprites are unchanged (by key) and
+makes only the others.
 
 Near-duplicate copies are hidden until the page's "near-duplicate copies" box is ticked:
 each group shows its representative, and an image's details name its group. An image's
@@ -73,8 +75,11 @@ DATA_SCRIPT = "data.js"
 # Each atlas's key (see atlas_key), so that the next run keeps the atlases whose sprites
 # are unchanged instead of decoding and encoding them again.
 ATLAS_KEYS_FILE = "atlases.json"
-# px: a full-size atlas is one GPU texture layer on the page (64 MiB at 4096 px, RGBA)
-MAX_ATLAS_SIDE = 4096
+# px: a full-size atlas is one GPU texture layer on the page (16 MiB at 2048 px, RGBA).
+# Small enough that a new image, which changes the last atlas of its cluster, costs few
+# sprites to encode again; large enough that a million images need under 2048 atlases
+# (the usual limit of texture layers).
+MAX_ATLAS_SIDE = 2048
 # Every image's icon stays loaded, one GPU texture layer an atlas: all the layers together
 # hold at most this many pixels (190 MiB as RGBA) whatever the count: smaller icons for
 # more images.
@@ -400,6 +405,11 @@ def atlas(thumbs: thumbnails.ThumbnailRows, rows: np.ndarray, grid: AtlasGrid) -
     return image
 
 
+def power_of_two(count: int) -> int:
+    """The least power of two at least `count` (1 for 0)."""
+    return 1 << max(0, count - 1).bit_length()
+
+
 def icon_atlas(image: Image.Image, grid: AtlasGrid) -> Image.Image:
     """An atlas at icon size: the same grid, each sprite shrunk to an icon. (A filter
     that crosses a sprite's edge blends only its border, which the page covers with
@@ -596,11 +606,13 @@ def build_explorer(
     clusters = table["cluster"].to_numpy()
     rows = sample[np.argsort(clusters[sample], kind="stable")]
     shown = table.iloc[rows].reset_index(drop=True)
-    # The grid fits the largest cluster (up to MAX_ATLAS_SIDE); icons fit all the atlases.
+    # The grid fits the largest cluster (up to MAX_ATLAS_SIDE) and the icons fit all the
+    # atlases, both rounded up to a power of two: a daily run keeps them, and so the atlases.
     runs = np.diff(np.flatnonzero(np.diff(clusters[rows], prepend=-2, append=-2)))
-    grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, int(runs.max(initial=0)))
+    largest = power_of_two(int(runs.max(initial=1)))
+    grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, largest)
     blocks = atlas_blocks(rows, grid, clusters[rows])
-    grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, grid.per_atlas, len(blocks))
+    grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, largest, power_of_two(len(blocks)))
     collection = Path(os.path.relpath(collection_dir, directory)).as_posix() + "/"
     summary = {**summary, "shown_images": len(rows)}
     compared = compared_clusterings(shown, table, clusterings or [])

@@ -65,19 +65,43 @@ def test_icons_shrink_as_images_grow_and_stay_within_their_pixel_budget(count: i
 
 def test_atlases_never_exceed_the_side_limit_and_hold_one_cluster_each() -> None:
     grid = explore.atlas_grid((54, 96), sprite_height=54, count=15000)
-    assert grid.columns * grid.width <= 4096 and grid.rows * grid.height <= 4096
-    assert grid.per_atlas == 42 * 75  # 96 x 54 px sprites in 4096 px
+    assert grid.columns * grid.width <= 2048 and grid.rows * grid.height <= 2048
+    assert grid.per_atlas == 21 * 37  # 96 x 54 px sprites in 2048 px
     blocks = explore.atlas_blocks(np.arange(15000), grid)
-    assert [len(block) for block in blocks] == [3150] * 4 + [2400]
+    assert [len(block) for block in blocks] == [777] * 19 + [15000 - 19 * 777]
     names = explore.atlas_names(len(blocks))
     assert names[:2] == ["atlas-000.js", "atlas-001.js"]
     assert explore.icons_name(names[1]) == "icons-001.js"
-    clusters = np.array([0] * 3200 + [4] * 10 + [7] * 3150)
+    clusters = np.array([0] * 800 + [4] * 10 + [7] * 777)
     rows = np.arange(len(clusters)) + 100
     blocks = explore.atlas_blocks(rows, grid, clusters)
-    assert [len(block) for block in blocks] == [3150, 50, 10, 3150]
+    assert [len(block) for block in blocks] == [777, 23, 10, 777]
     assert all(len(set(clusters[block - 100])) == 1 for block in blocks)
     assert np.concatenate(blocks).tolist() == rows.tolist()
+
+
+def test_a_new_image_changes_only_its_clusters_last_atlas(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    count = 600
+    thumbs = rng.integers(0, 256, (count + 1, 54, 96, 3), dtype=np.uint8)
+    clusters = np.arange(count + 1) % 3
+    table = pd.DataFrame(
+        {"id": [f"i{n}" for n in range(count + 1)], "cluster": clusters, "x": 0.0, "y": 0.0}
+    )
+    for column in ("path", "subset", "place", "label", "taken_at", "month", "near_of"):
+        table[column] = None
+    for column in ("silhouette", "latitude", "longitude"):
+        table[column] = np.nan
+    table[["blank", "duplicate"]] = False
+    table[["near_group", "near_size"]] = [0, 1]
+    table["neighbors"] = [[] for _ in range(count + 1)]
+    params = explore.ExploreParams(max_images=10**6, sprite_height=27, atlas_quality=85, seed=0)
+    directory = tmp_path / "explorer"
+    before, _ = explore.build_explorer(table.iloc[:count], thumbs, {}, params, directory, tmp_path)
+    after, kept = explore.build_explorer(table, thumbs, {}, params, directory, tmp_path)
+    assert before["atlas"]["columns"] == after["atlas"]["columns"], "the grid holds"
+    assert before["atlas"]["icon"] == after["atlas"]["icon"]
+    assert len(after["atlas"]["files"]) == 3 and kept == 2, "cluster 0's atlas alone is new"
 
 
 def test_every_sprite_lands_where_the_page_looks_for_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,7 @@ window.createExplorerRenderer = function (canvas, layout, events) {
   const gl = canvas.getContext("webgl2", { antialias: false, alpha: false });
   if (!gl) return null;
 
-  const FULL_SLOTS = 6; // full-size atlases on the GPU at once (64 MiB each at 4096 px)
+  const FULL_SLOTS = 24; // full-size atlases on the GPU at once (16 MiB each at 2048 px)
   const OVERVIEW_SIDE = 4096; // px of the overview texture (64 MiB)
   let directLimit = 40000; // a view with at most this many images is drawn image by image
   const OVERVIEW_MS = 1000; // while icons arrive, the overview is redrawn at most this often
@@ -176,19 +176,23 @@ window.createExplorerRenderer = function (canvas, layout, events) {
   }
   const overviewArea = gl.getUniformLocation(overviewProgram, "area");
   const overviewPicture = gl.getUniformLocation(overviewProgram, "picture");
-  gl.activeTexture(gl.TEXTURE3);
-  const overviewTexture = gl.createTexture();
-  gl.bindTexture(gl.TEXTURE_2D, overviewTexture);
-  const overviewLevels = Math.floor(Math.log2(OVERVIEW_SIDE)) + 1;
-  gl.texStorage2D(gl.TEXTURE_2D, overviewLevels, gl.RGBA8, OVERVIEW_SIDE, OVERVIEW_SIDE);
-  gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_MIN_FILTER, gl.LINEAR_MIPMAP_LINEAR);
-  gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_MAG_FILTER, gl.LINEAR);
-  gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_WRAP_S, gl.CLAMP_TO_EDGE);
-  gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_WRAP_T, gl.CLAMP_TO_EDGE);
-  const overviewFramebuffer = gl.createFramebuffer();
-  gl.bindFramebuffer(gl.FRAMEBUFFER, overviewFramebuffer);
-  gl.framebufferTexture2D(gl.FRAMEBUFFER, gl.COLOR_ATTACHMENT0, gl.TEXTURE_2D, overviewTexture, 0);
-  gl.bindFramebuffer(gl.FRAMEBUFFER, null);
+  let overviewTexture = null, overviewFramebuffer = null; // made when first needed
+
+  function makeOverview() {
+    gl.activeTexture(gl.TEXTURE3);
+    overviewTexture = gl.createTexture();
+    gl.bindTexture(gl.TEXTURE_2D, overviewTexture);
+    const levels = Math.floor(Math.log2(OVERVIEW_SIDE)) + 1;
+    gl.texStorage2D(gl.TEXTURE_2D, levels, gl.RGBA8, OVERVIEW_SIDE, OVERVIEW_SIDE);
+    gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_MIN_FILTER, gl.LINEAR_MIPMAP_LINEAR);
+    gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_MAG_FILTER, gl.LINEAR);
+    gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_WRAP_S, gl.CLAMP_TO_EDGE);
+    gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_WRAP_T, gl.CLAMP_TO_EDGE);
+    overviewFramebuffer = gl.createFramebuffer();
+    gl.bindFramebuffer(gl.FRAMEBUFFER, overviewFramebuffer);
+    gl.framebufferTexture2D(gl.FRAMEBUFFER, gl.COLOR_ATTACHMENT0, gl.TEXTURE_2D, overviewTexture, 0);
+    gl.bindFramebuffer(gl.FRAMEBUFFER, null);
+  }
 
   // ------------------------------------------------------------------ textures
 
@@ -510,6 +514,7 @@ window.createExplorerRenderer = function (canvas, layout, events) {
 
   function renderOverview(iconsLevel) {
     // Every image, drawn once into the overview texture, with its mipmaps.
+    if (!overviewTexture) makeOverview();
     const span = overviewSpan();
     const spriteOnTexture = (sprite.width * OVERVIEW_SIDE) / span;
     const level = spriteOnTexture < 4 ? 0 : iconsLevel;
