@@ -31,7 +31,7 @@ from stages.common import read_embeddings
 
 STAGES = (
     *("sync", "prepare", "duplicates", "split", "train", "embed", "health", "cluster"),
-    *("assign", "score", "explore", "posters"),
+    *("assign", "score", "words", "patterns", "explore", "posters"),
 )
 # integer work: bytes match on any machine
 DATA_STAGES = ("sync", "prepare", "duplicates", "split")
@@ -158,6 +158,26 @@ def test_a_thumbnail_setting_never_retrains_the_model(demo: tuple[Path, str]) ->
     finally:
         params_file.write_text(original)
         dvc(["repro"], project)
+
+
+def test_the_demo_visual_words_and_patterns_are_written(demo: tuple[Path, str]) -> None:
+    project, _ = demo
+    vocabulary = np.load(project / "models/vocabulary.npz")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert vocabulary["centers"].shape == (params["words"]["vocabulary"], 128)  # SIFT
+    words = pd.read_parquet(project / "data/processed/words.parquet")
+    assert words["word"].between(0, params["words"]["vocabulary"] - 1).all()
+    assert words.groupby("id").size().max() <= params["words"]["max_keypoints"]
+    found = pd.read_parquet(project / "data/processed/patterns.parquet")
+    holders = pd.read_parquet(project / "data/processed/image_patterns.parquet")
+    metrics = read_metrics(project, "patterns.json")
+    assert metrics["patterns"] == len(found) > 0
+    assert found["support"].tolist() == holders.groupby("pattern").size().tolist()
+    assert (found["support"] >= params["patterns"]["min_support"]).all()
+    reported = min(params["patterns"]["reported"], len(found))
+    mosaics = sorted((project / "reports/patterns").glob("pattern-*.png"))
+    assert len(mosaics) == reported
+    assert (project / "reports/patterns/patterns.csv").exists()
 
 
 def test_the_demo_explorer_and_posters_are_written(demo: tuple[Path, str]) -> None:

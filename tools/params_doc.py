@@ -16,6 +16,7 @@ from stages import (
     embed,
     explore,
     health,
+    patterns,
     posters,
     prepare,
     score,
@@ -23,6 +24,7 @@ from stages import (
     split,
     sync,
     train,
+    words,
 )
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -41,6 +43,8 @@ STAGE_MODELS: dict[str, list[type[settings.Section]]] = {
     "cluster": [cluster.ClusterParams],
     "assign": [],  # none: the model and the embeddings decide everything
     "score": [score.ScoreParams],
+    "words": [words.WordsParams],
+    "patterns": [patterns.PatternsParams],
     "explore": [explore.ExploreParams],
     "posters": [posters.PostersParams],
 }

@@ -1,0 +1,414 @@
+"""patterns: sets of visual words that keep occurring together, mined with Sampled
+MinHashing (Fuentes-Pineda and Meza-Ruiz), as minIA does.
+
+Params:  PatternsParams below (params.yaml, section patterns)
+Inputs:  data/processed/words.parquet (id, word, x, y, size), data/interim/thumbs.parquet
+         (for the mosaics)
+Outputs: data/processed/patterns.parquet (pattern, words, word_count, support),
+         data/processed/image_patterns.parquet (id, pattern, score: the share of the
+         pattern's words the image holds, for every image holding at least min_share),
+         metrics/patterns.json (counts), reports/patterns/ (patterns.csv ranked by support;
+         pattern-NNN.png for the first `reported`: its best images, each with the
+         pattern's keypoints drawn)
+
+Every visual word is its inverted file: the images it occurs in, each repeated as many
+times as its weight there (`frequency`: how many of the image's keypoints are that word;
+`size`: their summed size, in steps of SIZE_STEP of the long side). In each of `tables`
+tables, `tuple_size` min-hashes of every word's inverted file make a tuple; words with
+equal tuples share a bucket, which two words whose inverted files have weighted Jaccard
+similarity J do with probability J^tuple_size in one table. Buckets of two words or more
+are sets of co-occurring words. An image holds a set of words when it has at least
+min_share of them, and two at least; sets held by fewer than min_support images are
+dropped, and sets held by nearly the same images (at least merge_similarity of the
+fewer images shared with a group's first, most held set) form one pattern: the pieces
+of one recurring structure. A word weighs in a pattern as many of its sets hold it, so
+the structure's core words count most; an image holds a pattern when it has at least
+min_share of that weight, and two of its words. Words in more than max_word_share of
+the images are left out first: a word everywhere co-occurs with everything and means
+no structure.
+
+The min-hashes are numpy (splitmix64 of each element with a seed per hash): datasketch
+hashes one set at a time in Python and knows no integer weights, while here every hash
+of every word is one vectorised pass over all the elements.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+from pydantic import Field
+from scipy import sparse
+
+from stages import common, mosaics, settings, thumbnails, words
+
+STAGE = "patterns"
+PATTERNS_FILE = common.PROCESSED_DIR / "patterns.parquet"
+IMAGE_PATTERNS_FILE = common.PROCESSED_DIR / "image_patterns.parquet"
+PATTERNS_METRICS_FILE = common.METRICS_DIR / "patterns.json"
+REPORT_DIR = Path("reports/patterns")
+SIZE_STEP = 0.02  # the `size` weighting counts keypoint size in steps of this share
+MAX_WEIGHT = 255  # an element's weight is capped: one word's copies in one image
+
+
+class PatternsParams(settings.Section):
+    """params.yaml, section patterns."""
+
+    SECTION: ClassVar[str] = "patterns"
+    weighting: Literal["frequency", "size"] = Field(
+        "frequency",
+        description="a word's weight in an image: how often it occurs there, or the size "
+        "of its keypoints",
+    )
+    tuple_size: int = Field(
+        5, ge=1, le=16, description="min-hashes per tuple (r): more, stronger co-occurrence"
+    )
+    tables: int = Field(
+        200, ge=1, le=10000, description="tables of tuples (l): more, weaker patterns found"
+    )
+    min_support: int = Field(5, ge=1, description="a pattern is kept when this many images hold it")
+    min_share: float = Field(
+        0.4, gt=0, le=1, description="an image holds a pattern with this share of its words"
+    )
+    max_word_share: float = Field(
+        0.5, gt=0, le=1, description="words in more than this share of the images are left out"
+    )
+    merge_similarity: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="word sets held by images that overlap this much (the share of the "
+        "fewer) are one pattern",
+    )
+    reported: int = Field(20, ge=0, description="patterns with a mosaic in reports/patterns/")
+    mosaic_side: int = Field(5, ge=1, le=20, description="images per side of a pattern's mosaic")
+    seed: int = Field(0, ge=0, description="seed of the min-hashes")
+
+
+# ----------------------------------------------------------------------------- inverted files
+
+
+def image_word_weights(table: pd.DataFrame, weighting: str) -> pd.DataFrame:
+    """One row per (image row, word): its weight (a whole number, 1 to MAX_WEIGHT)."""
+    grouped = table.groupby(["row", "word"], sort=True)
+    if weighting == "frequency":
+        weight = grouped.size()
+    else:
+        weight = np.rint(grouped["size"].sum() / SIZE_STEP)
+    result = weight.clip(1, MAX_WEIGHT).astype(np.int64).rename("weight").reset_index()
+    return result
+
+
+def elements(weights: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Every word's weighted inverted file, flattened: (word, element) pairs sorted by
+    word, an element being image row * (MAX_WEIGHT + 1) + copy number."""
+    repeat = weights["weight"].to_numpy()
+    word = np.repeat(weights["word"].to_numpy(np.int64), repeat)
+    row = np.repeat(weights["row"].to_numpy(np.int64), repeat)
+    starts = np.repeat(np.cumsum(repeat) - repeat, repeat)
+    copy = np.arange(len(word)) - starts
+    order = np.argsort(word, kind="stable")
+    return word[order], (row * (MAX_WEIGHT + 1) + copy)[order].astype(np.uint64)
+
+
+def splitmix64(values: np.ndarray, seed: int) -> np.ndarray:
+    """A 64-bit mix of each value with a seed: a fresh pseudo-random order per seed."""
+    with np.errstate(over="ignore"):
+        z = values + np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def word_buckets(
+    word: np.ndarray, element: np.ndarray, tuple_size: int, tables: int, seed: int
+) -> list[frozenset[int]]:
+    """The sets of words that share a bucket in some table (two words or more), each
+    once, in the order found."""
+    words_present, starts = np.unique(word, return_index=True)
+    found: dict[frozenset[int], None] = {}
+    for table in range(tables):
+        key = np.zeros(len(words_present), np.uint64)
+        for position in range(tuple_size):
+            hashes = splitmix64(element, seed * 1_000_003 + table * 64 + position)
+            minimum = np.minimum.reduceat(hashes, starts)
+            key = splitmix64(key ^ minimum, position + 1)
+        _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+        shared = counts[inverse] >= 2
+        for bucket in np.unique(inverse[shared]):
+            members = words_present[inverse == bucket]
+            found.setdefault(frozenset(members.tolist()), None)
+    return list(found)
+
+
+# ----------------------------------------------------------------------------- patterns
+
+
+def holders(
+    presence: sparse.csr_matrix, word_sets: list[list[int]], min_share: float
+) -> sparse.csr_matrix:
+    """Images x sets, boolean: whether each image holds each set of words (at least
+    `min_share` of them, and two at least) and, as data, the share it holds."""
+    vocabulary = presence.shape[1]
+    columns = np.concatenate([np.array(w, np.int64) for w in word_sets])
+    rows = np.repeat(np.arange(len(word_sets)), [len(w) for w in word_sets])
+    indicator = sparse.csr_matrix(
+        (np.ones(len(columns)), (columns, rows)), shape=(vocabulary, len(word_sets))
+    )
+    counts = (presence @ indicator).tocoo()
+    sizes = np.array([len(w) for w in word_sets], np.float64)
+    needed = np.maximum(2, np.ceil(min_share * sizes - 1e-9))
+    keep = counts.data >= needed[counts.col]
+    shares = counts.data[keep] / sizes[counts.col[keep]]
+    return sparse.csr_matrix((shares, (counts.row[keep], counts.col[keep])), shape=counts.shape)
+
+
+def share_of_words(presence: sparse.csr_matrix, word_sets: list[list[int]]) -> sparse.csr_matrix:
+    """Images x sets: the share of each set's words each image has."""
+    columns = np.concatenate([np.array(w, np.int64) for w in word_sets])
+    rows = np.repeat(np.arange(len(word_sets)), [len(w) for w in word_sets])
+    indicator = sparse.csr_matrix(
+        (np.ones(len(columns)), (columns, rows)), shape=(presence.shape[1], len(word_sets))
+    )
+    sizes = np.array([len(w) for w in word_sets], np.float64)
+    return sparse.csr_matrix((presence @ indicator) @ sparse.diags(1.0 / sizes))
+
+
+def grouped_sets(held: sparse.csc_matrix, similarity: float) -> list[list[int]]:
+    """Sets (columns of `held`, images x sets, 1 where an image holds a set) grouped by
+    the images that hold them: from the most held, each set joins the first group whose
+    first set shares at least `similarity` of the fewer of their two sets of images, or
+    starts a group. Comparing with a group's first set only keeps groups from chaining
+    through loosely related sets."""
+    support = np.asarray(held.sum(axis=0)).ravel()
+    shared = (held.T @ held).tocsr()
+    order = np.lexsort((np.arange(len(support)), -support))
+    seeds: list[int] = []
+    groups: list[list[int]] = []
+    for index in order.tolist():
+        row = shared.getrow(index)
+        overlap = dict(zip(row.indices.tolist(), row.data.tolist(), strict=True))
+        for group, seed in zip(groups, seeds, strict=True):
+            both = overlap.get(seed, 0.0)
+            if both and both / min(support[seed], support[index]) >= similarity - 1e-9:
+                group.append(index)
+                break
+        else:
+            seeds.append(index)
+            groups.append([index])
+    return groups
+
+
+def weighted_shares(
+    presence: sparse.csr_matrix, groups: list[list[int]], word_sets: list[list[int]]
+) -> sparse.csr_matrix:
+    """Images x groups: the share of each group's word weight (how many of its sets hold
+    the word) each image has."""
+    columns, rows, weights = [], [], []
+    for group_number, group in enumerate(groups):
+        words_of_group, counts = np.unique(
+            np.concatenate([np.array(word_sets[i], np.int64) for i in group]), return_counts=True
+        )
+        columns.append(words_of_group)
+        rows.append(np.full(len(words_of_group), group_number))
+        weights.append(counts / counts.sum())
+    indicator = sparse.csr_matrix(
+        (np.concatenate(weights), (np.concatenate(columns), np.concatenate(rows))),
+        shape=(presence.shape[1], len(groups)),
+    )
+    return sparse.csr_matrix(presence @ indicator)
+
+
+def mine_patterns(
+    table: pd.DataFrame, ids: list[str], params: PatternsParams
+) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Patterns (pattern, words, word_count, support; by support) and each image's
+    patterns (id, pattern, score) from a words table whose images are `ids`; and how
+    many word sets the tables gave."""
+    row_of = {image_id: row for row, image_id in enumerate(ids)}
+    table = table.assign(row=table["id"].map(row_of).to_numpy())
+    weights = image_word_weights(table, params.weighting)
+    images_of_word = weights.groupby("word")["row"].nunique()
+    common_words = images_of_word[images_of_word > params.max_word_share * len(ids)].index
+    rare_words = images_of_word[images_of_word < params.min_support].index
+    kept = weights[~weights["word"].isin(common_words.union(rare_words))]
+    vocabulary = int(table["word"].max()) + 1 if len(table) else 1
+    empty_patterns = pd.DataFrame(
+        {"pattern": [], "words": [], "word_count": [], "support": []}
+    ).astype({"pattern": np.int32, "word_count": np.int32, "support": np.int32})
+    empty_images = pd.DataFrame({"id": [], "pattern": [], "score": []}).astype(
+        {"id": "str", "pattern": np.int32, "score": np.float32}
+    )
+    if kept.empty:
+        return empty_patterns, empty_images, 0
+    word, element = elements(kept)
+    sets = word_buckets(word, element, params.tuple_size, params.tables, params.seed)
+    presence = sparse.csr_matrix(
+        (np.ones(len(kept)), (kept["row"].to_numpy(), kept["word"].to_numpy())),
+        shape=(len(ids), vocabulary),
+    )
+    word_sets = [sorted(found) for found in sets]
+    if not word_sets:
+        return empty_patterns, empty_images, 0
+    held = holders(presence, word_sets, params.min_share)
+    supported = np.flatnonzero(np.asarray((held > 0).sum(axis=0)).ravel() >= params.min_support)
+    if len(supported) == 0:
+        return empty_patterns, empty_images, len(sets)
+    sets_held = (held[:, supported] > 0).astype(np.float64).tocsc()
+    groups = grouped_sets(sets_held, params.merge_similarity)
+    candidates = [
+        sorted({w for member in group for w in word_sets[supported[member]]}) for group in groups
+    ]
+    # A word's weight in a pattern is how many of its sets hold the word: the structure's
+    # core words count most. An image holds a pattern with min_share of that weight.
+    member_sets = [word_sets[i] for i in supported]
+    shares = weighted_shares(presence, groups, member_sets).tocoo()
+    enough = share_of_words(presence, candidates)
+    words_held = np.asarray(enough[shares.row, shares.col]).ravel() * np.array(
+        [len(candidates[c]) for c in shares.col]
+    )
+    holds = (shares.data >= params.min_share - 1e-9) & (words_held >= 2 - 1e-9)
+    held = pd.DataFrame(
+        {"row": shares.row[holds], "candidate": shares.col[holds], "score": shares.data[holds]}
+    )
+    support = held.groupby("candidate").size()
+    chosen = support[support >= params.min_support]
+    # By support, then more words first, then the first found: a stable ranking.
+    ranking = sorted(chosen.index, key=lambda c: (-chosen[c], -len(candidates[c]), c))
+    number = {candidate: rank + 1 for rank, candidate in enumerate(ranking)}
+    patterns = pd.DataFrame(
+        {
+            "pattern": np.arange(1, len(ranking) + 1, dtype=np.int32),
+            "words": [candidates[c] for c in ranking],
+            "word_count": np.array([len(candidates[c]) for c in ranking], np.int32),
+            "support": np.array([chosen[c] for c in ranking], np.int32),
+        }
+    )
+    held = held[held["candidate"].isin(number)]
+    image_patterns = pd.DataFrame(
+        {
+            "id": pd.Series(np.array(ids, dtype=object)[held["row"].to_numpy()], dtype="str"),
+            "pattern": held["candidate"].map(number).to_numpy(np.int32),
+            "score": held["score"].to_numpy(np.float32),
+        }
+    )
+    image_patterns = image_patterns.sort_values(
+        ["pattern", "score", "id"], ascending=[True, False, True]
+    ).reset_index(drop=True)
+    return patterns, image_patterns, len(sets)
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def marked_thumbnail(thumb: np.ndarray, keypoints: pd.DataFrame) -> np.ndarray:
+    """A thumbnail with keypoints (x, y as shares, size as a share of the long side)
+    drawn as circles."""
+    image = Image.fromarray(thumb)
+    draw = ImageDraw.Draw(image)
+    height, width = thumb.shape[:2]
+    for x, y, size in keypoints[["x", "y", "size"]].itertuples(index=False):
+        radius = max(2.0, size * max(width, height) / 2)
+        cx, cy = x * width, y * height
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), outline=(255, 204, 51))
+    return np.asarray(image)
+
+
+def pattern_mosaic(
+    pattern: pd.Series,
+    holders: pd.DataFrame,
+    table: pd.DataFrame,
+    thumbs: thumbnails.Thumbnails,
+    row_of: dict[str, int],
+    side: int,
+) -> Image.Image:
+    """A pattern's best images (highest score first), its keypoints drawn on each."""
+    best = holders.head(side * side)
+    members = set(pattern["words"])
+    pictures = []
+    for image_id in best["id"]:
+        points = table[(table["id"] == image_id) & table["word"].isin(members)]
+        pictures.append(marked_thumbnail(thumbs[row_of[image_id]], points))
+    return mosaics.mosaic(np.stack(pictures), side)
+
+
+def write_reports(
+    patterns: pd.DataFrame,
+    image_patterns: pd.DataFrame,
+    table: pd.DataFrame,
+    params: PatternsParams,
+    thumbs_file: Path,
+) -> None:
+    """reports/patterns/: patterns.csv and the first `reported` patterns' mosaics."""
+    summary = patterns.assign(words=[" ".join(map(str, w)) for w in patterns["words"]])
+    best = image_patterns.groupby("pattern")["id"].apply(lambda ids: " ".join(ids.head(5)))
+    summary["best_images"] = summary["pattern"].map(best).fillna("")
+    pictures: dict[Path, Image.Image] = {}
+    reported = patterns.head(params.reported)
+    if len(reported):
+        thumbs = thumbnails.Thumbnails(thumbs_file)
+        row_of = {image_id: row for row, image_id in enumerate(thumbs.ids())}
+        wanted = table[table["id"].isin(set(image_patterns["id"]))]
+        for _, pattern in reported.iterrows():
+            holders = image_patterns[image_patterns["pattern"] == pattern["pattern"]]
+            holders = holders[holders["id"].isin(row_of)]
+            if len(holders):
+                picture = pattern_mosaic(
+                    pattern, holders, wanted, thumbs, row_of, params.mosaic_side
+                )
+                pictures[Path(f"pattern-{int(pattern['pattern']):03d}.png")] = picture
+    with common.replace_folder(REPORT_DIR) as staging:
+        common.write_csv(summary, staging / "patterns.csv")
+        mosaics.save_pngs(
+            {staging / name: picture for name, picture in pictures.items()},
+            common.worker_count(),
+        )
+
+
+def patterns_metrics(
+    patterns: pd.DataFrame, image_patterns: pd.DataFrame, images: int, sets: int
+) -> dict:
+    """Counts for metrics/patterns.json."""
+    return {
+        "images": images,
+        "word_sets": sets,
+        "patterns": len(patterns),
+        "images_with_a_pattern": int(image_patterns["id"].nunique()),
+        "largest_support": int(patterns["support"].max()) if len(patterns) else 0,
+        "mean_words_per_pattern": round(float(patterns["word_count"].mean()), 2)
+        if len(patterns)
+        else 0.0,
+    }
+
+
+def main() -> None:
+    """Read the words; write the patterns, each image's patterns, metrics and reports."""
+    started = time.perf_counter()
+    logger = common.get_logger(STAGE)
+    params = PatternsParams.from_params(settings.load_params())
+    table = common.read_parquet(words.WORDS_FILE, made_by="words")
+    manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
+    ids = words.collection_images(manifest)["id"].tolist()
+    patterns, image_patterns, sets = mine_patterns(table, ids, params)
+    common.write_parquet(patterns, PATTERNS_FILE)
+    common.write_parquet(image_patterns, IMAGE_PATTERNS_FILE)
+    metrics = patterns_metrics(patterns, image_patterns, len(ids), sets)
+    common.write_json(metrics, PATTERNS_METRICS_FILE)
+    write_reports(patterns, image_patterns, table, params, thumbnails.THUMBS_FILE)
+    logger.info(
+        "%d images: %d word sets, %d patterns held by %d images (the largest by %d); %.1f s",
+        len(ids),
+        sets,
+        len(patterns),
+        metrics["images_with_a_pattern"],
+        metrics["largest_support"],
+        time.perf_counter() - started,
+    )
+
+
+if __name__ == "__main__":
+    common.run_stage(main)

@@ -1,0 +1,181 @@
+"""The words and patterns stages: visual words, and structures planted in a collection
+found again by Sampled MinHashing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from stages import patterns, words
+
+IMAGES = 300
+PLANTED_SHARE = 0.15  # of the images, for each kind of object
+WORDS = words.WordsParams(
+    detector="sift", side=480, max_keypoints=300, vocabulary=500, vocabulary_images=IMAGES, seed=0
+)
+MINING = patterns.PatternsParams()  # the shipped defaults
+
+
+# ----------------------------------------------------------------------------- a collection
+
+
+def background(rng: np.random.Generator, width: int = 320, height: int = 240) -> Image.Image:
+    """Smooth noise, a gradient or a wave texture, with a little grain."""
+    y, x = np.mgrid[0:height, 0:width]
+    kind = rng.integers(0, 3)
+    if kind == 0:
+        coarse = (rng.random((height // 8, width // 8, 3)) * 255).astype(np.uint8)
+        image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+        base = np.asarray(image, dtype=np.float64)
+    elif kind == 1:
+        angle = rng.uniform(0, np.pi)
+        ramp = (np.cos(angle) * x + np.sin(angle) * y) / (width + height) * 255
+        base = ramp[..., None] * rng.uniform(0.5, 1, 3)
+    else:
+        period = rng.uniform(8, 30)
+        wave = np.sin(x / period + rng.uniform(0, 6)) * np.sin(y / period * rng.uniform(0.5, 2))
+        base = wave[..., None] * 60 + 120 + np.zeros(3)
+    base = base + rng.normal(0, 6, base.shape)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def textured_object(seed: int, side: int = 64) -> Image.Image:
+    """A small object: an 8x8 block texture in one color."""
+    rng = np.random.default_rng(seed)
+    cells = rng.integers(0, 2, (8, 8))
+    blocks = np.kron(cells, np.ones((side // 8, side // 8)))[..., None] * rng.integers(60, 255, 3)
+    return Image.fromarray(blocks.astype(np.uint8))
+
+
+def paste(image: Image.Image, thing: Image.Image, rng: np.random.Generator) -> None:
+    """`thing` at a random place, size (+-30%) and rotation (+-20 degrees)."""
+    side = max(8, int(thing.width * rng.uniform(0.7, 1.3)))
+    turned = (
+        thing.resize((side, side), Image.Resampling.BILINEAR)
+        .convert("RGBA")
+        .rotate(rng.uniform(-20, 20), expand=True, resample=Image.Resampling.BILINEAR)
+    )
+    x = int(rng.integers(0, image.width - turned.width))
+    y = int(rng.integers(0, image.height - turned.height))
+    image.paste(turned, (x, y), turned)
+
+
+@dataclass(frozen=True)
+class Collection:
+    folder: Path
+    table: pd.DataFrame  # id, path, sha256, planted (-1: none, else the object's kind)
+
+
+def planted_collection(folder: Path, kinds: int, seed: int = 1) -> Collection:
+    rng = np.random.default_rng(seed)
+    things = [textured_object(100 + kind) for kind in range(kinds)]
+    rows = []
+    for index in range(IMAGES):
+        image = background(rng)
+        planted = -1
+        if rng.random() < PLANTED_SHARE * kinds:
+            planted = int(rng.integers(0, kinds))
+            paste(image, things[planted], rng)
+        name = f"image-{index:04d}.png"
+        image.save(folder / name)
+        rows.append({"id": name[:-4], "path": name, "sha256": f"{index:064x}", "planted": planted})
+    return Collection(folder, pd.DataFrame(rows))
+
+
+def best_match(found: pd.DataFrame, holders: pd.DataFrame, planted: set[str]) -> tuple:
+    """The pattern whose images best match `planted`: (precision, recall, pattern)."""
+    best = (0.0, 0.0, 0)
+    for number in found["pattern"]:
+        held = set(holders.loc[holders["pattern"] == number, "id"])
+        both = len(held & planted)
+        score = (both / len(held), both / len(planted), int(number))
+        best = max(best, score, key=lambda s: s[0] + s[1])
+    return best
+
+
+@pytest.mark.parametrize("kinds", [1, 2])
+def test_planted_objects_are_found_as_patterns(tmp_path: Path, kinds: int) -> None:
+    collection = planted_collection(tmp_path, kinds)
+    _, table, failed = words.find_words(collection.table, tmp_path, WORDS, workers=2)
+    assert failed == []
+    ids = collection.table["id"].tolist()
+    found, holders, _ = patterns.mine_patterns(table, ids, MINING)
+    assert (found["support"] >= MINING.min_support).all()
+    assert found["support"].is_monotonic_decreasing, "ranked by support"
+    matched = set()
+    for kind in range(kinds):
+        planted = set(collection.table.loc[collection.table["planted"] == kind, "id"])
+        assert len(planted) >= 30
+        precision, recall, number = best_match(found, holders, planted)
+        assert precision >= 0.9 and recall >= 0.9, (kind, precision, recall)
+        matched.add(number)
+    assert len(matched) == kinds, "each kind of object is its own pattern"
+
+
+def test_same_data_and_params_give_the_same_vocabulary_words_and_patterns(
+    tmp_path: Path,
+) -> None:
+    collection = planted_collection(tmp_path, kinds=1, seed=5)
+    subset = collection.table.iloc[:120].reset_index(drop=True)
+    params = WORDS.model_copy(update={"vocabulary": 200, "vocabulary_images": 80})
+    first = words.find_words(subset, tmp_path, params, workers=2)
+    again = words.find_words(subset, tmp_path, params, workers=1)
+    assert np.array_equal(first[0], again[0]), "the vocabulary"
+    pd.testing.assert_frame_equal(first[1], again[1])
+    mining = MINING.model_copy(update={"min_support": 3})
+    mined = patterns.mine_patterns(first[1], subset["id"].tolist(), mining)
+    remined = patterns.mine_patterns(again[1], subset["id"].tolist(), mining)
+    pd.testing.assert_frame_equal(mined[0], remined[0])
+    pd.testing.assert_frame_equal(mined[1], remined[1])
+    assert len(mined[0]) > 0
+
+
+def test_an_unreadable_image_is_named_and_the_others_get_their_words(tmp_path: Path) -> None:
+    collection = planted_collection(tmp_path, kinds=1, seed=7)
+    subset = collection.table.iloc[:12].reset_index(drop=True)
+    (tmp_path / subset.loc[3, "path"]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    params = WORDS.model_copy(update={"vocabulary": 20, "vocabulary_images": 12})
+    _, table, failed = words.find_words(subset, tmp_path, params, workers=1)
+    assert len(failed) == 1 and subset.loc[3, "path"] in failed[0]
+    assert "cannot be decoded" in failed[0]
+    broken = subset.loc[3, "id"]
+    with_words = set(table["id"])
+    assert broken not in with_words and with_words <= set(subset["id"])
+    assert len(with_words) >= 6, "the others are read (a smooth gradient may have no keypoint)"
+    assert table["x"].between(0, 1).all() and table["y"].between(0, 1).all()
+
+
+def test_a_vocabulary_larger_than_the_descriptors_names_the_param(tmp_path: Path) -> None:
+    collection = planted_collection(tmp_path, kinds=1, seed=8)
+    subset = collection.table.iloc[:3].reset_index(drop=True)
+    params = WORDS.model_copy(update={"vocabulary": 5000, "vocabulary_images": 3})
+    with pytest.raises(words.common.UserError, match=r"words\.vocabulary = 5000 is more"):
+        words.find_words(subset, tmp_path, params, workers=1)
+
+
+def test_weights_count_keypoints_or_their_size() -> None:
+    table = pd.DataFrame(
+        {"row": [0, 0, 0, 1], "word": [4, 4, 2, 4], "size": [0.05, 0.03, 0.2, 0.001]}
+    )
+    frequency = patterns.image_word_weights(table, "frequency")
+    assert frequency.to_dict("list") == {"row": [0, 0, 1], "word": [2, 4, 4], "weight": [1, 2, 1]}
+    size = patterns.image_word_weights(table, "size")
+    assert size["weight"].tolist() == [10, 4, 1], "steps of 0.02 of the long side, at least 1"
+    word, element = patterns.elements(frequency)
+    assert word.tolist() == [2, 4, 4, 4]
+    # Inverted files of images: word 4 holds image 0 twice (two copies) and image 1.
+    step = patterns.MAX_WEIGHT + 1
+    assert element[word == 4].tolist() == [0, 1, step] and element[word == 2].tolist() == [0]
+
+
+def test_min_hashes_are_seeded_and_differ_between_seeds() -> None:
+    values = np.arange(1000, dtype=np.uint64)
+    assert np.array_equal(patterns.splitmix64(values, 3), patterns.splitmix64(values, 3))
+    assert not np.array_equal(patterns.splitmix64(values, 3), patterns.splitmix64(values, 4))
+    order = np.argsort(patterns.splitmix64(values, 3))
+    assert not np.array_equal(order, np.arange(1000)), "a fresh order, not the identity"
