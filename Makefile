@@ -55,6 +55,7 @@ bench: setup browser
 	$(RUN) $(BIN)/python bench/embed.py
 	$(RUN) $(BIN)/python bench/cluster.py
 	$(RUN) $(BIN)/python bench/explore.py
+	$(RUN) $(BIN)/python bench/patterns.py
 
 ## The whole pipeline at scale: 10,000 ISS-like frames, then 1% more with frozen models.
 bench-scale: setup

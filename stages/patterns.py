@@ -18,18 +18,19 @@ tables, `tuple_size` min-hashes of every word's inverted file make a tuple; word
 equal tuples share a bucket, which two words whose inverted files have weighted Jaccard
 similarity J do with probability J^tuple_size in one table. Buckets of two words or more
 are sets of co-occurring words. An image holds a set of words when it has at least
-min_share of them, and two at least; sets held by fewer than min_support images are
-dropped, and sets held by nearly the same images (at least merge_similarity of the
-fewer images shared with a group's first, most held set) form one pattern: the pieces
-of one recurring structure. A word weighs in a pattern as many of its sets hold it, so
-the structure's core words count most; an image holds a pattern when it has at least
-min_share of that weight, and two of its words. Words in more than max_word_share of
-the images are left out first: a word everywhere co-occurs with everything and means
-no structure.
+min_share of them, and two at least. Sets whose words co-occur less than min_lift
+times more often than independent words would are dropped (common words meet by
+chance), as are sets held by fewer than min_support images; sets held by nearly the
+same images (at least merge_similarity of the fewer images shared with a group's first,
+most held set) form one pattern: the pieces of one recurring structure. A word weighs
+in a pattern as many of its sets hold it, so the structure's core words count most; an
+image holds a pattern when it has at least min_share of that weight, and two of its
+words. Words in more than max_word_share of the images are left out first: a word
+everywhere co-occurs with everything and means no structure.
 
-The min-hashes are numpy (splitmix64 of each element with a seed per hash): datasketch
-hashes one set at a time in Python and knows no integer weights, while here every hash
-of every word is one vectorised pass over all the elements.
+The min-hashes are splitmix64 of each element with a seed per hash, computed by a numba
+kernel (stages/minhash_kernel.py) in one pass over each word's elements: datasketch
+hashes one set at a time in Python and knows no integer weights.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from PIL import Image, ImageDraw
 from pydantic import Field
 from scipy import sparse
 
-from stages import common, mosaics, settings, thumbnails, words
+from stages import common, minhash_kernel, mosaics, settings, thumbnails, words
 
 STAGE = "patterns"
 PATTERNS_FILE = common.PROCESSED_DIR / "patterns.parquet"
@@ -83,6 +84,12 @@ class PatternsParams(settings.Section):
         le=1,
         description="word sets held by images that overlap this much (the share of the "
         "fewer) are one pattern",
+    )
+    min_lift: float = Field(
+        2.0,
+        ge=0,
+        description="a word set's pairs must co-occur this many times more often, on "
+        "average, than independent words would",
     )
     reported: int = Field(20, ge=0, description="patterns with a mosaic in reports/patterns/")
     mosaic_side: int = Field(5, ge=1, le=20, description="images per side of a pattern's mosaic")
@@ -130,13 +137,20 @@ def word_buckets(
     """The sets of words that share a bucket in some table (two words or more), each
     once, in the order found."""
     words_present, starts = np.unique(word, return_index=True)
+    seeds = np.array(
+        [
+            seed * 1_000_003 + table * 64 + position
+            for table in range(tables)
+            for position in range(tuple_size)
+        ]
+    )
+    bounds = np.append(starts, len(element)).astype(np.int64)
+    minimums = minhash_kernel.min_hashes(element, bounds, minhash_kernel.seed_offsets(seeds))
     found: dict[frozenset[int], None] = {}
     for table in range(tables):
         key = np.zeros(len(words_present), np.uint64)
         for position in range(tuple_size):
-            hashes = splitmix64(element, seed * 1_000_003 + table * 64 + position)
-            minimum = np.minimum.reduceat(hashes, starts)
-            key = splitmix64(key ^ minimum, position + 1)
+            key = splitmix64(key ^ minimums[:, table * tuple_size + position], position + 1)
         _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
         shared = counts[inverse] >= 2
         for bucket in np.unique(inverse[shared]):
@@ -165,6 +179,26 @@ def holders(
     keep = counts.data >= needed[counts.col]
     shares = counts.data[keep] / sizes[counts.col[keep]]
     return sparse.csr_matrix((shares, (counts.row[keep], counts.col[keep])), shape=counts.shape)
+
+
+def set_lifts(presence: sparse.csr_matrix, word_sets: list[list[int]]) -> np.ndarray:
+    """Each set's mean lift over its pairs of words: how many times more images hold
+    both words than if the words were independent (1: chance)."""
+    if not word_sets:
+        return np.zeros(0)
+    used = np.unique(np.concatenate([np.array(w, np.int64) for w in word_sets]))
+    columns = (presence[:, used] > 0).astype(np.float64).tocsc()
+    both = (columns.T @ columns).toarray()
+    alone = np.diag(both)
+    place = {word: index for index, word in enumerate(used.tolist())}
+    images = presence.shape[0]
+    lifts = np.empty(len(word_sets))
+    for number, members in enumerate(word_sets):
+        at = np.array([place[w] for w in members])
+        first, second = np.triu_indices(len(at), k=1)
+        a, b = at[first], at[second]
+        lifts[number] = float(np.mean(both[a, b] * images / (alone[a] * alone[b])))
+    return lifts
 
 
 def share_of_words(presence: sparse.csr_matrix, word_sets: list[list[int]]) -> sparse.csr_matrix:
@@ -252,8 +286,13 @@ def mine_patterns(
         shape=(len(ids), vocabulary),
     )
     word_sets = [sorted(found) for found in sets]
+    word_sets = [
+        w
+        for w, lift in zip(word_sets, set_lifts(presence, word_sets), strict=True)
+        if lift >= params.min_lift
+    ]
     if not word_sets:
-        return empty_patterns, empty_images, 0
+        return empty_patterns, empty_images, len(sets)
     held = holders(presence, word_sets, params.min_share)
     supported = np.flatnonzero(np.asarray((held > 0).sum(axis=0)).ravel() >= params.min_support)
     if len(supported) == 0:
