@@ -93,6 +93,11 @@ def synthetic_table(count: int, seed: int = 0) -> pd.DataFrame:
     # Eight neighbours an image, as health lists them: here the next images by row.
     ids = table["id"].to_numpy()
     table["neighbors"] = [list(ids[(i + np.arange(1, 9)) % count]) for i in range(count)]
+    # Every tenth image holds one of 20 visual patterns.
+    held = [[int(i % 200) // 10 + 1] if i % 10 == 0 else [] for i in range(count)]
+    table["patterns"] = held
+    table["pattern_scores"] = [[0.6] * len(h) for h in held]
+    table["pattern"] = [float(h[0]) if h else np.nan for h in held]
     return table
 
 

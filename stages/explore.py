@@ -4,7 +4,8 @@ Params:  ExploreParams below (params.yaml, section explore)
 Inputs:  data/processed/clusters.parquet (cluster, x, y), data/processed/scores.parquet
          (silhouette), data/processed/split.parquet, data/processed/near_groups.parquet,
          data/processed/neighbors.parquet, data/raw/manifest.parquet, data/raw/rejected.csv,
-         data/interim/thumbs.parquet + ids.parquet, clusterings/ (other clusterings to
+         data/interim/thumbs.parquet + ids.parquet, data/processed/image_patterns.parquet
+         (the visual patterns each image holds), clusterings/ (other clusterings to
          compare: NAME.csv or NAME.parquet, columns id and cluster)
 Outputs: reports/explorer/ (index.html, explorer.js, renderer.js, explorer.css, favicon.svg,
          data.js, atlas-NNN.js and icons-NNN.js: the sprite atlases, atlases.json: each
@@ -87,7 +88,7 @@ ICON_PIXELS = 48_000_000
 MIN_ICON_HEIGHT = 4  # px
 ATLAS_FORMAT = "script-base64-jpeg-1"  # part of each atlas's key: a new format remakes them
 TEXT_COLUMNS = ("id", "path", "subset", "place", "label", "taken_at", "month", "near_of")
-NUMBER_COLUMNS = ("x", "y", "silhouette", "latitude", "longitude")
+NUMBER_COLUMNS = ("x", "y", "silhouette", "latitude", "longitude", "pattern")
 COUNT_COLUMNS = ("cluster", "near_group", "near_size")
 FLAG_COLUMNS = ("blank", "duplicate")
 SIMILAR_SHOWN = 8  # nearest neighbours an image's details show
@@ -152,12 +153,15 @@ def explorer_table(
     manifest: pd.DataFrame,
     near: pd.DataFrame,
     neighbors: pd.DataFrame,
+    image_patterns: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per clustered image, in the clusters' order, with every field the page shows.
 
     Columns: id, path, cluster, x, y, silhouette, subset, taken_at, month, place, latitude,
     longitude, label, blank, duplicate, near_group, near_of, near_size (from `near`, health's
-    near-duplicate groups), neighbors (ids, nearest first, from health's `neighbors`).
+    near-duplicate groups), neighbors (ids, nearest first, from health's `neighbors`),
+    patterns and pattern_scores (the visual patterns the image holds, best score first;
+    from `image_patterns`), pattern (the best one; NaN for none).
     """
     table = clusters[["id", "cluster", "x", "y"]].copy()
     table["neighbors"] = neighbors.set_index("id")["neighbors"].reindex(table["id"]).to_numpy()
@@ -171,6 +175,18 @@ def explorer_table(
     details = manifest.set_index("id")[fields].reindex(table["id"])
     for field in fields:
         table[field] = details[field].to_numpy()
+    held = (
+        image_patterns
+        if image_patterns is not None
+        else pd.DataFrame({"id": [], "pattern": [], "score": []})
+    )
+    held = held.sort_values(["id", "score", "pattern"], ascending=[True, False, True])
+    by_image = held.groupby("id")
+    numbers = by_image["pattern"].apply(list).reindex(table["id"])
+    scores = by_image["score"].apply(lambda v: [round(float(x), 3) for x in v]).reindex(table["id"])
+    table["patterns"] = [v if isinstance(v, list) else [] for v in numbers.tolist()]
+    table["pattern_scores"] = [v if isinstance(v, list) else [] for v in scores.tolist()]
+    table["pattern"] = [float(v[0]) if v else np.nan for v in table["patterns"]]
     taken_at = pd.to_datetime(table["taken_at"])
     table["month"] = taken_at.dt.strftime("%Y-%m")
     table["taken_at"] = taken_at.dt.strftime("%Y-%m-%d %H:%M:%S")
@@ -329,6 +345,8 @@ def page_data(
     for name in FLAG_COLUMNS:
         columns[name] = json_column(table[name], "flag")
     columns["similar"] = similar_positions(table["id"].tolist(), table["neighbors"])
+    columns["patterns"] = [[int(n) for n in held] for held in table["patterns"]]
+    columns["pattern_scores"] = [list(scores) for scores in table["pattern_scores"]]
     return {
         "count": len(table),
         "columns": columns,
@@ -637,9 +655,10 @@ def main() -> None:
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     near = common.read_parquet(common.NEAR_GROUPS_FILE, made_by="health")
     neighbors = common.read_parquet(common.NEIGHBORS_FILE, made_by="health")
+    image_patterns = common.read_parquet(common.IMAGE_PATTERNS_FILE, made_by="patterns")
     ids = clusters["id"].tolist()
     thumbs = thumbnails.load(ids)
-    table = explorer_table(clusters, scores, split, manifest, near, neighbors)
+    table = explorer_table(clusters, scores, split, manifest, near, neighbors, image_patterns)
     summary = collection_summary(manifest, read_rejected_count(), len(table), near)
     _, sha256s, _ = common.read_image_keys(ids)
     clusterings = read_clusterings(CLUSTERINGS_DIR, logger)

@@ -49,7 +49,7 @@ from stages import common, minhash_kernel, mosaics, settings, thumbnails, words
 
 STAGE = "patterns"
 PATTERNS_FILE = common.PROCESSED_DIR / "patterns.parquet"
-IMAGE_PATTERNS_FILE = common.PROCESSED_DIR / "image_patterns.parquet"
+IMAGE_PATTERNS_FILE = common.IMAGE_PATTERNS_FILE
 PATTERNS_METRICS_FILE = common.METRICS_DIR / "patterns.json"
 REPORT_DIR = Path("reports/patterns")
 SIZE_STEP = 0.02  # the `size` weighting counts keypoint size in steps of this share

@@ -95,6 +95,9 @@ def test_a_new_image_changes_only_its_clusters_last_atlas(tmp_path: Path) -> Non
     table[["blank", "duplicate"]] = False
     table[["near_group", "near_size"]] = [0, 1]
     table["neighbors"] = [[] for _ in range(count + 1)]
+    table["patterns"] = [[] for _ in range(count + 1)]
+    table["pattern_scores"] = [[] for _ in range(count + 1)]
+    table["pattern"] = np.nan
     params = explore.ExploreParams(max_images=10**6, sprite_height=27, atlas_quality=85, seed=0)
     directory = tmp_path / "explorer"
     before, _ = explore.build_explorer(table.iloc[:count], thumbs, {}, params, directory, tmp_path)
@@ -191,7 +194,11 @@ def test_the_table_joins_every_field_in_the_clusters_order() -> None:
         {"id": ["a", "b"], "near_group": [1, 1], "near_of": [None, "a"], "near_size": [2, 2]}
     )
     neighbors = pd.DataFrame({"id": ["a", "b"], "neighbors": [["b"], ["a"]]})
-    table = explore.explorer_table(clusters, scores, split, manifest, near, neighbors)
+    held = pd.DataFrame({"id": ["a", "a"], "pattern": [4, 2], "score": [0.5, 0.8]})
+    table = explore.explorer_table(clusters, scores, split, manifest, near, neighbors, held)
+    assert table["patterns"].tolist() == [[], [2, 4]], "best score first"
+    assert table["pattern_scores"].tolist() == [[], [0.8, 0.5]]
+    assert pd.isna(table["pattern"].tolist()[0]) and table["pattern"].tolist()[1] == 2
     assert [list(near) for near in table["neighbors"]] == [["a"], ["b"]]
     assert table["near_of"].tolist()[0] == "a" and pd.isna(table["near_of"].tolist()[1])
     assert table["near_size"].tolist() == [2, 2]
@@ -365,6 +372,10 @@ def build_site(root: Path) -> Site:
                 "near_size": 3 if index in COPIES or index == 18 else 1,
                 # nearest first (scene-07 has another id: it is not on the page)
                 "neighbors": [f"scene-{(index + step) % 30:02d}" for step in (3, 6)],
+                # scene-00 to scene-05 hold visual pattern 1; scene-03 pattern 2 as well
+                "patterns": ([1, 2] if index == 3 else [1]) if index < 6 else [],
+                "pattern_scores": ([0.9, 0.5] if index == 3 else [0.75]) if index < 6 else [],
+                "pattern": 1.0 if index < 6 else np.nan,
             }
         )
     table = pd.DataFrame(rows)
@@ -591,6 +602,29 @@ def test_place_and_time_layouts_set_aside_what_they_cannot_place(
     assert labels[0] == "2017-05-01" and labels == sorted(labels), "days, earliest first"
     assert screen_point(visit, "scene-20")["x"] > screen_point(visit, "scene-10")["x"]
     assert screen_point(visit, "scene-01")["y"] < screen_point(visit, "scene-29")["y"]
+    assert visit.errors == []
+    page.close()
+
+
+def test_visual_patterns_filter_color_and_show_in_the_details(browser: object, site: Site) -> None:
+    visit = open_page(browser, site.page.as_uri())
+    page = visit.page
+    page.select_option("#filter-pattern", "1")
+    assert shown_count(visit) == 6
+    page.select_option("#filter-pattern", "2")
+    assert shown_count(visit) == 1
+    page.select_option("#layout", "grid")
+    click_image(visit, "scene-03")
+    assert page.text_content('#detail dd[data-field="visual patterns"]') == "1 (0.90), 2 (0.50)"
+    page.select_option("#filter-pattern", "all")
+    assert shown_count(visit) == len(without_copies(site.table))
+    page.select_option("#color-by", "pattern")
+    legend = page.locator("#legend li").all_text_contents()
+    assert legend[0].startswith("pattern 1") and legend[-1].startswith("pattern (none)")
+    page.select_option("#bin-by", "pattern")
+    assert page.evaluate("window.explorer.groupLabels()") == ["pattern 1", "pattern (none)"]
+    options = page.locator("#filter-pattern option").all_text_contents()
+    assert options == ["any or none", "pattern 1 (6)", "pattern 2 (1)"]
     assert visit.errors == []
     page.close()
 

@@ -37,6 +37,7 @@
     binBy: "cluster",
     colorBy: "cluster",
     filterCluster: "all",
+    filterPattern: "all", // "all", or a pattern's number: the images that hold it
     silhouetteMin: null,
     silhouetteMax: null,
     text: "",
@@ -83,7 +84,8 @@
   }
 
   function isClustering(field) {
-    return field === "cluster" || field.startsWith("compare-");
+    // Fields of numbered groups: clusters, other clusterings, visual patterns.
+    return field === "cluster" || field === "pattern" || field.startsWith("compare-");
   }
 
   function fieldName(field) {
@@ -195,6 +197,9 @@
   function passes(i) {
     if (!state.showCopies && col.near_of[i] !== null) return false;
     if (state.onlySelected && !selection[i]) return false;
+    if (state.filterPattern !== "all" && !(col.patterns && col.patterns[i].includes(state.filterPattern))) {
+      return false;
+    }
     if (state.filterCluster !== "all" && String(col.cluster[i]) !== state.filterCluster) {
       return false;
     }
@@ -588,6 +593,10 @@
     ];
     if (col.blank[i]) rows.push(["flag", "blank frame"]);
     if (col.duplicate[i]) rows.push(["flag", "duplicate"]);
+    if (col.patterns && col.patterns[i].length) {
+      const held = col.patterns[i].map((n, k) => n + " (" + col.pattern_scores[i][k].toFixed(2) + ")");
+      rows.push(["visual patterns", held.join(", ")]);
+    }
     if (col.near_group[i] > 0) {
       rows.push(["near-duplicates", "group " + col.near_group[i] + " of " + col.near_size[i] + " images"]);
       rows.push(["copy of", col.near_of[i] === null ? "(the group's representative)" : col.near_of[i]]);
@@ -737,6 +746,21 @@
       const item = listItem(null, group.label, group.count);
       item.dataset.key = group.key;
       list.append(item);
+    }
+  }
+
+  function fillPatternFilter() {
+    // Each visual pattern with how many images on the page hold it, by number.
+    const holders = new Map();
+    for (let i = 0; i < count; i += 1) {
+      for (const n of (col.patterns && col.patterns[i]) || []) holders.set(n, (holders.get(n) || 0) + 1);
+    }
+    const select = $("filter-pattern");
+    for (const n of Array.from(holders.keys()).sort((a, b) => a - b)) {
+      const option = document.createElement("option");
+      option.value = String(n);
+      option.textContent = "pattern " + n + " (" + holders.get(n) + ")";
+      select.append(option);
     }
   }
 
@@ -962,6 +986,10 @@
     computeColors();
     renderLegend();
   });
+  $("filter-pattern").addEventListener("change", (event) => {
+    state.filterPattern = event.target.value === "all" ? "all" : Number(event.target.value);
+    relayout(state.layout === "grid");
+  });
   $("filter-cluster").addEventListener("change", (event) => {
     state.filterCluster = event.target.value;
     relayout(state.layout === "grid");
@@ -1094,6 +1122,7 @@
   };
 
   fillClusterFilter();
+  fillPatternFilter();
   addClusteringOptions();
   renderComparison();
   selectionChanged();
