@@ -162,18 +162,21 @@ def word_buckets(
 # ----------------------------------------------------------------------------- patterns
 
 
+def word_indicator(word_sets: list[list[int]], vocabulary: int) -> sparse.csr_matrix:
+    """Words x sets: 1 where a set holds a word."""
+    columns = np.concatenate([np.array(w, np.int64) for w in word_sets])
+    rows = np.repeat(np.arange(len(word_sets)), [len(w) for w in word_sets])
+    return sparse.csr_matrix(
+        (np.ones(len(columns)), (columns, rows)), shape=(vocabulary, len(word_sets))
+    )
+
+
 def holders(
     presence: sparse.csr_matrix, word_sets: list[list[int]], min_share: float
 ) -> sparse.csr_matrix:
     """Images x sets, boolean: whether each image holds each set of words (at least
     `min_share` of them, and two at least) and, as data, the share it holds."""
-    vocabulary = presence.shape[1]
-    columns = np.concatenate([np.array(w, np.int64) for w in word_sets])
-    rows = np.repeat(np.arange(len(word_sets)), [len(w) for w in word_sets])
-    indicator = sparse.csr_matrix(
-        (np.ones(len(columns)), (columns, rows)), shape=(vocabulary, len(word_sets))
-    )
-    counts = (presence @ indicator).tocoo()
+    counts = (presence @ word_indicator(word_sets, presence.shape[1])).tocoo()
     sizes = np.array([len(w) for w in word_sets], np.float64)
     needed = np.maximum(2, np.ceil(min_share * sizes - 1e-9))
     keep = counts.data >= needed[counts.col]
@@ -203,11 +206,7 @@ def set_lifts(presence: sparse.csr_matrix, word_sets: list[list[int]]) -> np.nda
 
 def share_of_words(presence: sparse.csr_matrix, word_sets: list[list[int]]) -> sparse.csr_matrix:
     """Images x sets: the share of each set's words each image has."""
-    columns = np.concatenate([np.array(w, np.int64) for w in word_sets])
-    rows = np.repeat(np.arange(len(word_sets)), [len(w) for w in word_sets])
-    indicator = sparse.csr_matrix(
-        (np.ones(len(columns)), (columns, rows)), shape=(presence.shape[1], len(word_sets))
-    )
+    indicator = word_indicator(word_sets, presence.shape[1])
     sizes = np.array([len(w) for w in word_sets], np.float64)
     return sparse.csr_matrix((presence @ indicator) @ sparse.diags(1.0 / sizes))
 
