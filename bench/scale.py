@@ -8,9 +8,9 @@ stages one at a time with `dvc repro -s STAGE`, printing for each:
   resident set of dvc, the stage or one of its workers), and the disk its outputs, its
   cache in data/cache/ and DVC's cache take.
 Then a no-op `dvc repro` of the whole pipeline, and the project's disk beside the
-source's. With --grow P it then adds P% new frames, freezes train and cluster
-(`dvc freeze`) and prints the same for the incremental run, and its share of the full
-run's time; then adds as many again and times one plain `dvc repro` of them.
+source's. With --grow P it then adds P% new frames, freezes train, cluster and
+vocabulary (`dvc freeze`) and prints the same for the incremental run, and its share of
+the full run's time; then adds as many again and times one plain `dvc repro` of them.
 
 Usage: python bench/scale.py [--frames N] [--full-size] [--grow P] [--set KEY=VALUE]...
                              [--folder DIR] [--keep]
@@ -221,7 +221,8 @@ def main() -> None:
     if arguments.grow > 0:
         new = max(1, round(arguments.frames * arguments.grow / 100))
         source_bytes += write_frames(source, arguments.frames, new, size)
-        measure([sys.executable, "-m", "dvc", "freeze", "train", "cluster"], project)
+        freeze = ["freeze", "train", "cluster", "vocabulary"]
+        measure([sys.executable, "-m", "dvc", *freeze], project)
         grown = run_stages(
             project, f"{new} new frames ({arguments.grow}%), train and cluster frozen"
         )

@@ -1,10 +1,10 @@
-"""words: local features of every image, a visual vocabulary, and each image as visual words.
+"""words: every image as visual words: its local features, each the word of the nearest
+center of the vocabulary (stages/vocabulary.py fits it).
 
 Params:  WordsParams below (params.yaml, section words)
-Inputs:  data/raw/manifest.parquet (id, path, sha256, width, height, duplicate),
+Inputs:  models/vocabulary.npz, data/raw/manifest.parquet (id, path, sha256, duplicate),
          data/raw/collections/ (the originals)
-Outputs: models/vocabulary.npz (the words' centers, and the detector that made them),
-         data/processed/words.parquet (one row per kept keypoint: id, word, x, y, size;
+Outputs: data/processed/words.parquet (one row per kept keypoint: id, word, x, y, size;
          x and y are shares of the image's width and height, size a share of its long
          side, so they map onto any thumbnail), metrics/words.json (counts)
 
@@ -13,8 +13,11 @@ px (a small one enlarged at most MAX_UPSCALE times: SIFT finds little in a 32 px
 image). The detector (`sift`, as minIA used, or `orb`, several times faster) keeps the
 `max_keypoints` strongest keypoints.
 The vocabulary is MiniBatchKMeans of the descriptors of a sample of images chosen by
-their files' sha256 (so it does not depend on the order of arrival); every keypoint is
-then the word of its nearest center. ORB's binary descriptors are clustered as their
+their files' sha256 (so it does not depend on the order of arrival), fitted by the
+vocabulary stage; every keypoint is then the word of its nearest center. An image's
+words are kept in data/cache/words/ by its sha256, the vocabulary file's hash and the
+detector's params: with the vocabulary frozen (`dvc freeze vocabulary`) a run finds the
+words of new images only. ORB's binary descriptors are clustered as their
 256 bits. Exact copies (sync's `duplicate` flag) are left out: they would only repeat
 their original's words. A file that cannot be decoded is named in a warning and has no
 words; the run goes on.
@@ -22,7 +25,9 @@ words; the run goes on.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +39,17 @@ from PIL import Image
 from pydantic import Field
 
 from stages import common, images, settings
+from stages.content_cache import ContentCache, file_key
 
 STAGE = "words"
 VOCABULARY_FILE = Path("models/vocabulary.npz")
+CACHE_DIR = common.CACHE_DIR / "words"
 WORDS_FILE = common.PROCESSED_DIR / "words.parquet"
 WORDS_METRICS_FILE = common.METRICS_DIR / "words.json"
 WORD_COLUMNS = ["id", "word", "x", "y", "size"]
 MAX_SAMPLE_DESCRIPTORS = 250_000  # the vocabulary's fit sees at most this many
 TASK_IMAGES = 16  # images a worker detects in one task
+BLOCK = 4096  # cached images read at once
 MAX_UPSCALE = 4  # a small image is enlarged at most this much towards `side`
 
 
@@ -160,7 +168,7 @@ def words_task(
     return result
 
 
-def chunks(items: list[Path], size: int) -> list[list[Path]]:
+def chunks(items: list, size: int) -> list[list]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
@@ -246,63 +254,136 @@ def collection_images(manifest: pd.DataFrame) -> pd.DataFrame:
     return manifest.loc[keep, ["id", "path", "sha256"]].reset_index(drop=True)
 
 
+def sample_rows(table: pd.DataFrame, params: WordsParams) -> np.ndarray:
+    """The rows of the images whose descriptors the vocabulary is fitted on (by sha256)."""
+    return np.sort(
+        common.content_sample(table["sha256"].tolist(), params.vocabulary_images, params.seed)
+    )
+
+
+def vocabulary_of(
+    table: pd.DataFrame, collection_dir: Path, params: WordsParams, workers: int
+) -> tuple[np.ndarray, list[str]]:
+    """The vocabulary's centers, fitted on the sample of `table`'s images (id, path,
+    sha256), and the messages of the files that could not be read."""
+    paths = [collection_dir / path for path in table["path"]]
+    rows = sample_rows(table, params).tolist()
+    tasks = [([paths[row] for row in block], params) for block in chunks(rows, TASK_IMAGES)]
+    found = [
+        kp for batch in common.map_in_processes(keypoints_task, tasks, workers) for kp in batch
+    ]
+    failed = [kp for kp in found if isinstance(kp, str)]
+    usable = [kp for kp in found if not isinstance(kp, str)]
+    descriptors = sample_descriptors(usable, MAX_SAMPLE_DESCRIPTORS, params.seed)
+    return fit_vocabulary(descriptors, params.vocabulary, params.seed), failed
+
+
+def packed(places: np.ndarray, words: np.ndarray) -> bytes:
+    """An image's keypoints as bytes: rows of word, x, y, size (float32)."""
+    return np.column_stack([words.astype(np.float32), places]).astype(np.float32).tobytes()
+
+
+def unpacked(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(places, words) of packed keypoints."""
+    rows = np.frombuffer(blob, dtype=np.float32).reshape(-1, 4)
+    return rows[:, 1:], rows[:, 0].astype(np.int32)
+
+
+def words_of(
+    table: pd.DataFrame,
+    collection_dir: Path,
+    params: WordsParams,
+    centers: np.ndarray,
+    workers: int,
+    cache: ContentCache | None = None,
+) -> tuple[pd.DataFrame, list[str], int]:
+    """The words table of `table`'s images (id, path, sha256), the messages of the files
+    that could not be read, and how many images were read (those `cache` lacks)."""
+    sha256s = table["sha256"].tolist()
+    missing, rows = cache.missing_rows(sha256s) if cache else (sha256s, np.arange(len(table)))
+    paths = [collection_dir / path for path in table["path"]]
+    blocks = chunks(rows.tolist(), TASK_IMAGES)
+    tasks = [([paths[row] for row in block], params, centers) for block in blocks]
+    found: dict[str, bytes] = {}
+    failed: list[str] = []
+    for block, batch in zip(
+        blocks, common.map_in_processes(words_task, tasks, workers), strict=True
+    ):
+        for row, result in zip(block, batch, strict=True):
+            if isinstance(result, str):
+                failed.append(result)  # not cached: named again until the file is fixed
+            else:
+                found[sha256s[row]] = packed(*result)
+    blobs = dict(found)
+    if cache is not None:
+        if found:
+            with cache.new_segment(list(found), {}) as segment:
+                segment.append_blobs("keypoints", list(found.values()))
+        held = set(cache.index["sha256"])
+        known = [sha for sha in dict.fromkeys(sha256s) if sha in held and sha not in found]
+        blocks_read = cache.blob_blocks(known, "keypoints", BLOCK)
+        for block_shas, block in zip(chunks(known, BLOCK), blocks_read, strict=True):
+            blobs.update(zip(block_shas, block, strict=True))
+    ids = table["id"].tolist()
+    kept = [row for row, sha in enumerate(sha256s) if sha in blobs]
+    placed = [unpacked(blobs[sha256s[row]]) for row in kept]
+    return words_table([ids[row] for row in kept], placed), failed, len(missing)
+
+
 def find_words(
     table: pd.DataFrame, collection_dir: Path, params: WordsParams, workers: int
 ) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
     """The vocabulary, the words table and the unreadable files' messages of `table`'s
-    images (id, path, sha256)."""
-    paths = [collection_dir / path for path in table["path"]]
-    sha256s = table["sha256"].tolist()
-    sample = np.sort(common.content_sample(sha256s, params.vocabulary_images, params.seed))
-    in_sample = set(sample.tolist())
-    tasks = [([paths[row] for row in block], params) for block in chunks(list(sample), TASK_IMAGES)]
-    found_sample = [
-        kp for batch in common.map_in_processes(keypoints_task, tasks, workers) for kp in batch
-    ]
-    failed = [kp for kp in found_sample if isinstance(kp, str)]
-    usable = [kp for kp in found_sample if not isinstance(kp, str)]
-    descriptors = sample_descriptors(usable, MAX_SAMPLE_DESCRIPTORS, params.seed)
-    centers = fit_vocabulary(descriptors, params.vocabulary, params.seed)
+    images (id, path, sha256): both stages' work at once, with no cache."""
+    centers, failed = vocabulary_of(table, collection_dir, params, workers)
+    words, unread, _ = words_of(table, collection_dir, params, centers, workers)
+    return centers, words, sorted(set(failed) | set(unread))
 
-    placed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for row, kp in zip(sample.tolist(), found_sample, strict=True):
-        if not isinstance(kp, str):
-            placed[row] = (kp.places, nearest_words(kp.descriptors, centers))
-    rest = [row for row in range(len(paths)) if row not in in_sample]
-    blocks = chunks(rest, TASK_IMAGES)
-    tasks = [([paths[row] for row in block], params, centers) for block in blocks]
-    results = common.map_in_processes(words_task, tasks, workers)
-    for block, batch in zip(blocks, results, strict=True):
-        for row, result in zip(block, batch, strict=True):
-            if isinstance(result, str):
-                failed.append(result)
-            else:
-                placed[row] = result
-    rows = sorted(placed)
-    ids = table["id"].tolist()
-    words = words_table([ids[row] for row in rows], [placed[row] for row in rows])
-    return centers, words, failed
+
+def read_vocabulary(params: WordsParams, path: Path = VOCABULARY_FILE) -> np.ndarray:
+    """The vocabulary's centers, checked to come from the detector the params name."""
+    if not path.exists():
+        raise common.UserError(f"{path} is missing: run `dvc repro vocabulary` first")
+    with np.load(path) as stored:
+        centers, made_with = stored["centers"], json.loads(str(stored["params"]))
+    wanted = detector_params(params)
+    if made_with != wanted:
+        raise common.UserError(
+            f"{path} was made with {made_with}, the params say {wanted}: run "
+            "`dvc unfreeze vocabulary && dvc repro vocabulary`"
+        )
+    return centers
+
+
+def detector_params(params: WordsParams) -> dict[str, int | str]:
+    """What a keypoint's word depends on besides the vocabulary's centers."""
+    return {"detector": params.detector, "side": params.side, "max_keypoints": params.max_keypoints}
 
 
 def main() -> None:
-    """Read the manifest and the originals; write the vocabulary, the words and metrics."""
+    """Read the manifest, the vocabulary and the originals the cache lacks; write the
+    words and metrics."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     params = WordsParams.from_params(settings.load_params())
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     table = collection_images(manifest)
-    centers, words, failed = find_words(table, common.COLLECTION_DIR, params, common.worker_count())
+    centers = read_vocabulary(params)
+    key = hashlib.sha256(json.dumps(detector_params(params), sort_keys=True).encode())
+    folder = CACHE_DIR / f"{file_key(VOCABULARY_FILE)}-{key.hexdigest()[:12]}"
+    cache = ContentCache(folder, arrays=(), blobs=("keypoints",))
+    words, failed, read = words_of(
+        table, common.COLLECTION_DIR, params, centers, common.worker_count(), cache
+    )
     for message in failed:
         logger.warning("%s; it has no words", message)
-    VOCABULARY_FILE.parent.mkdir(parents=True, exist_ok=True)
-    with common.atomic_output(VOCABULARY_FILE) as temporary, open(temporary, "wb") as file:
-        np.savez(file, centers=centers, detector=np.array(params.detector))
     common.write_parquet(words, WORDS_FILE)
     metrics = words_metrics(words, len(table), len(failed), len(centers))
     common.write_json(metrics, WORDS_METRICS_FILE)
     logger.info(
-        "%d images: %d keypoints (%.1f an image) in %d of %d %s words; %d unreadable; %.1f s",
+        "%d images (%s): %d keypoints (%.1f an image) in %d of %d %s words; %d unreadable; %.1f s",
         len(table),
+        common.searched_words(read, len(table), "read"),
         metrics["keypoints"],
         metrics["keypoints_per_image"],
         metrics["words_used"],

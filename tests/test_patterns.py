@@ -179,3 +179,28 @@ def test_min_hashes_are_seeded_and_differ_between_seeds() -> None:
     assert not np.array_equal(patterns.splitmix64(values, 3), patterns.splitmix64(values, 4))
     order = np.argsort(patterns.splitmix64(values, 3))
     assert not np.array_equal(order, np.arange(1000)), "a fresh order, not the identity"
+
+
+def test_words_of_known_images_come_from_the_cache(tmp_path: Path) -> None:
+    collection = planted_collection(tmp_path, kinds=1, seed=11)
+    first, grown = collection.table.iloc[:10], collection.table.iloc[:12]
+    params = WORDS.model_copy(update={"vocabulary": 30, "vocabulary_images": 10})
+    centers, _ = words.vocabulary_of(first, tmp_path, params, workers=1)
+    cache = words.ContentCache(tmp_path / "cache", arrays=(), blobs=("keypoints",))
+    before, _, read = words.words_of(first, tmp_path, params, centers, 1, cache)
+    assert read == 10
+    after, _, read = words.words_of(grown, tmp_path, params, centers, 1, cache)
+    assert read == 2, "only the new images are read"
+    fresh, _, _ = words.words_of(grown, tmp_path, params, centers, 1)
+    pd.testing.assert_frame_equal(after, fresh)
+    pd.testing.assert_frame_equal(after[after["id"].isin(first["id"])], before)
+
+
+def test_a_vocabulary_of_another_detector_names_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "vocabulary.npz"
+    made_with = words.json.dumps(words.detector_params(WORDS), sort_keys=True)
+    np.savez(path, centers=np.zeros((3, 128), np.float32), params=np.array(made_with))
+    assert words.read_vocabulary(WORDS, path).shape == (3, 128)
+    orb = WORDS.model_copy(update={"detector": "orb"})
+    with pytest.raises(words.common.UserError, match="dvc unfreeze vocabulary"):
+        words.read_vocabulary(orb, path)

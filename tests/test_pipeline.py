@@ -31,7 +31,7 @@ from stages.common import read_embeddings
 
 STAGES = (
     *("sync", "prepare", "duplicates", "split", "train", "embed", "health", "cluster"),
-    *("assign", "score", "words", "patterns", "explore", "posters"),
+    *("assign", "score", "vocabulary", "words", "patterns", "explore", "posters"),
 )
 # integer work: bytes match on any machine
 DATA_STAGES = ("sync", "prepare", "duplicates", "split")

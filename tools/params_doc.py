@@ -43,6 +43,7 @@ STAGE_MODELS: dict[str, list[type[settings.Section]]] = {
     "cluster": [cluster.ClusterParams],
     "assign": [],  # none: the model and the embeddings decide everything
     "score": [score.ScoreParams],
+    "vocabulary": [words.WordsParams],
     "words": [words.WordsParams],
     "patterns": [patterns.PatternsParams],
     "explore": [explore.ExploreParams],
