@@ -224,7 +224,7 @@ def main() -> None:
         freeze = ["freeze", "train", "cluster", "vocabulary"]
         measure([sys.executable, "-m", "dvc", *freeze], project)
         grown = run_stages(
-            project, f"{new} new frames ({arguments.grow}%), train and cluster frozen"
+            project, f"{new} new frames ({arguments.grow}%), train, cluster and vocabulary frozen"
         )
         print(f"\nincremental run: {grown:.1f} s = {100 * grown / full:.1f}% of the full run")
         # The same growth once more, as a user runs it: one `dvc repro`, which starts DVC
