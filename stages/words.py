@@ -84,9 +84,6 @@ class Keypoints:
     descriptors: np.ndarray
 
 
-NO_KEYPOINTS = Keypoints(np.zeros((0, 3), np.float32), np.zeros((0, 0), np.float32))
-
-
 # ----------------------------------------------------------------------------- features
 
 

@@ -419,7 +419,7 @@
     view.x = screenX - ((screenX - view.x) * scale) / view.scale;
     view.y = screenY - ((screenY - view.y) * scale) / view.scale;
     view.scale = scale;
-    requestViewDraw();
+    requestDraw();
   }
 
   // A frame is drawn on the next animation frame after anything changes. The GPU
@@ -437,10 +437,6 @@
       drawPending = false;
       draw();
     });
-  }
-
-  function requestViewDraw() {
-    requestDraw();
   }
 
   function positionsChanged() {
@@ -1056,7 +1052,7 @@
     canvas.classList.add("dragging");
     view.x = press.viewX + dx;
     view.y = press.viewY + dy;
-    requestViewDraw();
+    requestDraw();
   });
   canvas.addEventListener("pointerup", (event) => {
     if (press && !press.moved) {
