@@ -106,8 +106,7 @@ def image_word_weights(table: pd.DataFrame, weighting: str) -> pd.DataFrame:
         weight = grouped.size()
     else:
         weight = np.rint(grouped["size"].sum() / SIZE_STEP)
-    result = weight.clip(1, MAX_WEIGHT).astype(np.int64).rename("weight").reset_index()
-    return result
+    return weight.clip(1, MAX_WEIGHT).astype(np.int64).rename("weight").reset_index()
 
 
 def elements(weights: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -125,7 +124,7 @@ def elements(weights: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 def splitmix64(values: np.ndarray, seed: int) -> np.ndarray:
     """A 64-bit mix of each value with a seed: a fresh pseudo-random order per seed."""
     with np.errstate(over="ignore"):
-        z = values + np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+        z = values + minhash_kernel.seed_offsets(np.array([seed]))[0]
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
@@ -202,13 +201,6 @@ def set_lifts(presence: sparse.csr_matrix, word_sets: list[list[int]]) -> np.nda
         a, b = at[first], at[second]
         lifts[number] = float(np.mean(both[a, b] * images / (alone[a] * alone[b])))
     return lifts
-
-
-def share_of_words(presence: sparse.csr_matrix, word_sets: list[list[int]]) -> sparse.csr_matrix:
-    """Images x sets: the share of each set's words each image has."""
-    indicator = word_indicator(word_sets, presence.shape[1])
-    sizes = np.array([len(w) for w in word_sets], np.float64)
-    return sparse.csr_matrix((presence @ indicator) @ sparse.diags(1.0 / sizes))
 
 
 def grouped_sets(held: sparse.csc_matrix, similarity: float) -> list[list[int]]:
@@ -305,10 +297,8 @@ def mine_patterns(
     # core words count most. An image holds a pattern with min_share of that weight.
     member_sets = [word_sets[i] for i in supported]
     shares = weighted_shares(presence, groups, member_sets).tocoo()
-    enough = share_of_words(presence, candidates)
-    words_held = np.asarray(enough[shares.row, shares.col]).ravel() * np.array(
-        [len(candidates[c]) for c in shares.col]
-    )
+    counts = (presence @ word_indicator(candidates, vocabulary)).tocsr()
+    words_held = np.asarray(counts[shares.row, shares.col]).ravel()
     holds = (shares.data >= params.min_share - 1e-9) & (words_held >= 2 - 1e-9)
     held = pd.DataFrame(
         {"row": shares.row[holds], "candidate": shares.col[holds], "score": shares.data[holds]}
