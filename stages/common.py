@@ -49,6 +49,7 @@ SCORES_FILE = PROCESSED_DIR / "scores.parquet"
 NEAR_GROUPS_FILE = PROCESSED_DIR / "near_groups.parquet"
 NEIGHBORS_FILE = PROCESSED_DIR / "neighbors.parquet"
 IMAGE_PATTERNS_FILE = PROCESSED_DIR / "image_patterns.parquet"  # the patterns each image holds
+WORDS_FILE = PROCESSED_DIR / "words.parquet"  # every image's visual words (the words stage)
 CACHE_DIR = Path("data/cache")
 AUTOENCODER_DIR = Path("models/autoencoder")
 ENCODER_FILE = AUTOENCODER_DIR / "encoder.keras"

@@ -1,36 +1,46 @@
 """embed: encode every image (not a sample) into its latent vector.
 
 Params:  EmbedParams below (params.yaml, section embed)
-Inputs:  models/autoencoder/encoder.keras, data/interim/pixels.npy, data/interim/ids.parquet
+Inputs:  models/autoencoder/ (spec.json, descriptor.npz, and encoder.keras but for bovw),
+         data/interim/pixels.npy, data/interim/ids.parquet,
+         data/processed/words.parquet (encoder: bovw)
 Outputs: data/processed/embeddings.parquet (id, embedding: a fixed-size list of float32;
          its metadata's embed_key names the encoder and the decode settings)
 
-Vectors are kept in data/cache/embed/ by image sha256, the encoder file's hash and the
-decode settings, so with a frozen encoder (`dvc freeze train`) only new images are
-encoded. Images are encoded a batch at a time and written in Parquet row groups, so
-memory does not grow with the collection beyond the memory-mapped pixel array.
+An image's vector is the encoder's values (or, for `train.encoder: bovw`, its bag of
+visual words, TF-IDF weighted) through the scaling and PCA train fitted
+(stages/descriptors.py). Vectors are kept in data/cache/embed/ by image sha256, the model
+files' hashes and the decode settings (or the words' key), so with a frozen encoder
+(`dvc freeze train`) only new images are encoded. Images are encoded a batch at a time
+and written in Parquet row groups, so memory does not grow with the collection beyond
+the memory-mapped pixel array.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from stages import common, compute, settings
+from stages import common, compute, descriptors, settings
 from stages.content_cache import ContentCache, file_key
 from stages.quiet_start import keras
 
 STAGE = "embed"
 ROW_GROUP_ROWS = 65536  # images per Parquet row group: the most held in memory at once
 TASK_BATCHES = 8  # batches encoded per task on a Dask worker
+BAG_ROWS = 4096  # bags of words made dense at once
+SPEC_FILE = common.AUTOENCODER_DIR / "spec.json"
 
 
 class EmbedParams(settings.Section):
@@ -83,6 +93,7 @@ class EncodeTask:
     """Rows of the pixel file to encode, on a Dask worker (which reads both files)."""
 
     encoder_file: Path
+    descriptor_file: Path
     pixels_file: Path
     rows: np.ndarray
     batch_size: int
@@ -96,13 +107,32 @@ def read_encoder(path: Path) -> keras.Model:
 def encode_task(task: EncodeTask) -> np.ndarray:
     """Encode a task's rows, batch by batch, as encode_missing does here."""
     encoder = compute.load_once(task.encoder_file, read_encoder)
+    descriptor = compute.load_once(task.descriptor_file, descriptors.read_descriptor)
     pixels = np.load(task.pixels_file, mmap_mode="r")
     batches = [
         task.rows[at : at + task.batch_size] for at in range(0, len(task.rows), task.batch_size)
     ]
     return np.concatenate(
-        [encode_rows(encoder, pixels[batch], task.batch_size) for batch in batches]
+        [
+            descriptor.apply(encode_rows(encoder, pixels[batch], task.batch_size))
+            for batch in batches
+        ]
     )
+
+
+def store_vectors(
+    cache: ContentCache, missing: list[str], blocks: Iterable[np.ndarray], dimension: int
+) -> None:
+    """Write the vectors of the `missing` files, block by block, as a new cache segment."""
+    with (
+        cache.new_segment(missing, {"embedding": ((dimension,), np.float32)}) as segment,
+        common.progress_bar(len(missing), STAGE) as bar,
+    ):
+        start = 0
+        for codes in blocks:
+            segment.arrays["embedding"][start : start + len(codes)] = codes
+            start += len(codes)
+            bar.update(len(codes))
 
 
 def encode_missing(
@@ -111,18 +141,18 @@ def encode_missing(
     sha256s: list[str],
     cache: ContentCache,
     batch_size: int,
-    files: tuple[Path, Path] | None = None,
+    descriptor: descriptors.Descriptor,
+    files: tuple[Path, Path, Path] | None = None,
 ) -> int:
     """Encode the images whose vectors the cache lacks (each distinct file once) into a new
     segment of it; return how many were encoded.
 
-    With a Dask scheduler (compute.scheduler) and the (encoder, pixels) files, the
-    workers encode, TASK_BATCHES batches a task; else this process does.
+    With a Dask scheduler (compute.scheduler) and the (encoder, descriptor, pixels) files,
+    the workers encode, TASK_BATCHES batches a task; else this process does.
     """
     missing, rows = cache.missing_rows(sha256s)
     if not missing:
         return 0
-    dimension = int(math.prod(encoder.output_shape[1:]))
     step = batch_size * TASK_BATCHES
     if compute.distributed() and files is not None:
         tasks = [
@@ -131,26 +161,26 @@ def encode_missing(
         blocks = compute.map_tasks(encode_task, tasks, workers=1)
     else:
         blocks = (
-            encode_rows(encoder, pixels[rows[at : at + batch_size]], batch_size)
+            descriptor.apply(encode_rows(encoder, pixels[rows[at : at + batch_size]], batch_size))
             for at in range(0, len(rows), batch_size)
         )
-    with (
-        cache.new_segment(missing, {"embedding": ((dimension,), np.float32)}) as segment,
-        common.progress_bar(len(rows), STAGE) as bar,
-    ):
-        start = 0
-        for codes in blocks:
-            segment.arrays["embedding"][start : start + len(codes)] = codes
-            start += len(codes)
-            bar.update(len(codes))
+    store_vectors(cache, missing, blocks, descriptor.dimension(encoder_values(encoder)))
     return len(missing)
 
 
-def check_vectors(ids: list[str], vectors: np.ndarray) -> None:
+def encoder_values(encoder: keras.Model) -> int:
+    """How many values the encoder gives an image."""
+    return int(math.prod(encoder.output_shape[1:]))
+
+
+def check_vectors(ids: list[str], vectors: np.ndarray, constant_allowed: bool = False) -> None:
     """Stop on latent vectors that are not finite or constant (a broken weights file, say),
-    naming the first images, rather than pass them on."""
+    naming the first images, rather than pass them on. A bag of words may be constant: an
+    image without keypoints has none."""
     bad = ~np.isfinite(vectors).all(axis=1)
     constant = (vectors.max(axis=1) == vectors.min(axis=1)) & ~bad if vectors.shape[1] > 1 else bad
+    if constant_allowed:
+        constant = np.zeros_like(bad)
     for mask, what in ((bad, "not finite"), (constant, "constant")):
         if mask.any():
             named = ", ".join(ids[row] for row in np.flatnonzero(mask)[:5])
@@ -162,7 +192,13 @@ def check_vectors(ids: list[str], vectors: np.ndarray) -> None:
 
 
 def write_embeddings(
-    ids: list[str], sha256s: list[str], cache: ContentCache, dimension: int, path: Path, key: str
+    ids: list[str],
+    sha256s: list[str],
+    cache: ContentCache,
+    dimension: int,
+    path: Path,
+    key: str,
+    constant_allowed: bool = False,
 ) -> None:
     """Write the embeddings table from the cache in row groups, atomically; its metadata
     names the key the vectors were made with."""
@@ -176,7 +212,7 @@ def write_embeddings(
     ):
         blocks = cache.row_blocks(sha256s, "embedding", ROW_GROUP_ROWS)
         for start, codes in zip(range(0, len(ids), ROW_GROUP_ROWS), blocks):
-            check_vectors(ids[start : start + len(codes)], codes)
+            check_vectors(ids[start : start + len(codes)], codes, constant_allowed)
             writer.write_table(embeddings_table(ids[start : start + len(codes)], codes))
 
 
@@ -188,45 +224,135 @@ def embed_images(
     cache_folder: Path,
     path: Path,
     batch_size: int,
-    files: tuple[Path, Path] | None = None,
+    descriptor: descriptors.Descriptor | None = None,
+    files: tuple[Path, Path, Path] | None = None,
 ) -> int:
     """Encode what `cache_folder` lacks and write every image's vector to `path`;
-    return how many images were encoded. `files` (the encoder and pixel files) let Dask
+    return how many images were encoded. `descriptor` is what follows the encoder (none:
+    its values as they are); `files` (the encoder, descriptor and pixel files) let Dask
     workers do the encoding (see encode_missing)."""
+    descriptor = descriptor or descriptors.Descriptor()
     cache = ContentCache(cache_folder, ("embedding",))
-    encoded = encode_missing(encoder, pixels, sha256s, cache, batch_size, files)
-    dimension = int(math.prod(encoder.output_shape[1:]))
+    encoded = encode_missing(encoder, pixels, sha256s, cache, batch_size, descriptor, files)
+    dimension = descriptor.dimension(encoder_values(encoder))
     write_embeddings(ids, sha256s, cache, dimension, path, cache_folder.name)
     return encoded
 
 
+def bag_blocks(
+    words: pd.DataFrame,
+    keys: list[str],
+    key_of: pd.Series,
+    vocabulary: int,
+    descriptor: descriptors.Descriptor,
+) -> Iterator[np.ndarray]:
+    """The vectors of the `keys` files' bags of words, BAG_ROWS at a time: counts times
+    the train sample's idf, to unit length, through the scaling and PCA."""
+    assert descriptor.idf is not None
+    rows, word = descriptors.keypoint_rows(words, keys, key_of)
+    for start in range(0, len(keys), BAG_ROWS):
+        images = min(BAG_ROWS, len(keys) - start)
+        low, high = np.searchsorted(rows, [start, start + images])
+        inside = slice(low, high)
+        counts = descriptors.count_matrix(rows[inside] - start, word[inside], images, vocabulary)
+        yield descriptor.apply(descriptors.tf_idf(counts, descriptor.idf))
+
+
+def embed_bags(
+    ids: list[str],
+    sha256s: list[str],
+    words: pd.DataFrame,
+    vocabulary: int,
+    descriptor: descriptors.Descriptor,
+    cache_folder: Path,
+    path: Path,
+) -> int:
+    """encoder: bovw: make the bag-of-words vectors `cache_folder` lacks and write every
+    image's to `path`; return how many were made. An image with no words (no keypoints,
+    or unreadable) has the vector of an empty bag."""
+    cache = ContentCache(cache_folder, ("embedding",))
+    missing = cache.missing(sha256s)
+    dimension = descriptor.dimension(vocabulary)
+    if missing:
+        # An exact copy has no words of its own (the words stage skips it): its file's
+        # sha256 finds its original's.
+        key_of = pd.Series(sha256s, index=ids)
+        blocks = bag_blocks(words, missing, key_of, vocabulary, descriptor)
+        store_vectors(cache, missing, blocks, dimension)
+    write_embeddings(ids, sha256s, cache, dimension, path, cache_folder.name, True)
+    return len(missing)
+
+
+def read_spec() -> dict:
+    """What train made (spec.json): the encoder's kind and sizes."""
+    if not SPEC_FILE.exists():
+        raise common.UserError(f"{SPEC_FILE} is missing: run `dvc repro train` first")
+    return json.loads(SPEC_FILE.read_text())
+
+
+def checked_words(spec: dict) -> tuple[pd.DataFrame, str, int]:
+    """The words table, its key and vocabulary size, checked to be the words train
+    counted (a vocabulary fitted again since needs a new idf)."""
+    words, words_key, vocabulary = descriptors.read_words()
+    if words_key != spec.get("words_key"):
+        raise common.UserError(
+            f"{common.AUTOENCODER_DIR} was fitted on other visual words than "
+            f"{common.WORDS_FILE} holds (the vocabulary or words params changed): run "
+            "`dvc unfreeze train && dvc repro`"
+        )
+    return words, words_key, vocabulary
+
+
 def main() -> None:
-    """Read params, the encoder and the pixels; encode what the cache lacks; write the
-    embeddings."""
+    """Read params, the model files and the pixels (or the words); encode what the cache
+    lacks; write the embeddings."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     all_params = settings.load_params()
     batch_size = EmbedParams.from_params(all_params).batch_size
     compute.use_params(all_params)
-    ids, pixels = common.load_pixels(common.PIXELS_FILE)
-    _, sha256s, pixels_key = common.read_image_keys(ids)
-    encoder = load_encoder(common.ENCODER_FILE, pixels.shape[1:])
-    # The cache's name is its key: the encoder file's hash and prepare's decode settings.
-    cache_folder = common.CACHE_DIR / STAGE / f"{file_key(common.ENCODER_FILE)}-{pixels_key}"
-    files = (common.ENCODER_FILE, common.PIXELS_FILE)
-    encoded = embed_images(
-        encoder, pixels, ids, sha256s, cache_folder, common.EMBEDDINGS_FILE, batch_size, files
-    )
-    dimension = int(math.prod(encoder.output_shape[1:]))
+    spec = read_spec()
+    descriptor = descriptors.read_descriptor()
+    ids, sha256s, pixels_key = common.read_image_keys()
+    described = file_key(descriptors.DESCRIPTOR_FILE)
+    if spec.get("encoder") == "bovw":
+        words, words_key, vocabulary = checked_words(spec)
+        cache_folder = common.CACHE_DIR / STAGE / f"bovw-{described}-{words_key}"
+        encoded = embed_bags(
+            ids, sha256s, words, vocabulary, descriptor, cache_folder, common.EMBEDDINGS_FILE
+        )
+        what, dimension = f"bags of {vocabulary} visual words", descriptor.dimension(vocabulary)
+    else:
+        pixel_ids, pixels = common.load_pixels(common.PIXELS_FILE)
+        common.read_image_keys(pixel_ids)  # the same rows in the same order
+        encoder = load_encoder(common.ENCODER_FILE, pixels.shape[1:])
+        # The cache's name is its key: the model files' hashes and prepare's decode settings.
+        cache_folder = (
+            common.CACHE_DIR / STAGE / f"{file_key(common.ENCODER_FILE)}-{described}-{pixels_key}"
+        )
+        files = (common.ENCODER_FILE, descriptors.DESCRIPTOR_FILE, common.PIXELS_FILE)
+        encoded = embed_images(
+            encoder,
+            pixels,
+            ids,
+            sha256s,
+            cache_folder,
+            common.EMBEDDINGS_FILE,
+            batch_size,
+            descriptor,
+            files,
+        )
+        what = f"backend {keras.backend.backend()}"
+        dimension = descriptor.dimension(encoder_values(encoder))
     seconds = time.perf_counter() - started
     logger.info(
-        "%d images: %d encoded, %d from the cache; %d values each; backend %s; %.1f s "
+        "%d images: %d encoded, %d from the cache; %d values each; %s; %.1f s "
         "(%.0f encoded images/s)",
         len(ids),
         encoded,
         len(set(sha256s)) - encoded,
         dimension,
-        keras.backend.backend(),
+        what,
         seconds,
         encoded / seconds if seconds else 0.0,
     )

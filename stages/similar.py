@@ -20,15 +20,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages import common, embed, images, prepare, settings
+from stages import common, descriptors, embed, images, prepare, settings, words
 
 STAGE = "similar"
 SEARCH_BLOCK = 65536  # collection vectors compared at once
 
 
 def image_vector(path: Path, params: dict) -> np.ndarray:
-    """The latent vector of one image file, decoded as prepare does and encoded by embed's
-    encoder."""
+    """The vector of one image file, made as embed makes the collection's: decoded as
+    prepare does and encoded by the encoder, or as its bag of visual words (bovw); then
+    scaled and projected as train fitted."""
+    spec = embed.read_spec()
+    descriptor = descriptors.read_descriptor()
+    if spec.get("encoder") == "bovw":
+        return bag_vector(path, params, spec, descriptor)
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -40,7 +45,28 @@ def image_vector(path: Path, params: dict) -> np.ndarray:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise common.UserError(f"cannot decode {path}: {message}") from None
     encoder = embed.load_encoder(common.ENCODER_FILE, pixels.shape)
-    return embed.encode_rows(encoder, pixels[None], 1)[0]
+    return descriptor.apply(embed.encode_rows(encoder, pixels[None], 1))[0]
+
+
+def bag_vector(
+    path: Path, params: dict, spec: dict, descriptor: descriptors.Descriptor
+) -> np.ndarray:
+    """The bag-of-words vector of one image file, its keypoints found as the words stage
+    finds them."""
+    words_params = words.WordsParams.from_params(params)
+    if spec.get("words_key") != words.words_key(words_params):
+        raise common.UserError(
+            f"{common.AUTOENCODER_DIR} was fitted on other visual words than the vocabulary "
+            "and words params make now: run `dvc repro`"
+        )
+    centers = words.read_vocabulary(words_params)
+    found = words.image_keypoints(path, words_params)
+    if isinstance(found, str):
+        raise common.UserError(found)
+    word = words.nearest_words(found.descriptors, centers)
+    counts = descriptors.count_matrix(np.zeros(len(word), np.int64), word, 1, len(centers))
+    assert descriptor.idf is not None
+    return descriptor.apply(descriptors.tf_idf(counts, descriptor.idf))[0]
 
 
 def nearest_rows(vector: np.ndarray, top: int) -> list[tuple[float, int]]:

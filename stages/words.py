@@ -44,7 +44,7 @@ from stages.content_cache import ContentCache, file_key
 STAGE = "words"
 VOCABULARY_FILE = Path("models/vocabulary.npz")
 CACHE_DIR = common.CACHE_DIR / "words"
-WORDS_FILE = common.PROCESSED_DIR / "words.parquet"
+WORDS_FILE = common.WORDS_FILE
 WORDS_METRICS_FILE = common.METRICS_DIR / "words.json"
 WORD_COLUMNS = ["id", "word", "x", "y", "size"]
 MAX_SAMPLE_DESCRIPTORS = 250_000  # the vocabulary's fit sees at most this many
@@ -357,6 +357,13 @@ def detector_params(params: WordsParams) -> dict[str, int | str]:
     return {"detector": params.detector, "side": params.side, "max_keypoints": params.max_keypoints}
 
 
+def words_key(params: WordsParams) -> str:
+    """What an image's words depend on besides its file: the vocabulary file's hash and
+    the detector's params (the name of the cache folder, and of embed's bags of words)."""
+    key = hashlib.sha256(json.dumps(detector_params(params), sort_keys=True).encode())
+    return f"{file_key(VOCABULARY_FILE)}-{key.hexdigest()[:12]}"
+
+
 def main() -> None:
     """Read the manifest, the vocabulary and the originals the cache lacks; write the
     words and metrics."""
@@ -366,15 +373,16 @@ def main() -> None:
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     table = collection_images(manifest)
     centers = read_vocabulary(params)
-    key = hashlib.sha256(json.dumps(detector_params(params), sort_keys=True).encode())
-    folder = CACHE_DIR / f"{file_key(VOCABULARY_FILE)}-{key.hexdigest()[:12]}"
+    folder = CACHE_DIR / words_key(params)
     cache = ContentCache(folder, arrays=(), blobs=("keypoints",))
     words, failed, read = words_of(
         table, common.COLLECTION_DIR, params, centers, common.worker_count(), cache
     )
     for message in failed:
         logger.warning("%s; it has no words", message)
-    common.write_parquet(words, WORDS_FILE)
+    # What made the words, for the readers' caches (embed's bags of words).
+    keys = {"words_key": folder.name, "vocabulary": str(len(centers))}
+    common.write_parquet(words, WORDS_FILE, keys=keys)
     metrics = words_metrics(words, len(table), len(failed), len(centers))
     common.write_json(metrics, WORDS_METRICS_FILE)
     logger.info(

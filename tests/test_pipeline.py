@@ -301,6 +301,24 @@ def test_other_methods_run_as_experiments_and_line_up_in_metrics_diff(
     assert is_up_to_date(project), "--temp keeps the workspace"
 
 
+def test_bags_of_visual_words_run_as_an_experiment_and_line_up_in_metrics_diff(
+    demo: tuple[Path, str],
+) -> None:
+    project, _ = demo
+    settings = ["-S", "train.encoder=bovw", "-S", "train.preprocess.pca=50"]
+    printed = dvc(["exp", "run", "--temp", "-n", "bovw", *settings], project)
+    assert "bags of 2000 visual words" in printed and "epochs" not in printed, "nothing trained"
+    diff = json.loads(dvc(["metrics", "diff", "HEAD", "bovw", "--all", "--json"], project))
+    trained = diff["metrics/train/metrics.json"]
+    assert trained["dimension"]["new"] == 50 and trained["vocabulary"]["new"] == 2000
+    assert 0 < trained["explained_variance"]["new"] < 1
+    rows = diff["metrics/cluster.json"]
+    # The digits grouped by their visual words alone: far above chance (about 0.2).
+    assert rows["accuracy"]["new"] > 0.6
+    assert rows["accuracy"]["new"] != rows["accuracy"]["old"]
+    assert is_up_to_date(project), "--temp keeps the workspace"
+
+
 def test_a_missing_templates_folder_reaches_the_stage_which_names_the_key(
     demo: tuple[Path, str],
 ) -> None:

@@ -1,0 +1,256 @@
+"""Descriptors: bags of visual words (TF-IDF) in place of the latent vectors, and the
+scaling and PCA every encoder's vectors may go through."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import pattern_image
+from PIL import Image
+
+from stages import common, descriptors, embed, similar, train, words
+
+VOCABULARY = 6
+
+
+def keypoint_table(bags: dict[str, list[int]]) -> pd.DataFrame:
+    """A words table (id, word) with one row per keypoint of each id's bag."""
+    rows = [(image, word) for image, bag in bags.items() for word in bag]
+    return pd.DataFrame(rows, columns=["id", "word"]).astype({"word": np.int32})
+
+
+BAGS = {
+    "a": [0, 0, 1, 2],
+    "b": [1, 2, 2, 3],
+    "c": [0, 4, 4, 4],
+    "d": [5, 1],
+}
+
+
+# ----------------------------------------------------------------------------- bags of words
+
+
+def test_counts_follow_the_files_so_a_copy_shares_its_originals_bag() -> None:
+    table = keypoint_table({**BAGS, "elsewhere": [3, 3]})
+    key_of = pd.Series({"a": "sha-a", "a-copy": "sha-a", "b": "sha-b", "blank": "sha-blank"})
+    counts = descriptors.word_counts(table, ["sha-b", "sha-a", "sha-blank"], key_of, VOCABULARY)
+    dense = counts.toarray()
+    np.testing.assert_array_equal(dense[0], [0, 1, 2, 1, 0, 0])
+    np.testing.assert_array_equal(dense[1], [2, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(dense[2], np.zeros(VOCABULARY)), "no words: a row of zeros"
+
+
+def test_tf_idf_rows_have_unit_length_and_rare_words_weigh_most() -> None:
+    keys = list(BAGS)
+    counts = descriptors.word_counts(
+        keypoint_table(BAGS), keys, pd.Series(keys, index=keys), VOCABULARY
+    )
+    idf = descriptors.inverse_document_frequency(counts)
+    # Word 1 is in three of four images, word 3 in one: the rarer weighs more.
+    assert idf[3] > idf[1] > 0
+    assert np.isfinite(idf).all()
+    vectors = descriptors.tf_idf(counts, idf)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-6)
+    # Image b holds words 1, 2, 2, 3: word 2 twice, so twice word 1's weight times idf.
+    b = vectors[1]
+    assert b[2] / b[3] == pytest.approx(2 * idf[2] / idf[3], rel=1e-5)
+    empty = descriptors.word_counts(keypoint_table({}), ["x"], pd.Series(dtype=str), VOCABULARY)
+    assert (descriptors.tf_idf(empty, idf) == 0).all(), "an empty bag stays zero, not NaN"
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def test_minmax_and_standard_scaling_are_fitted_on_one_sample_and_applied_to_others() -> None:
+    rng = np.random.default_rng(0)
+    sample = rng.normal([5.0, -2.0, 0.0], [3.0, 0.5, 0.0], size=(200, 3)).astype(np.float32)
+    params = descriptors.PreprocessParams(scaling="minmax")
+    scaled = descriptors.fit_descriptor(sample, params, seed=0).apply(sample)
+    np.testing.assert_allclose(scaled[:, :2].min(axis=0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(scaled[:, :2].max(axis=0), 1.0, atol=1e-6)
+    assert (scaled[:, 2] == 0).all(), "a constant value is moved, not divided by zero"
+    standard = descriptors.fit_descriptor(
+        sample, descriptors.PreprocessParams(scaling="standard"), seed=0
+    )
+    scaled = standard.apply(sample)
+    np.testing.assert_allclose(scaled[:, :2].mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(scaled[:, :2].std(axis=0), 1.0, atol=1e-5)
+    # A new image is scaled with the sample's figures, not its own.
+    new = np.array([[5.0, -2.0, 0.0]], np.float32)
+    expected = (new - sample.mean(axis=0)) / np.where(sample.std(axis=0) > 0, sample.std(axis=0), 1)
+    np.testing.assert_allclose(standard.apply(new), expected, atol=1e-5)
+
+
+def test_pca_keeps_the_fewest_components_that_explain_the_share() -> None:
+    rng = np.random.default_rng(1)
+    # Variance falls off by axis: 10 values whose variances are 2^-i.
+    sample = rng.normal(size=(500, 10)) * np.sqrt(2.0 ** -np.arange(10))
+    share = 0.8
+    fitted = descriptors.fit_descriptor(sample, descriptors.PreprocessParams(pca=share), seed=0)
+    kept = fitted.dimension(10)
+    assert fitted.explained is not None and fitted.explained >= share
+    fewer = descriptors.fit_descriptor(sample, descriptors.PreprocessParams(pca=kept - 1), seed=0)
+    assert fewer.explained is not None and fewer.explained < share
+    assert fitted.apply(sample).shape == (500, kept)
+    counted = descriptors.fit_descriptor(sample, descriptors.PreprocessParams(pca=3), seed=0)
+    assert counted.apply(sample[:7]).shape == (7, 3)
+    everything = descriptors.fit_descriptor(sample, descriptors.PreprocessParams(pca=50), seed=0)
+    assert everything.dimension(10) == 10, "a count beyond the values keeps them all"
+
+
+def test_a_descriptor_is_saved_with_the_same_bytes_and_read_back(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    sample = rng.normal(size=(100, 8)).astype(np.float32)
+    params = descriptors.PreprocessParams(scaling="standard", pca=4)
+    first, second = tmp_path / "first.npz", tmp_path / "second.npz"
+    descriptors.write_descriptor(descriptors.fit_descriptor(sample, params, seed=0), first)
+    descriptors.write_descriptor(descriptors.fit_descriptor(sample, params, seed=0), second)
+    assert first.read_bytes() == second.read_bytes()
+    read = descriptors.read_descriptor(first)
+    fitted = descriptors.fit_descriptor(sample, params, seed=0)
+    np.testing.assert_array_equal(read.apply(sample), fitted.apply(sample))
+    assert read.explained == pytest.approx(fitted.explained)
+    with pytest.raises(common.UserError, match="dvc repro train"):
+        descriptors.read_descriptor(tmp_path / "absent.npz")
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.0, 1.5, 0.0, True, "half"])
+def test_a_pca_that_is_neither_a_share_nor_a_count_names_the_key(
+    params: dict, value: object
+) -> None:
+    params["train"]["preprocess"]["pca"] = value
+    with pytest.raises(common.UserError) as error:
+        train.TrainParams.from_params(params)
+    message = str(error.value)
+    assert message.startswith(f"params.yaml: train.preprocess.pca = {value!r} is not allowed")
+    assert "share" in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------- embed and train
+
+
+def bovw_descriptor(keys: list[str], pca: int | None = None) -> descriptors.Descriptor:
+    """What train fits for bovw on BAGS, files named by `keys`."""
+    counts = descriptors.word_counts(
+        keypoint_table(BAGS), keys, pd.Series(keys, index=list(BAGS)), VOCABULARY
+    )
+    idf = descriptors.inverse_document_frequency(counts)
+    values = descriptors.tf_idf(counts, idf)
+    return descriptors.fit_descriptor(values, descriptors.PreprocessParams(pca=pca), 0, idf)
+
+
+def test_embed_writes_every_images_bag_and_reads_known_files_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(embed, "BAG_ROWS", 2)  # bags made dense in several blocks
+    ids = ["a", "b", "a-copy", "c", "d", "blank"]
+    sha256s = ["sha-a", "sha-b", "sha-a", "sha-c", "sha-d", "sha-blank"]
+    descriptor = bovw_descriptor(["sha-a", "sha-b", "sha-c", "sha-d"], pca=2)
+    table = keypoint_table(BAGS)
+    path, cache = tmp_path / "embeddings.parquet", tmp_path / "cache"
+    made = embed.embed_bags(ids, sha256s, table, VOCABULARY, descriptor, cache, path)
+    assert made == 5, "each distinct file once"
+    read_ids, vectors = common.read_embeddings(path)
+    assert read_ids == ids and vectors.shape == (6, 2)
+    np.testing.assert_array_equal(vectors[0], vectors[2]), "a copy has its original's vector"
+    distinct = list(dict.fromkeys(sha256s))
+    counts = descriptors.word_counts(table, distinct, pd.Series(sha256s, index=ids), VOCABULARY)
+    assert descriptor.idf is not None
+    each = descriptor.apply(descriptors.tf_idf(counts, descriptor.idf))
+    whole = each[[distinct.index(sha) for sha in sha256s]]
+    np.testing.assert_allclose(vectors, whole, atol=1e-6)
+    np.testing.assert_allclose(vectors[5], descriptor.apply(np.zeros((1, VOCABULARY)))[0])
+    again = tmp_path / "again.parquet"
+    assert embed.embed_bags(ids, sha256s, table, VOCABULARY, descriptor, cache, again) == 0
+    assert again.read_bytes() == path.read_bytes()
+
+
+def test_without_pca_an_image_without_words_is_a_zero_vector_not_an_error(
+    tmp_path: Path,
+) -> None:
+    descriptor = bovw_descriptor(["sha-a", "sha-b", "sha-c", "sha-d"])
+    path = tmp_path / "embeddings.parquet"
+    embed.embed_bags(
+        ["a", "blank"], ["sha-a", "sha-blank"], keypoint_table(BAGS), VOCABULARY,
+        descriptor, tmp_path / "cache", path,
+    )  # fmt: skip
+    _, vectors = common.read_embeddings(path)
+    assert vectors.shape == (2, VOCABULARY)
+    assert (vectors[1] == 0).all() and np.linalg.norm(vectors[0]) == pytest.approx(1.0)
+
+
+@pytest.fixture
+def bovw_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params: dict) -> dict:
+    """A project folder with textured images, their vocabulary and words, and the params
+    of encoder: bovw with a PCA of 4 components; the working directory is its root."""
+    monkeypatch.chdir(tmp_path)
+    common.COLLECTION_DIR.mkdir(parents=True)
+    names = [f"image-{index:02d}.png" for index in range(24)]
+    for index, name in enumerate(names):
+        image = pattern_image(160, 120, index).resize((320, 240), Image.Resampling.NEAREST)
+        image.save(common.COLLECTION_DIR / name)
+    params = copy.deepcopy(params)
+    params["words"].update({"vocabulary": 40, "vocabulary_images": 24, "max_keypoints": 50})
+    params["train"]["encoder"] = "bovw"
+    params["train"]["preprocess"]["pca"] = 4
+    word_params = words.WordsParams.from_params(params)
+    table = pd.DataFrame({"id": names, "path": names, "sha256": [f"sha-{n}" for n in names]})
+    centers, found, failed = words.find_words(table, common.COLLECTION_DIR, word_params, 1)
+    assert not failed
+    words.VOCABULARY_FILE.parent.mkdir(parents=True, exist_ok=True)
+    made_with = np.array(json.dumps(words.detector_params(word_params), sort_keys=True))
+    np.savez(words.VOCABULARY_FILE, centers=centers, params=made_with)
+    common.write_parquet(
+        found,
+        common.WORDS_FILE,
+        keys={"words_key": words.words_key(word_params), "vocabulary": str(len(centers))},
+    )
+    return {"params": params, "table": table}
+
+
+def test_train_fits_bovw_and_the_similar_command_finds_an_image_itself(
+    bovw_project: dict,
+) -> None:
+    params, table = bovw_project["params"], bovw_project["table"]
+    ids, sha256s = table["id"].tolist(), table["sha256"].tolist()
+    train_params = train.TrainParams.from_params(params)
+    rows = np.arange(0, len(ids), 2)  # the even images are the train sample
+    descriptor, facts = train.bovw_descriptor(ids, sha256s, rows, train_params)
+    assert facts["images"] == 12 and facts["vocabulary"] == 40
+    assert descriptor.dimension(40) == 4 and descriptor.idf is not None
+    # The idf counts the train sample's images only.
+    found = pd.read_parquet(common.WORDS_FILE)
+    sample_keys = [sha256s[row] for row in rows]
+    sample_counts = descriptors.word_counts(found, sample_keys, pd.Series(sha256s, index=ids), 40)
+    expected = descriptors.inverse_document_frequency(sample_counts)
+    np.testing.assert_array_equal(descriptor.idf, expected)
+    spec = {"encoder": "bovw", "words_key": facts["words_key"]}
+    train.write_models(None, descriptor, spec)
+    assert sorted(p.name for p in common.AUTOENCODER_DIR.iterdir()) == [
+        "descriptor.npz",
+        "spec.json",
+    ]
+    words_table, _, vocabulary = embed.checked_words(embed.read_spec())
+    embed.embed_bags(
+        ids, sha256s, words_table, vocabulary, descriptors.read_descriptor(),
+        common.CACHE_DIR / "embed", common.EMBEDDINGS_FILE,
+    )  # fmt: skip
+    _, vectors = common.read_embeddings()
+    vector = similar.image_vector(common.COLLECTION_DIR / ids[5], params)
+    np.testing.assert_allclose(vector, vectors[5], atol=1e-5)
+    nearest = similar.nearest_rows(vector, 1)
+    assert nearest[0][1] == 5 and nearest[0][0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_words_of_another_vocabulary_than_train_counted_name_the_fix(bovw_project: dict) -> None:
+    descriptor = bovw_descriptor(["sha-a", "sha-b", "sha-c", "sha-d"])
+    train.write_models(None, descriptor, {"encoder": "bovw", "words_key": "an-older-vocabulary"})
+    with pytest.raises(common.UserError, match="dvc unfreeze train"):
+        embed.checked_words(embed.read_spec())
+    with pytest.raises(common.UserError, match="other visual words"):
+        similar.image_vector(common.COLLECTION_DIR / "image-00.png", bovw_project["params"])
