@@ -8,7 +8,7 @@ stages one at a time with `dvc repro -s STAGE`, printing for each:
   resident set of dvc, the stage or one of its workers), and the disk its outputs, its
   cache in data/cache/ and DVC's cache take.
 Then a no-op `dvc repro` of the whole pipeline, and the project's disk beside the
-source's. With --grow P it then adds P% new frames, freezes train, cluster and
+source's. With --grow P it then adds P% new frames, freezes train, describe, cluster and
 vocabulary (`dvc freeze`) and prints the same for the incremental run, and its share of
 the full run's time; then adds as many again and times one plain `dvc repro` of them.
 
@@ -221,7 +221,7 @@ def main() -> None:
     if arguments.grow > 0:
         new = max(1, round(arguments.frames * arguments.grow / 100))
         source_bytes += write_frames(source, arguments.frames, new, size)
-        freeze = ["freeze", "train", "cluster", "vocabulary"]
+        freeze = ["freeze", "train", "describe", "cluster", "vocabulary"]
         measure([sys.executable, "-m", "dvc", *freeze], project)
         grown = run_stages(
             project, f"{new} new frames ({arguments.grow}%), train, cluster and vocabulary frozen"

@@ -1,61 +1,33 @@
-"""What an image's vector is made of after the encoder: bags of visual words (TF-IDF) for
-`train.encoder: bovw`, and for every encoder the preprocessing fitted once by train
-(scaling, then PCA) and applied by embed to every image.
+"""What an image's stored vector is made of after the encoder (the describe stage fits it,
+embed applies it): for `train.encoder: bovw` its bag of visual words, TF-IDF weighted; for
+every encoder the scaling, then the PCA, of `describe.scaling` and `describe.pca`.
 
-models/autoencoder/descriptor.npz holds what train fitted, each part absent when unused:
+models/descriptor.npz holds what describe fitted, each part absent when unused:
   idf                          bovw: each word's inverse document frequency
+  words_key                    bovw: the words it was counted on (vocabulary and detector)
   offset, factor               scaling: x -> (x - offset) / factor
   pca_mean, pca_components     PCA: x -> (x - pca_mean) @ pca_components.T
   explained                    the share of the variance the PCA keeps
 
-Scaling and PCA before clustering are what the 416,000-car project found best (it kept
-60% of the variance); the default keeps the encoder's vectors as they are.
+This module needs neither Keras nor the words' detector: embed, describe and the similar
+command share it.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
 from scipy import sparse
 
-from stages import common, settings
+from stages import common
 
-DESCRIPTOR_FILE = common.AUTOENCODER_DIR / "descriptor.npz"
-PCA_ALLOWED = (
-    "expected null, a share of the variance above 0 and below 1, or a number of components >= 1"
-)
-
-
-class PreprocessParams(settings.Section):
-    """params.yaml, section train.preprocess: what every vector goes through before it is
-    written (fitted on the train sample, with the encoder)."""
-
-    scaling: Literal["none", "minmax", "standard"] = Field(
-        "none",
-        description="none | minmax: each value to 0..1 | standard: each value to mean 0, "
-        "standard deviation 1",
-    )
-    pca: int | float | None = Field(
-        None,
-        description="null: no PCA | a share between 0 and 1: the fewest components keeping "
-        "that share of the variance | an integer: that many components",
-        json_schema_extra={"allowed": PCA_ALLOWED},
-    )
-
-    @field_validator("pca")
-    @classmethod
-    def share_or_count(cls, value: int | float | None) -> int | float | None:
-        """A float is a share of the variance (0 < share < 1), an integer a count (>= 1)."""
-        share = isinstance(value, float) and 0 < value < 1
-        count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-        if value is not None and not share and not count:
-            raise ValueError(PCA_ALLOWED)
-        return value
+DESCRIPTOR_FILE = Path("models/descriptor.npz")
+SPEC_FILE = common.AUTOENCODER_DIR / "spec.json"
 
 
 @dataclass(frozen=True)
@@ -63,6 +35,7 @@ class Descriptor:
     """The fitted steps between the encoder's (or the bag's) values and the stored vector."""
 
     idf: np.ndarray | None = None
+    words_key: str | None = None
     offset: np.ndarray | None = None
     factor: np.ndarray | None = None
     pca_mean: np.ndarray | None = None
@@ -107,7 +80,7 @@ def fit_pca(
     most = min(vectors.shape)
     if most < 2:
         raise common.UserError(
-            f"train.preprocess.pca needs at least 2 images and 2 values; the train sample "
+            f"describe.pca needs at least 2 images and 2 values; the sample "
             f"has {vectors.shape[0]} images of {vectors.shape[1]} values"
         )
     components = min(pca, most) if isinstance(pca, int) else pca
@@ -118,15 +91,21 @@ def fit_pca(
 
 
 def fit_descriptor(
-    values: np.ndarray, params: PreprocessParams, seed: int, idf: np.ndarray | None = None
+    values: np.ndarray,
+    scaling: str,
+    pca: int | float | None,
+    seed: int,
+    idf: np.ndarray | None = None,
+    words_key: str | None = None,
 ) -> Descriptor:
-    """The scaling and PCA the params ask for, fitted on `values` (the train sample's)."""
-    offset, factor = fit_scaling(values, params.scaling)
-    if params.pca is None:
-        return Descriptor(idf, offset, factor)
-    scaled = Descriptor(idf, offset, factor).apply(values)
-    mean, components, explained = fit_pca(scaled, params.pca, seed)
-    return Descriptor(idf, offset, factor, mean, components, explained)
+    """The scaling and then PCA asked for, fitted on `values` (the sample's); `idf` and
+    `words_key` are kept as they are (bovw)."""
+    offset, factor = fit_scaling(values, scaling)
+    if pca is None:
+        return Descriptor(idf, words_key, offset, factor)
+    scaled = Descriptor(idf, words_key, offset, factor).apply(values)
+    mean, components, explained = fit_pca(scaled, pca, seed)
+    return Descriptor(idf, words_key, offset, factor, mean, components, explained)
 
 
 def write_descriptor(descriptor: Descriptor, path: Path = DESCRIPTOR_FILE) -> None:
@@ -143,12 +122,21 @@ def write_descriptor(descriptor: Descriptor, path: Path = DESCRIPTOR_FILE) -> No
 def read_descriptor(path: Path = DESCRIPTOR_FILE) -> Descriptor:
     """The Descriptor train saved."""
     if not path.exists():
-        raise common.UserError(f"{path} is missing: run `dvc repro train` first")
+        raise common.UserError(f"{path} is missing: run `dvc repro describe` first")
     with np.load(path) as stored:
         parts = {name: stored[name] for name in stored.files}
     if "explained" in parts:
         parts["explained"] = float(parts["explained"])
+    if "words_key" in parts:
+        parts["words_key"] = str(parts["words_key"])
     return Descriptor(**parts)
+
+
+def read_spec() -> dict[str, Any]:
+    """What train made (models/autoencoder/spec.json): the encoder's kind and sizes."""
+    if not SPEC_FILE.exists():
+        raise common.UserError(f"{SPEC_FILE} is missing: run `dvc repro train` first")
+    return json.loads(SPEC_FILE.read_text())
 
 
 # ----------------------------------------------------------------------------- bags of words

@@ -1,24 +1,23 @@
 """embed: encode every image (not a sample) into its latent vector.
 
 Params:  EmbedParams below (params.yaml, section embed)
-Inputs:  models/autoencoder/ (spec.json, descriptor.npz, and encoder.keras but for bovw),
-         data/interim/pixels.npy, data/interim/ids.parquet,
-         data/processed/words.parquet (encoder: bovw)
+Inputs:  models/autoencoder/ (spec.json, and encoder.keras unless train.encoder is bovw),
+         models/descriptor.npz, data/interim/pixels.npy, data/interim/ids.parquet,
+         data/processed/words.parquet (bovw)
 Outputs: data/processed/embeddings.parquet (id, embedding: a fixed-size list of float32;
          its metadata's embed_key names the encoder and the decode settings)
 
 An image's vector is the encoder's values (or, for `train.encoder: bovw`, its bag of
-visual words, TF-IDF weighted) through the scaling and PCA train fitted
+visual words, TF-IDF weighted) through the scaling and PCA the describe stage fitted
 (stages/descriptors.py). Vectors are kept in data/cache/embed/ by image sha256, the model
 files' hashes and the decode settings (or the words' key), so with a frozen encoder
-(`dvc freeze train`) only new images are encoded. Images are encoded a batch at a time
+(`dvc freeze train describe`) only new images are encoded. Images are encoded a batch at a time
 and written in Parquet row groups, so memory does not grow with the collection beyond
 the memory-mapped pixel array.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -40,7 +39,6 @@ STAGE = "embed"
 ROW_GROUP_ROWS = 65536  # images per Parquet row group: the most held in memory at once
 TASK_BATCHES = 8  # batches encoded per task on a Dask worker
 BAG_ROWS = 4096  # bags of words made dense at once
-SPEC_FILE = common.AUTOENCODER_DIR / "spec.json"
 
 
 class EmbedParams(settings.Section):
@@ -283,22 +281,15 @@ def embed_bags(
     return len(missing)
 
 
-def read_spec() -> dict:
-    """What train made (spec.json): the encoder's kind and sizes."""
-    if not SPEC_FILE.exists():
-        raise common.UserError(f"{SPEC_FILE} is missing: run `dvc repro train` first")
-    return json.loads(SPEC_FILE.read_text())
-
-
-def checked_words(spec: dict) -> tuple[pd.DataFrame, str, int]:
-    """The words table, its key and vocabulary size, checked to be the words train
+def checked_words(descriptor: descriptors.Descriptor) -> tuple[pd.DataFrame, str, int]:
+    """The words table, its key and vocabulary size, checked to be the words describe
     counted (a vocabulary fitted again since needs a new idf)."""
     words, words_key, vocabulary = descriptors.read_words()
-    if words_key != spec.get("words_key"):
+    if words_key != descriptor.words_key:
         raise common.UserError(
-            f"{common.AUTOENCODER_DIR} was fitted on other visual words than "
+            f"{descriptors.DESCRIPTOR_FILE} was fitted on other visual words than "
             f"{common.WORDS_FILE} holds (the vocabulary or words params changed): run "
-            "`dvc unfreeze train && dvc repro`"
+            "`dvc unfreeze describe && dvc repro`"
         )
     return words, words_key, vocabulary
 
@@ -311,12 +302,12 @@ def main() -> None:
     all_params = settings.load_params()
     batch_size = EmbedParams.from_params(all_params).batch_size
     compute.use_params(all_params)
-    spec = read_spec()
+    spec = descriptors.read_spec()
     descriptor = descriptors.read_descriptor()
     ids, sha256s, pixels_key = common.read_image_keys()
     described = file_key(descriptors.DESCRIPTOR_FILE)
     if spec.get("encoder") == "bovw":
-        words, words_key, vocabulary = checked_words(spec)
+        words, words_key, vocabulary = checked_words(descriptor)
         cache_folder = common.CACHE_DIR / STAGE / f"bovw-{described}-{words_key}"
         encoded = embed_bags(
             ids, sha256s, words, vocabulary, descriptor, cache_folder, common.EMBEDDINGS_FILE

@@ -30,10 +30,9 @@ def image_vector(path: Path, params: dict) -> np.ndarray:
     """The vector of one image file, made as embed makes the collection's: decoded as
     prepare does and encoded by the encoder, or as its bag of visual words (bovw); then
     scaled and projected as train fitted."""
-    spec = embed.read_spec()
     descriptor = descriptors.read_descriptor()
-    if spec.get("encoder") == "bovw":
-        return bag_vector(path, params, spec, descriptor)
+    if descriptors.read_spec().get("encoder") == "bovw":
+        return bag_vector(path, params, descriptor)
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -48,16 +47,14 @@ def image_vector(path: Path, params: dict) -> np.ndarray:
     return descriptor.apply(embed.encode_rows(encoder, pixels[None], 1))[0]
 
 
-def bag_vector(
-    path: Path, params: dict, spec: dict, descriptor: descriptors.Descriptor
-) -> np.ndarray:
+def bag_vector(path: Path, params: dict, descriptor: descriptors.Descriptor) -> np.ndarray:
     """The bag-of-words vector of one image file, its keypoints found as the words stage
     finds them."""
     words_params = words.WordsParams.from_params(params)
-    if spec.get("words_key") != words.words_key(words_params):
+    if descriptor.words_key != words.words_key(words_params):
         raise common.UserError(
-            f"{common.AUTOENCODER_DIR} was fitted on other visual words than the vocabulary "
-            "and words params make now: run `dvc repro`"
+            f"{descriptors.DESCRIPTOR_FILE} was fitted on other visual words than the "
+            "vocabulary and words params make now: run `dvc repro`"
         )
     centers = words.read_vocabulary(words_params)
     found = words.image_keypoints(path, words_params)

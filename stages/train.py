@@ -1,12 +1,9 @@
 """train: learn the latent space every image is embedded in.
 
 Params:  TrainParams below (params.yaml, section train)
-Inputs:  data/interim/pixels.npy, data/interim/ids.parquet, data/processed/split.parquet,
-         data/processed/words.parquet (encoder: bovw)
-Outputs: models/autoencoder/encoder.keras      image -> latent vector (the Keras encoders)
+Inputs:  data/interim/pixels.npy, data/interim/ids.parquet, data/processed/split.parquet
+Outputs: models/autoencoder/encoder.keras      image -> latent vector (what embed uses)
          models/autoencoder/autoencoder.keras  image -> reconstruction (trained kinds)
-         models/autoencoder/descriptor.npz     what follows the encoder: bovw's idf, the
-                                               scaling and the PCA (stages/descriptors.py)
          models/autoencoder/spec.json          what the encoder expects and gives
          metrics/train/                        DVCLive's folder:
            metrics.json                        final losses (best epoch), epochs, sizes
@@ -16,9 +13,8 @@ Outputs: models/autoencoder/encoder.keras      image -> latent vector (the Keras
 Training fits the `train` subset, stops early on the `valid` loss (keeping the best
 weights) and reports the loss on `test`. The model code uses Keras alone, so it runs on
 any Keras backend and on a GPU when one is present. With `encoder: bovw` nothing is
-trained: an image is its bag of visual words, TF-IDF weighted with the document
-frequencies of the train sample. Either way, the scaling and PCA of `preprocess` are
-fitted on the train sample's vectors, once, and embed applies them to every image.
+trained and only the spec is written: an image is its bag of visual words, which the
+describe stage weighs.
 """
 
 from __future__ import annotations
@@ -38,7 +34,7 @@ import pandas as pd
 from PIL import Image
 from pydantic import Field, model_validator
 
-from stages import common, descriptors, settings
+from stages import common, settings
 from stages.autoencoders import (
     MINIMUM_PRETRAINED_INPUT,
     ModelKind,
@@ -120,7 +116,6 @@ class TrainParams(settings.Section):
     )
     seed: int = Field(42, ge=0, description="seed of weights, shuffling and sampling")
     pretrained: PretrainedParams = Field(default_factory=PretrainedParams)
-    preprocess: descriptors.PreprocessParams = Field(default_factory=descriptors.PreprocessParams)
 
     @model_validator(mode="after")
     def pretrained_needs_weights(self) -> TrainParams:
@@ -366,60 +361,6 @@ def preview_image(
     return sheet.resize((sheet.width * scale, sheet.height * scale), Image.Resampling.NEAREST)
 
 
-def encoded_rows(
-    encoder: keras.Model, pixels: np.ndarray, rows: np.ndarray, batch_size: int
-) -> np.ndarray:
-    """The encoder's values of the given pixel rows, flattened, float32."""
-    blocks = [
-        encoder.predict_on_batch(pixels[rows[at : at + batch_size]].astype(np.float32) / 255.0)
-        for at in range(0, len(rows), batch_size)
-    ]
-    return np.concatenate(
-        [np.asarray(block, np.float32).reshape(len(block), -1) for block in blocks]
-    )
-
-
-def keras_descriptor(
-    models: Models, pixels: np.ndarray, rows: np.ndarray, params: TrainParams
-) -> descriptors.Descriptor:
-    """The scaling and PCA of the encoder's values, fitted on the train rows."""
-    preprocess = params.preprocess
-    if preprocess.scaling == "none" and preprocess.pca is None:
-        return descriptors.Descriptor()
-    values = encoded_rows(models.encoder, pixels, rows, params.batch_size)
-    return descriptors.fit_descriptor(values, preprocess, params.seed)
-
-
-def bovw_descriptor(
-    ids: list[str], sha256s: list[str], rows: np.ndarray, params: TrainParams
-) -> tuple[descriptors.Descriptor, dict[str, Any]]:
-    """The idf, scaling and PCA of the bags of visual words of the train rows' images
-    (each file once), and what they are: the spec's and the metrics' values."""
-    if len(rows) == 0:
-        raise common.UserError(
-            "the train subset is empty: raise split.proportions.train or add images"
-        )
-    table, words_key, vocabulary = descriptors.read_words()
-    keys = list(dict.fromkeys(sha256s[row] for row in rows))
-    counts = descriptors.word_counts(table, keys, pd.Series(sha256s, index=ids), vocabulary)
-    idf = descriptors.inverse_document_frequency(counts)
-    values = descriptors.tf_idf(counts, idf)
-    descriptor = descriptors.fit_descriptor(values, params.preprocess, params.seed, idf)
-    facts = {
-        "images": len(keys),
-        "images_without_words": int((counts.getnnz(axis=1) == 0).sum()),
-        "vocabulary": vocabulary,
-        "words_key": words_key,
-    }
-    return descriptor, facts
-
-
-def descriptor_metrics(descriptor: descriptors.Descriptor, latent_dim: int) -> dict[str, Any]:
-    """The stored vectors' size and the share of the variance the PCA kept (None: no PCA)."""
-    explained = None if descriptor.explained is None else round_metric(descriptor.explained)
-    return {"dimension": descriptor.dimension(latent_dim), "explained_variance": explained}
-
-
 def keras_spec(models: Models, params: TrainParams, latent_dim: int) -> dict[str, Any]:
     """What a Keras encoder expects and gives, for spec.json."""
     return {
@@ -430,16 +371,13 @@ def keras_spec(models: Models, params: TrainParams, latent_dim: int) -> dict[str
     }
 
 
-def write_models(
-    models: Models | None, descriptor: descriptors.Descriptor, spec: dict[str, Any]
-) -> None:
-    """Write the models (none for bovw), the descriptor and the spec."""
+def write_models(models: Models | None, spec: dict[str, Any]) -> None:
+    """Write the models (none for bovw) and the spec."""
     with common.replace_folder(common.AUTOENCODER_DIR) as staging:
         if models is not None:
             save_model(models.encoder, staging / common.ENCODER_FILE.name)
             if models.autoencoder is not None:
                 save_model(models.autoencoder, staging / AUTOENCODER_FILE.name)
-        descriptors.write_descriptor(descriptor, staging / descriptors.DESCRIPTOR_FILE.name)
         (staging / SPEC_FILE.name).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
 
 
@@ -472,27 +410,9 @@ def open_live() -> Live:
         ) from None
 
 
-def train_bovw(
-    ids: list[str], rows: dict[str, np.ndarray], params: TrainParams
-) -> tuple[descriptors.Descriptor, dict[str, Any], TrainResult]:
-    """encoder: bovw: the descriptor, spec and result (nothing is trained)."""
-    _, sha256s, _ = common.read_image_keys(ids)
-    descriptor, facts = bovw_descriptor(ids, sha256s, rows["train"], params)
-    latent_dim = facts["vocabulary"]
-    spec = {"encoder": "bovw", "latent_dim": latent_dim, **facts}
-    spec.update(descriptor_metrics(descriptor, latent_dim))
-    metrics = {**facts, "latent_dim": latent_dim, **descriptor_metrics(descriptor, latent_dim)}
-    metrics.pop("words_key")
-    return (
-        descriptor,
-        spec,
-        TrainResult(pd.DataFrame(columns=["epoch", "loss", "val_loss"]), metrics),
-    )
-
-
 def main() -> None:
-    """Read params, the pixels and the split; train (or count the words); write the
-    models and metrics."""
+    """Read params, the pixels and the split; train (nothing for bovw); write the models
+    and metrics."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     params = TrainParams.from_params(settings.load_params())
@@ -502,39 +422,24 @@ def main() -> None:
     height, width = pixels.shape[1:3]
     preview_rows = next(rows[name] for name in ("test", "valid", "train") if len(rows[name]))
     with open_live() as live:
-        if params.encoder == "bovw":
-            models = None
-            descriptor, spec, result = train_bovw(ids, rows, params)
+        if params.encoder == "bovw":  # nothing to train: describe weighs the words
+            models, spec = None, {"encoder": "bovw"}
+            result = TrainResult(pd.DataFrame(columns=["epoch", "loss", "val_loss"]), {})
         else:
             models = build_models(height, width, params)
             result = fit(models, pixels, rows, params, live)
-            descriptor = keras_descriptor(models, pixels, rows["train"], params)
-            latent_dim = result.metrics["latent_dim"]
-            result.metrics.update(descriptor_metrics(descriptor, latent_dim))
-            spec = {
-                **keras_spec(models, params, latent_dim),
-                **descriptor_metrics(descriptor, latent_dim),
-            }
-        write_models(models, descriptor, spec)
+            spec = keras_spec(models, params, result.metrics["latent_dim"])
+        write_models(models, spec)
         autoencoder = models.autoencoder if models is not None else None
         log_results(live, result, preview_image(autoencoder, pixels, preview_rows))
     metrics = result.metrics
     if params.encoder == "bovw":
-        logger.info(
-            "bags of %d visual words of %d train images (%d without words); vectors of %d "
-            "values (%s of the variance kept); %.1f s",
-            metrics["vocabulary"],
-            metrics["images"],
-            metrics["images_without_words"],
-            metrics["dimension"],
-            "all" if metrics["explained_variance"] is None else metrics["explained_variance"],
-            time.perf_counter() - started,
-        )
+        logger.info("bovw: nothing to train, the describe stage weighs the visual words")
         return
     logger.info(
         "%s on %d train / %d valid / %d test images of %dx%d: %d epochs (best %d), "
-        "loss %s, val_loss %s, test_loss %s; latent %d values, %d stored, %d encoder "
-        "parameters; backend %s; %.1f s",
+        "loss %s, val_loss %s, test_loss %s; latent %d values, %d encoder parameters; "
+        "backend %s; %.1f s",
         params.model if params.encoder == "autoencoder" else params.pretrained.name,
         len(rows["train"]),
         len(rows["valid"]),
@@ -547,7 +452,6 @@ def main() -> None:
         metrics["val_loss"],
         metrics["test_loss"],
         metrics["latent_dim"],
-        metrics["dimension"],
         metrics["parameters"],
         keras.backend.backend(),
         time.perf_counter() - started,

@@ -80,6 +80,7 @@ def small_params(source: Path, scheduler: str | None) -> str:
     params["sync"]["source"] = str(source)
     params["image"].update({"height": 16, "width": 24, "fit": "squash"})
     params["train"].update({"filters": [8, 4], "epochs": 1, "batch_size": 8})
+    params["describe"].update({"scaling": "standard", "pca": 4})  # applied on the workers too
     params["embed"]["batch_size"] = 4  # several tasks even for 30 images
     params["cluster"].update({"n_clusters": 3, "fit_sample": 12})  # assign places 18
     params["cluster"]["umap"]["n_neighbors"] = 5
@@ -106,7 +107,7 @@ def test_a_dask_cluster_gives_the_same_bytes_as_this_machine(
         folder.mkdir()
         (folder / "params.yaml").write_text(small_params(source, address))
 
-    stages = ("sync", "prepare", "duplicates", "split", "train", "embed", "health")
+    stages = ("sync", "prepare", "duplicates", "split", "train", "describe", "embed", "health")
     for stage in (*stages, "cluster", "assign"):
         run_stage(stage, here)
     data_stages = ("sync", "prepare", "duplicates", "split")

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import pattern_image
 from PIL import Image
 
-from stages import common, descriptors, embed, similar, train, words
+from stages import common, describe, descriptors, embed, similar, train, words
 
 VOCABULARY = 6
 
@@ -69,14 +70,11 @@ def test_tf_idf_rows_have_unit_length_and_rare_words_weigh_most() -> None:
 def test_minmax_and_standard_scaling_are_fitted_on_one_sample_and_applied_to_others() -> None:
     rng = np.random.default_rng(0)
     sample = rng.normal([5.0, -2.0, 0.0], [3.0, 0.5, 0.0], size=(200, 3)).astype(np.float32)
-    params = descriptors.PreprocessParams(scaling="minmax")
-    scaled = descriptors.fit_descriptor(sample, params, seed=0).apply(sample)
+    scaled = descriptors.fit_descriptor(sample, "minmax", None, seed=0).apply(sample)
     np.testing.assert_allclose(scaled[:, :2].min(axis=0), 0.0, atol=1e-6)
     np.testing.assert_allclose(scaled[:, :2].max(axis=0), 1.0, atol=1e-6)
     assert (scaled[:, 2] == 0).all(), "a constant value is moved, not divided by zero"
-    standard = descriptors.fit_descriptor(
-        sample, descriptors.PreprocessParams(scaling="standard"), seed=0
-    )
+    standard = descriptors.fit_descriptor(sample, "standard", None, seed=0)
     scaled = standard.apply(sample)
     np.testing.assert_allclose(scaled[:, :2].mean(axis=0), 0.0, atol=1e-5)
     np.testing.assert_allclose(scaled[:, :2].std(axis=0), 1.0, atol=1e-5)
@@ -91,31 +89,30 @@ def test_pca_keeps_the_fewest_components_that_explain_the_share() -> None:
     # Variance falls off by axis: 10 values whose variances are 2^-i.
     sample = rng.normal(size=(500, 10)) * np.sqrt(2.0 ** -np.arange(10))
     share = 0.8
-    fitted = descriptors.fit_descriptor(sample, descriptors.PreprocessParams(pca=share), seed=0)
+    fitted = descriptors.fit_descriptor(sample, "none", share, seed=0)
     kept = fitted.dimension(10)
     assert fitted.explained is not None and fitted.explained >= share
-    fewer = descriptors.fit_descriptor(sample, descriptors.PreprocessParams(pca=kept - 1), seed=0)
+    fewer = descriptors.fit_descriptor(sample, "none", kept - 1, seed=0)
     assert fewer.explained is not None and fewer.explained < share
     assert fitted.apply(sample).shape == (500, kept)
-    counted = descriptors.fit_descriptor(sample, descriptors.PreprocessParams(pca=3), seed=0)
+    counted = descriptors.fit_descriptor(sample, "none", 3, seed=0)
     assert counted.apply(sample[:7]).shape == (7, 3)
-    everything = descriptors.fit_descriptor(sample, descriptors.PreprocessParams(pca=50), seed=0)
+    everything = descriptors.fit_descriptor(sample, "none", 50, seed=0)
     assert everything.dimension(10) == 10, "a count beyond the values keeps them all"
 
 
 def test_a_descriptor_is_saved_with_the_same_bytes_and_read_back(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     sample = rng.normal(size=(100, 8)).astype(np.float32)
-    params = descriptors.PreprocessParams(scaling="standard", pca=4)
     first, second = tmp_path / "first.npz", tmp_path / "second.npz"
-    descriptors.write_descriptor(descriptors.fit_descriptor(sample, params, seed=0), first)
-    descriptors.write_descriptor(descriptors.fit_descriptor(sample, params, seed=0), second)
+    descriptors.write_descriptor(descriptors.fit_descriptor(sample, "standard", 4, seed=0), first)
+    descriptors.write_descriptor(descriptors.fit_descriptor(sample, "standard", 4, seed=0), second)
     assert first.read_bytes() == second.read_bytes()
     read = descriptors.read_descriptor(first)
-    fitted = descriptors.fit_descriptor(sample, params, seed=0)
+    fitted = descriptors.fit_descriptor(sample, "standard", 4, seed=0)
     np.testing.assert_array_equal(read.apply(sample), fitted.apply(sample))
     assert read.explained == pytest.approx(fitted.explained)
-    with pytest.raises(common.UserError, match="dvc repro train"):
+    with pytest.raises(common.UserError, match="dvc repro describe"):
         descriptors.read_descriptor(tmp_path / "absent.npz")
 
 
@@ -123,11 +120,11 @@ def test_a_descriptor_is_saved_with_the_same_bytes_and_read_back(tmp_path: Path)
 def test_a_pca_that_is_neither_a_share_nor_a_count_names_the_key(
     params: dict, value: object
 ) -> None:
-    params["train"]["preprocess"]["pca"] = value
+    params["describe"]["pca"] = value
     with pytest.raises(common.UserError) as error:
-        train.TrainParams.from_params(params)
+        describe.DescribeParams.from_params(params)
     message = str(error.value)
-    assert message.startswith(f"params.yaml: train.preprocess.pca = {value!r} is not allowed")
+    assert message.startswith(f"params.yaml: describe.pca = {value!r} is not allowed")
     assert "share" in message and "\n" not in message
 
 
@@ -141,7 +138,7 @@ def bovw_descriptor(keys: list[str], pca: int | None = None) -> descriptors.Desc
     )
     idf = descriptors.inverse_document_frequency(counts)
     values = descriptors.tf_idf(counts, idf)
-    return descriptors.fit_descriptor(values, descriptors.PreprocessParams(pca=pca), 0, idf)
+    return descriptors.fit_descriptor(values, "none", pca, 0, idf, "words-key")
 
 
 def test_embed_writes_every_images_bag_and_reads_known_files_from_the_cache(
@@ -186,8 +183,9 @@ def test_without_pca_an_image_without_words_is_a_zero_vector_not_an_error(
 
 @pytest.fixture
 def bovw_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params: dict) -> dict:
-    """A project folder with textured images, their vocabulary and words, and the params
-    of encoder: bovw with a PCA of 4 components; the working directory is its root."""
+    """A project folder, its working directory, as the pipeline leaves it before describe
+    with train.encoder: bovw: textured images (one an exact copy), their vocabulary and
+    words, the image keys, the split, train's spec, and params with describe.pca: 4."""
     monkeypatch.chdir(tmp_path)
     common.COLLECTION_DIR.mkdir(parents=True)
     names = [f"image-{index:02d}.png" for index in range(24)]
@@ -197,7 +195,8 @@ def bovw_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params: dict) 
     params = copy.deepcopy(params)
     params["words"].update({"vocabulary": 40, "vocabulary_images": 24, "max_keypoints": 50})
     params["train"]["encoder"] = "bovw"
-    params["train"]["preprocess"]["pca"] = 4
+    params["describe"].update({"pca": 4, "sample": 10})
+    common.PARAMS_FILE.write_text(yaml.safe_dump(params))
     word_params = words.WordsParams.from_params(params)
     table = pd.DataFrame({"id": names, "path": names, "sha256": [f"sha-{n}" for n in names]})
     centers, found, failed = words.find_words(table, common.COLLECTION_DIR, word_params, 1)
@@ -205,52 +204,54 @@ def bovw_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params: dict) 
     words.VOCABULARY_FILE.parent.mkdir(parents=True, exist_ok=True)
     made_with = np.array(json.dumps(words.detector_params(word_params), sort_keys=True))
     np.savez(words.VOCABULARY_FILE, centers=centers, params=made_with)
+    keys = {"words_key": words.words_key(word_params), "vocabulary": str(len(centers))}
+    common.write_parquet(found, common.WORDS_FILE, keys=keys)
+    # An exact copy of image-05: in no words table (the words stage skips copies).
+    ids = [*names, "copy-of-05"]
+    sha256s = [*table["sha256"], table["sha256"][5]]
     common.write_parquet(
-        found,
-        common.WORDS_FILE,
-        keys={"words_key": words.words_key(word_params), "vocabulary": str(len(centers))},
+        pd.DataFrame({"id": ids, "sha256": sha256s}), common.ARRAY_IDS_FILE, {"pixels_key": "k"}
     )
-    return {"params": params, "table": table}
+    subsets = ["train" if index % 2 == 0 else "test" for index in range(len(ids))]
+    common.write_parquet(pd.DataFrame({"id": ids, "subset": subsets}), common.SPLIT_FILE)
+    train.write_models(None, {"encoder": "bovw"})
+    return {"params": params, "ids": ids, "sha256s": sha256s}
 
 
-def test_train_fits_bovw_and_the_similar_command_finds_an_image_itself(
+def test_describe_counts_the_train_sample_and_embed_and_similar_agree(bovw_project: dict) -> None:
+    ids, sha256s = bovw_project["ids"], bovw_project["sha256s"]
+    assert sorted(path.name for path in common.AUTOENCODER_DIR.iterdir()) == ["spec.json"]
+    describe.main()
+    descriptor = descriptors.read_descriptor()
+    metrics = json.loads(describe.METRICS_FILE.read_text())
+    assert metrics["images"] == 10 and metrics["vocabulary"] == 40
+    assert metrics["values"] == 40 and metrics["dimension"] == 4
+    assert 0 < metrics["explained_variance"] < 1
+    # The idf counts the sample only: 10 of the 12 even (train) images.
+    params = describe.DescribeParams.from_params(bovw_project["params"])
+    split = pd.read_parquet(common.SPLIT_FILE)
+    rows = describe.sample_rows(split, ids, sha256s, params)
+    assert len(rows) == 10 and all(row % 2 == 0 for row in rows)
+    found = pd.read_parquet(common.WORDS_FILE)
+    key_of = pd.Series(sha256s, index=ids)
+    counts = descriptors.word_counts(found, [sha256s[row] for row in rows], key_of, 40)
+    assert descriptor.idf is not None
+    np.testing.assert_array_equal(descriptor.idf, descriptors.inverse_document_frequency(counts))
+    embed.main()
+    read_ids, vectors = common.read_embeddings()
+    assert read_ids == ids and vectors.shape == (25, 4)
+    np.testing.assert_array_equal(vectors[24], vectors[5]), "a copy has its original's bag"
+    vector = similar.image_vector(common.COLLECTION_DIR / ids[7], bovw_project["params"])
+    np.testing.assert_allclose(vector, vectors[7], atol=1e-5)
+    nearest = similar.nearest_rows(vector, 1)
+    assert nearest[0][1] == 7 and nearest[0][0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_words_of_another_vocabulary_than_describe_counted_name_the_fix(
     bovw_project: dict,
 ) -> None:
-    params, table = bovw_project["params"], bovw_project["table"]
-    ids, sha256s = table["id"].tolist(), table["sha256"].tolist()
-    train_params = train.TrainParams.from_params(params)
-    rows = np.arange(0, len(ids), 2)  # the even images are the train sample
-    descriptor, facts = train.bovw_descriptor(ids, sha256s, rows, train_params)
-    assert facts["images"] == 12 and facts["vocabulary"] == 40
-    assert descriptor.dimension(40) == 4 and descriptor.idf is not None
-    # The idf counts the train sample's images only.
-    found = pd.read_parquet(common.WORDS_FILE)
-    sample_keys = [sha256s[row] for row in rows]
-    sample_counts = descriptors.word_counts(found, sample_keys, pd.Series(sha256s, index=ids), 40)
-    expected = descriptors.inverse_document_frequency(sample_counts)
-    np.testing.assert_array_equal(descriptor.idf, expected)
-    spec = {"encoder": "bovw", "words_key": facts["words_key"]}
-    train.write_models(None, descriptor, spec)
-    assert sorted(p.name for p in common.AUTOENCODER_DIR.iterdir()) == [
-        "descriptor.npz",
-        "spec.json",
-    ]
-    words_table, _, vocabulary = embed.checked_words(embed.read_spec())
-    embed.embed_bags(
-        ids, sha256s, words_table, vocabulary, descriptors.read_descriptor(),
-        common.CACHE_DIR / "embed", common.EMBEDDINGS_FILE,
-    )  # fmt: skip
-    _, vectors = common.read_embeddings()
-    vector = similar.image_vector(common.COLLECTION_DIR / ids[5], params)
-    np.testing.assert_allclose(vector, vectors[5], atol=1e-5)
-    nearest = similar.nearest_rows(vector, 1)
-    assert nearest[0][1] == 5 and nearest[0][0] == pytest.approx(0.0, abs=1e-5)
-
-
-def test_words_of_another_vocabulary_than_train_counted_name_the_fix(bovw_project: dict) -> None:
-    descriptor = bovw_descriptor(["sha-a", "sha-b", "sha-c", "sha-d"])
-    train.write_models(None, descriptor, {"encoder": "bovw", "words_key": "an-older-vocabulary"})
-    with pytest.raises(common.UserError, match="dvc unfreeze train"):
-        embed.checked_words(embed.read_spec())
+    descriptors.write_descriptor(bovw_descriptor(["sha-a", "sha-b", "sha-c", "sha-d"]))
+    with pytest.raises(common.UserError, match="dvc unfreeze describe"):
+        embed.checked_words(descriptors.read_descriptor())
     with pytest.raises(common.UserError, match="other visual words"):
         similar.image_vector(common.COLLECTION_DIR / "image-00.png", bovw_project["params"])

@@ -30,7 +30,8 @@ from stages import project_lock
 from stages.common import read_embeddings
 
 STAGES = (
-    *("sync", "prepare", "duplicates", "split", "train", "embed", "health", "cluster"),
+    *("sync", "prepare", "duplicates", "split", "train", "describe", "embed", "health"),
+    "cluster",
     *("assign", "score", "vocabulary", "words", "patterns", "explore", "posters"),
 )
 # integer work: bytes match on any machine
@@ -305,13 +306,14 @@ def test_bags_of_visual_words_run_as_an_experiment_and_line_up_in_metrics_diff(
     demo: tuple[Path, str],
 ) -> None:
     project, _ = demo
-    settings = ["-S", "train.encoder=bovw", "-S", "train.preprocess.pca=50"]
+    settings = ["-S", "train.encoder=bovw", "-S", "describe.pca=50"]
     printed = dvc(["exp", "run", "--temp", "-n", "bovw", *settings], project)
     assert "bags of 2000 visual words" in printed and "epochs" not in printed, "nothing trained"
     diff = json.loads(dvc(["metrics", "diff", "HEAD", "bovw", "--all", "--json"], project))
-    trained = diff["metrics/train/metrics.json"]
-    assert trained["dimension"]["new"] == 50 and trained["vocabulary"]["new"] == 2000
-    assert 0 < trained["explained_variance"]["new"] < 1
+    described = diff["metrics/describe.json"]
+    assert (described["dimension"]["old"], described["dimension"]["new"]) == (256, 50)
+    assert described["vocabulary"]["new"] == 2000
+    assert 0 < described["explained_variance"]["new"] < 1
     rows = diff["metrics/cluster.json"]
     # The digits grouped by their visual words alone: far above chance (about 0.2).
     assert rows["accuracy"]["new"] > 0.6

@@ -127,7 +127,7 @@ if inputs.get("kill"):
         os.kill(os.getpid(), signal.SIGKILL)  # killed halfway through writing its models
     train.save_model = save_then_die
 spec = train.keras_spec(models, chosen, result.metrics["latent_dim"])
-train.write_models(models, train.descriptors.Descriptor(), spec)
+train.write_models(models, spec)
 """
     inputs = {"settings": chosen, "pixels": pixels, "rows": rows, "kill": True}
     with pytest.raises(AssertionError, match="returncode == -9"):
@@ -140,7 +140,7 @@ train.write_models(models, train.descriptors.Descriptor(), spec)
     in_fresh_process({**inputs, "kill": False}, train_and_write, tmp_path)
     assert [path.name for path in models.iterdir()] == [common.AUTOENCODER_DIR.name]
     written = sorted(path.name for path in (tmp_path / common.AUTOENCODER_DIR).iterdir())
-    assert written == ["autoencoder.keras", "descriptor.npz", "encoder.keras", "spec.json"]
+    assert written == ["autoencoder.keras", "encoder.keras", "spec.json"]
 
 
 def test_each_subset_is_a_seeded_sample_of_at_most_train_sample_images() -> None:
