@@ -4,6 +4,8 @@ Prints, on this machine:
   - local features (SIFT and ORB, 300 strongest) per second on one core, on 1280x720
     ISS-like JPEG frames (tools/iss_frames.py) with a textured object pasted in, at the
     stage's default side (480 px) and at full size;
+  - encoder cells (words.detector: encoder): images per second through an untrained
+    simple_conv encoder of the ISS size (27x48, 3x6 cells), from prepared pixels;
   - the vocabulary's fit (MiniBatchKMeans, 2,000 words) on 250,000 SIFT descriptors;
   - mining (the patterns stage's mine_patterns, shipped params) on synthetic bags of
     words: N images of 300 keypoints over 2,000 words drawn from a Zipf-like law, one
@@ -61,6 +63,24 @@ def features_per_second(jpegs: list[bytes], detector: str, side: int) -> tuple[f
         gray = words.gray_image(data, side)
         found += len(words.keypoints_of(gray, detector, KEYPOINTS).places)
     return len(jpegs) / (time.perf_counter() - started), found / len(jpegs)
+
+
+def encoder_cells_per_second(count: int) -> float:
+    """Images per second whose 3x6 cells a 27x48 simple_conv encoder gives (keypoints
+    chosen), after one warm-up batch."""
+    from stages import embed, encoder_cells, train
+
+    params = train.TrainParams()  # the shipped defaults: filters 64, 32, 16
+    encoder = train.build_models(27, 48, params).encoder
+    model = encoder_cells.feature_map_model(encoder)
+    pixels = np.random.default_rng(0).integers(0, 256, (count, 27, 48, 3), dtype=np.uint8)
+    batch = encoder_cells.BATCH
+    embed.predict_padded(model, pixels[:batch], batch)
+    started = time.perf_counter()
+    for at in range(0, count, batch):
+        maps = embed.predict_padded(model, pixels[at : at + batch], batch)
+        encoder_cells.cell_keypoints(maps, KEYPOINTS)
+    return count / (time.perf_counter() - started)
 
 
 def synthetic_bags(count: int, seed: int = 0) -> tuple[pd.DataFrame, list[str], set[str]]:
@@ -121,6 +141,8 @@ def main() -> None:
                 f"{detector} at {side} px on 1280x720 JPEG frames: {rate:.1f} images/s on one "
                 f"core ({found:.0f} keypoints an image, decoding included)"
             )
+    rate = encoder_cells_per_second(10_000)
+    print(f"encoder cells (27x48 simple_conv, 18 cells): {rate:,.0f} images/s on this machine")
     for data in jpegs:
         gray = words.gray_image(data, 480)
         descriptors.append(words.keypoints_of(gray, "sift", KEYPOINTS).descriptors)

@@ -298,6 +298,13 @@ def read_embedding_rows(path: Path, rows: np.ndarray, batch_rows: int = 65536) -
     return np.concatenate(picked).astype(np.float32, copy=False)
 
 
+def distinct_images(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The id, path and sha256 of every image but exact copies (sync's `duplicate`), in
+    manifest order: the images whose visual words are found."""
+    keep = ~manifest["duplicate"].fillna(False).astype(bool)
+    return manifest.loc[keep, ["id", "path", "sha256"]].reset_index(drop=True)
+
+
 def read_near_copies(ids: list[str], path: Path = NEAR_GROUPS_FILE) -> np.ndarray:
     """Whether each image is a near-duplicate copy: in a group and not its representative
     (health's near_groups.parquet). Copies stay out of the cluster fit and the mosaics."""

@@ -66,17 +66,22 @@ def load_encoder(path: Path, image_shape: tuple[int, ...]) -> keras.Model:
     return encoder
 
 
-def encode_rows(encoder: keras.Model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """Float32 (rows, dimension) embeddings of up to `batch_size` rows of pixels.
+def predict_padded(model: keras.Model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    """A model's float32 outputs for up to `batch_size` rows of pixels.
 
     The batch is always padded to `batch_size` rows: the backend may pick another
     algorithm for another batch size, with other rounding, and an image must get the
-    same vector whichever images it is encoded with (the cache relies on it).
+    same output whichever images it goes with (the caches rely on it).
     """
     images = np.zeros((batch_size, *pixels.shape[1:]), dtype=np.float32)
     images[: len(pixels)] = pixels.astype(np.float32) / 255.0
-    codes = np.asarray(encoder.predict_on_batch(images), dtype=np.float32)
-    return codes.reshape(batch_size, -1)[: len(pixels)]
+    return np.asarray(model.predict_on_batch(images), dtype=np.float32)[: len(pixels)]
+
+
+def encode_rows(encoder: keras.Model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    """Float32 (rows, dimension) embeddings of up to `batch_size` rows of pixels (padded,
+    see predict_padded)."""
+    return predict_padded(encoder, pixels, batch_size).reshape(len(pixels), -1)
 
 
 def embeddings_table(ids: list[str], codes: np.ndarray) -> pa.Table:

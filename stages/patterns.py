@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 from pydantic import Field
 from scipy import sparse
 
-from stages import common, minhash_kernel, mosaics, settings, thumbnails, words
+from stages import common, minhash_kernel, mosaics, settings, thumbnails
 
 STAGE = "patterns"
 PATTERNS_FILE = common.PROCESSED_DIR / "patterns.parquet"
@@ -418,9 +418,9 @@ def main() -> None:
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     params = PatternsParams.from_params(settings.load_params())
-    table = common.read_parquet(words.WORDS_FILE, made_by="words")
+    table = common.read_parquet(common.WORDS_FILE, made_by="words")
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
-    ids = words.collection_images(manifest)["id"].tolist()
+    ids = common.distinct_images(manifest)["id"].tolist()
     patterns, image_patterns, sets = mine_patterns(table, ids, params)
     common.write_parquet(patterns, PATTERNS_FILE)
     common.write_parquet(image_patterns, IMAGE_PATTERNS_FILE)

@@ -26,30 +26,51 @@ STAGE = "similar"
 SEARCH_BLOCK = 65536  # collection vectors compared at once
 
 
-def image_vector(path: Path, params: dict) -> np.ndarray:
-    """The vector of one image file, made as embed makes the collection's: decoded as
-    prepare does and encoded by the encoder, or as its bag of visual words (bovw); then
-    scaled and projected as train fitted."""
-    descriptor = descriptors.read_descriptor()
-    if descriptors.read_spec().get("encoder") == "bovw":
-        return bag_vector(path, params, descriptor)
+def prepared_pixels(path: Path, params: dict) -> np.ndarray:
+    """One image file decoded as prepare decodes the collection (the model's input)."""
     try:
         data = path.read_bytes()
     except OSError as error:
         raise common.UserError(f"cannot read {path}: {error.strerror or error}") from None
     sizes = prepare.DecodeSizes.from_params(params)
     try:
-        pixels = images.decode_for_targets(data, sizes.targets)[0]
+        return images.decode_for_targets(data, sizes.targets)[0]
     except Exception as error:  # not an image, or a damaged one
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise common.UserError(f"cannot decode {path}: {message}") from None
+
+
+def image_vector(path: Path, params: dict) -> np.ndarray:
+    """The vector of one image file, made as embed makes the collection's: encoded by the
+    encoder, or as its bag of visual words (bovw); then scaled and projected as describe
+    fitted."""
+    descriptor = descriptors.read_descriptor()
+    if descriptors.read_spec().get("encoder") == "bovw":
+        return bag_vector(path, params, descriptor)
+    pixels = prepared_pixels(path, params)
     encoder = embed.load_encoder(common.ENCODER_FILE, pixels.shape)
     return descriptor.apply(embed.encode_rows(encoder, pixels[None], 1))[0]
 
 
+def image_keypoints(path: Path, params: dict, words_params: words.WordsParams) -> words.Keypoints:
+    """One image file's keypoints, found as the words stage finds them."""
+    if words_params.detector == "encoder":
+        from stages import encoder_cells  # Keras's feature map of the encoder
+
+        pixels = prepared_pixels(path, params)
+        model = encoder_cells.feature_map_model(
+            embed.load_encoder(common.ENCODER_FILE, pixels.shape)
+        )
+        maps = embed.predict_padded(model, pixels[None], encoder_cells.BATCH)
+        return encoder_cells.cell_keypoints(maps, words_params.max_keypoints)[0]
+    found = words.image_keypoints(path, words_params)
+    if isinstance(found, str):
+        raise common.UserError(found)
+    return found
+
+
 def bag_vector(path: Path, params: dict, descriptor: descriptors.Descriptor) -> np.ndarray:
-    """The bag-of-words vector of one image file, its keypoints found as the words stage
-    finds them."""
+    """The bag-of-words vector of one image file."""
     words_params = words.WordsParams.from_params(params)
     if descriptor.words_key != words.words_key(words_params):
         raise common.UserError(
@@ -57,9 +78,7 @@ def bag_vector(path: Path, params: dict, descriptor: descriptors.Descriptor) -> 
             "vocabulary and words params make now: run `dvc repro`"
         )
     centers = words.read_vocabulary(words_params)
-    found = words.image_keypoints(path, words_params)
-    if isinstance(found, str):
-        raise common.UserError(found)
+    found = image_keypoints(path, params, words_params)
     word = words.nearest_words(found.descriptors, centers)
     counts = descriptors.count_matrix(np.zeros(len(word), np.int64), word, 1, len(centers))
     assert descriptor.idf is not None

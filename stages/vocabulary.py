@@ -31,7 +31,7 @@ def main() -> None:
     logger = common.get_logger(STAGE)
     params = words.WordsParams.from_params(settings.load_params())
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
-    table = words.collection_images(manifest)
+    table = common.distinct_images(manifest)
     centers, failed = words.vocabulary_of(
         table, common.COLLECTION_DIR, params, common.worker_count()
     )

@@ -57,8 +57,10 @@ class WordsParams(settings.Section):
     """params.yaml, section words."""
 
     SECTION: ClassVar[str] = "words"
-    detector: Literal["sift", "orb"] = Field(
-        "sift", description="local features: sift (as minIA) or orb (several times faster)"
+    detector: Literal["sift", "orb", "encoder"] = Field(
+        "sift",
+        description="local features: sift (as minIA), orb (several times faster), or "
+        "encoder: the cells of the trained encoder's last feature map (dense, learned)",
     )
     side: int = Field(
         480, ge=64, le=4096, description="each image's long side, px, before detection"
@@ -245,12 +247,6 @@ def words_metrics(table: pd.DataFrame, images_read: int, failed: int, words: int
 # ----------------------------------------------------------------------------- run
 
 
-def collection_images(manifest: pd.DataFrame) -> pd.DataFrame:
-    """The images whose words are found: all but exact copies, in manifest order."""
-    keep = ~manifest["duplicate"].fillna(False).astype(bool)
-    return manifest.loc[keep, ["id", "path", "sha256"]].reset_index(drop=True)
-
-
 def sample_rows(table: pd.DataFrame, params: WordsParams) -> np.ndarray:
     """The rows of the images whose descriptors the vocabulary is fitted on (by sha256)."""
     return np.sort(
@@ -265,10 +261,14 @@ def vocabulary_of(
     sha256), and the messages of the files that could not be read."""
     paths = [collection_dir / path for path in table["path"]]
     rows = sample_rows(table, params).tolist()
-    tasks = [([paths[row] for row in block], params) for block in chunks(rows, TASK_IMAGES)]
-    found = [
-        kp for batch in common.map_in_processes(keypoints_task, tasks, workers) for kp in batch
-    ]
+    if params.detector == "encoder":
+        from stages import encoder_cells  # Keras loads only for this detector
+
+        found = encoder_cells.table_keypoints(table, rows, params.max_keypoints)
+    else:
+        tasks = [([paths[row] for row in block], params) for block in chunks(rows, TASK_IMAGES)]
+        batches = common.map_in_processes(keypoints_task, tasks, workers)
+        found = [kp for batch in batches for kp in batch]
     failed = [kp for kp in found if isinstance(kp, str)]
     usable = [kp for kp in found if not isinstance(kp, str)]
     descriptors = sample_descriptors(usable, MAX_SAMPLE_DESCRIPTORS, params.seed)
@@ -286,6 +286,30 @@ def unpacked(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
     return rows[:, 1:], rows[:, 0].astype(np.int32)
 
 
+def placed_words(
+    table: pd.DataFrame,
+    rows: np.ndarray,
+    params: WordsParams,
+    centers: np.ndarray,
+    collection_dir: Path,
+    workers: int,
+) -> list[tuple[np.ndarray, np.ndarray] | str]:
+    """The places and words of the keypoints of `table`'s given rows (or why an image
+    could not be read): from the originals in processes, or from the encoder's cells."""
+    if len(rows) == 0:
+        return []
+    if params.detector == "encoder":
+        from stages import encoder_cells  # Keras loads only for this detector
+
+        found = encoder_cells.table_keypoints(table, rows.tolist(), params.max_keypoints)
+        return [(kp.places, nearest_words(kp.descriptors, centers)) for kp in found]
+    paths = [collection_dir / path for path in table["path"]]
+    blocks = chunks(rows.tolist(), TASK_IMAGES)
+    tasks = [([paths[row] for row in block], params, centers) for block in blocks]
+    batches = common.map_in_processes(words_task, tasks, workers)
+    return [result for batch in batches for result in batch]
+
+
 def words_of(
     table: pd.DataFrame,
     collection_dir: Path,
@@ -298,19 +322,17 @@ def words_of(
     that could not be read, and how many images were read (those `cache` lacks)."""
     sha256s = table["sha256"].tolist()
     missing, rows = cache.missing_rows(sha256s) if cache else (sha256s, np.arange(len(table)))
-    paths = [collection_dir / path for path in table["path"]]
-    blocks = chunks(rows.tolist(), TASK_IMAGES)
-    tasks = [([paths[row] for row in block], params, centers) for block in blocks]
     found: dict[str, bytes] = {}
     failed: list[str] = []
-    for block, batch in zip(
-        blocks, common.map_in_processes(words_task, tasks, workers), strict=True
+    for row, result in zip(
+        rows.tolist(),
+        placed_words(table, rows, params, centers, collection_dir, workers),
+        strict=True,
     ):
-        for row, result in zip(block, batch, strict=True):
-            if isinstance(result, str):
-                failed.append(result)  # not cached: named again until the file is fixed
-            else:
-                found[sha256s[row]] = packed(*result)
+        if isinstance(result, str):
+            failed.append(result)  # not cached: named again until the file is fixed
+        else:
+            found[sha256s[row]] = packed(*result)
     blobs = dict(found)
     if cache is not None:
         if found:
@@ -353,8 +375,18 @@ def read_vocabulary(params: WordsParams, path: Path = VOCABULARY_FILE) -> np.nda
 
 
 def detector_params(params: WordsParams) -> dict[str, int | str]:
-    """What a keypoint's word depends on besides the vocabulary's centers."""
-    return {"detector": params.detector, "side": params.side, "max_keypoints": params.max_keypoints}
+    """What a keypoint's word depends on besides the vocabulary's centers (for encoder
+    cells, also the encoder file and the pixels' decode settings)."""
+    made_with: dict[str, int | str] = {
+        "detector": params.detector,
+        "side": params.side,
+        "max_keypoints": params.max_keypoints,
+    }
+    if params.detector == "encoder":
+        from stages import encoder_cells  # Keras loads only for this detector
+
+        made_with.update(encoder_cells.detector_key())
+    return made_with
 
 
 def words_key(params: WordsParams) -> str:
@@ -371,7 +403,7 @@ def main() -> None:
     logger = common.get_logger(STAGE)
     params = WordsParams.from_params(settings.load_params())
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
-    table = collection_images(manifest)
+    table = common.distinct_images(manifest)
     centers = read_vocabulary(params)
     folder = CACHE_DIR / words_key(params)
     cache = ContentCache(folder, arrays=(), blobs=("keypoints",))
