@@ -107,7 +107,7 @@ def mine_once(count: int) -> None:
     """Mine synthetic bags of `count` images and print the figures (run in a child)."""
     table, ids, planted = synthetic_bags(count)
     started = time.perf_counter()
-    found, holders, sets = patterns.mine_patterns(table, ids, patterns.PatternsParams())
+    found, holders, sets, *_ = patterns.mine_patterns(table, ids, patterns.PatternsParams())
     seconds = time.perf_counter() - started
     best = (0.0, 0.0)
     for number in found["pattern"]:

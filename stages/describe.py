@@ -112,13 +112,16 @@ def bag_values(
 def describe_metrics(
     descriptor: descriptors.Descriptor, images: int, values: int, facts: dict[str, Any]
 ) -> dict[str, Any]:
-    """metrics/describe.json: the sample, the sizes in and out, the variance kept."""
-    explained = descriptor.explained
+    """metrics/describe.json: the sample, the sizes in and out, the share of the variance
+    kept."""
+    # Without PCA every value is kept, and all of the variance: 1, not null, which
+    # `dvc metrics show` cannot print.
+    explained = 1.0 if descriptor.explained is None else round(descriptor.explained, 6)
     return {
         "images": images,
-        "values": values,
+        "input_dimension": values,  # not "values": that name breaks `dvc metrics show`
         "dimension": descriptor.dimension(values),
-        "explained_variance": None if explained is None else round(explained, 6),
+        "explained_variance": explained,
         **facts,
     }
 

@@ -30,14 +30,22 @@ everywhere co-occurs with everything and means no structure.
 
 The min-hashes are splitmix64 of each element with a seed per hash, computed by a numba
 kernel (stages/minhash_kernel.py) in one pass over each word's elements: datasketch
-hashes one set at a time in Python and knows no integer weights.
+hashes one set at a time in Python and knows no integer weights. An element names its
+image by a hash of its id, not its row, and the min-hashes are kept in
+data/cache/patterns/ (by the words' key and the hashing params): a run with new images
+hashes only their elements (and words it had left out), since a minimum over more
+elements is the least of the old one and the new ones'. The outputs are the same as
+mining everything afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -49,6 +57,7 @@ from stages import common, minhash_kernel, mosaics, settings, thumbnails
 
 STAGE = "patterns"
 PATTERNS_FILE = common.PROCESSED_DIR / "patterns.parquet"
+CACHE_DIR = common.CACHE_DIR / "patterns"  # the min-hashes kept for the next run
 IMAGE_PATTERNS_FILE = common.IMAGE_PATTERNS_FILE
 PATTERNS_METRICS_FILE = common.METRICS_DIR / "patterns.json"
 REPORT_DIR = Path("reports/patterns")
@@ -109,16 +118,29 @@ def image_word_weights(table: pd.DataFrame, weighting: str) -> pd.DataFrame:
     return weight.clip(1, MAX_WEIGHT).astype(np.int64).rename("weight").reset_index()
 
 
-def elements(weights: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def image_keys(ids: list[str]) -> np.ndarray:
+    """A 56-bit key of each image id (its blake2b): an element names its image by this,
+    not by its row, so the min-hashes do not depend on which images came first."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=7).digest(), "big") for i in ids],
+        np.uint64,
+    )
+
+
+def elements(
+    weights: pd.DataFrame, keys: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Every word's weighted inverted file, flattened: (word, element) pairs sorted by
-    word, an element being image row * (MAX_WEIGHT + 1) + copy number."""
+    word, an element being the image's key (`keys` by row; the row itself without) times
+    (MAX_WEIGHT + 1) plus the copy number."""
     repeat = weights["weight"].to_numpy()
     word = np.repeat(weights["word"].to_numpy(np.int64), repeat)
-    row = np.repeat(weights["row"].to_numpy(np.int64), repeat)
+    rows = weights["row"].to_numpy(np.int64)
+    image = np.repeat(rows.astype(np.uint64) if keys is None else keys[rows], repeat)
     starts = np.repeat(np.cumsum(repeat) - repeat, repeat)
-    copy = np.arange(len(word)) - starts
+    copy = (np.arange(len(word)) - starts).astype(np.uint64)
     order = np.argsort(word, kind="stable")
-    return word[order], (row * (MAX_WEIGHT + 1) + copy)[order].astype(np.uint64)
+    return word[order], (image * np.uint64(MAX_WEIGHT + 1) + copy)[order]
 
 
 def splitmix64(values: np.ndarray, seed: int) -> np.ndarray:
@@ -130,21 +152,31 @@ def splitmix64(values: np.ndarray, seed: int) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def hash_offsets(params: PatternsParams) -> np.ndarray:
+    """What splitmix64 adds for each of the tables x tuple_size min-hashes."""
+    seeds = [
+        params.seed * 1_000_003 + table * 64 + position
+        for table in range(params.tables)
+        for position in range(params.tuple_size)
+    ]
+    return minhash_kernel.seed_offsets(np.array(seeds))
+
+
+def word_minimums(
+    word: np.ndarray, element: np.ndarray, params: PatternsParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """The words present (sorted) and each one's min-hashes (words x hashes) over its
+    elements."""
+    words_present, starts = np.unique(word, return_index=True)
+    bounds = np.append(starts, len(element)).astype(np.int64)
+    return words_present, minhash_kernel.min_hashes(element, bounds, hash_offsets(params))
+
+
 def word_buckets(
-    word: np.ndarray, element: np.ndarray, tuple_size: int, tables: int, seed: int
+    words_present: np.ndarray, minimums: np.ndarray, tuple_size: int, tables: int
 ) -> list[frozenset[int]]:
     """The sets of words that share a bucket in some table (two words or more), each
-    once, in the order found."""
-    words_present, starts = np.unique(word, return_index=True)
-    seeds = np.array(
-        [
-            seed * 1_000_003 + table * 64 + position
-            for table in range(tables)
-            for position in range(tuple_size)
-        ]
-    )
-    bounds = np.append(starts, len(element)).astype(np.int64)
-    minimums = minhash_kernel.min_hashes(element, bounds, minhash_kernel.seed_offsets(seeds))
+    once, in the order found, from each word's min-hashes."""
     found: dict[frozenset[int], None] = {}
     for table in range(tables):
         key = np.zeros(len(words_present), np.uint64)
@@ -156,6 +188,91 @@ def word_buckets(
             members = words_present[inverse == bucket]
             found.setdefault(frozenset(members.tolist()), None)
     return list(found)
+
+
+# ----------------------------------------------------------------------------- kept min-hashes
+
+
+@dataclass
+class MinHashState:
+    """The min-hashes a run found, which the next run updates with its new images alone:
+    a minimum over more elements is the least of the old minimum and the new elements'."""
+
+    images: dict[str, str]  # id -> sha256 of every image they were taken over
+    words: np.ndarray  # int64, sorted: the words whose min-hashes are kept
+    minimums: np.ndarray  # uint64, words x hashes
+
+    def save(self, path: Path) -> None:
+        """Write the state as .npz, atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with common.atomic_output(path) as temporary, open(temporary, "wb") as file:
+            np.savez(
+                file,
+                ids=np.array(list(self.images), dtype=str),
+                sha256s=np.array(list(self.images.values()), dtype=str),
+                words=self.words,
+                minimums=self.minimums,
+            )
+
+    @classmethod
+    def load(cls, path: Path) -> MinHashState | None:
+        """The state saved at `path`; None when there is none or it cannot be read."""
+        try:
+            with np.load(path) as stored:
+                images = dict(zip(stored["ids"].tolist(), stored["sha256s"].tolist()))
+                return cls(images, stored["words"], stored["minimums"])
+        except (OSError, ValueError, KeyError):  # none yet, or damaged: mine from scratch
+            return None
+
+
+def state_path(words_key: str, params: PatternsParams) -> Path:
+    """Where the min-hashes of these words and hashing params are kept."""
+    made_with = {
+        "words": words_key,
+        "weighting": params.weighting,
+        "hashes": hash_offsets(params).tolist(),
+        "max_weight": MAX_WEIGHT,
+        "size_step": SIZE_STEP,
+    }
+    key = hashlib.sha256(json.dumps(made_with, sort_keys=True).encode()).hexdigest()[:16]
+    return CACHE_DIR / f"{key}.npz"
+
+
+def current_minimums(
+    kept: pd.DataFrame,
+    keys: np.ndarray,
+    images: dict[str, str],
+    params: PatternsParams,
+    previous: MinHashState | None,
+) -> tuple[MinHashState, int]:
+    """The min-hashes of the kept words over every image, and how many images were hashed.
+
+    `kept` holds (row, word, weight) of the kept words; `images` maps every id, by row
+    order, to its sha256. With a `previous` state over images all still here unchanged,
+    its words are updated with the new images' elements only, and only words it lacks are
+    hashed over every image; otherwise everything is hashed again. Either way the result
+    is the same: a minimum does not depend on the order its elements came in.
+    """
+    ids = list(images)
+    hashes = params.tables * params.tuple_size
+    usable = previous is not None and previous.minimums.shape[1] == hashes
+    usable = usable and all(images.get(i) == sha for i, sha in previous.images.items())
+    known = set(previous.images) if usable and previous else set()
+    old_row = np.array([image in known for image in ids], bool)
+    words_present = np.unique(kept["word"].to_numpy(np.int64))
+    held_words = previous.words if usable and previous else np.zeros(0, np.int64)
+    covered = np.isin(words_present, held_words)
+    minimums = np.full((len(words_present), hashes), np.iinfo(np.uint64).max, np.uint64)
+    if covered.any():
+        assert previous is not None
+        minimums[covered] = previous.minimums[np.searchsorted(held_words, words_present[covered])]
+    kept_words = kept["word"].to_numpy(np.int64)
+    fresh = kept[~np.isin(kept_words, words_present[covered]) | ~old_row[kept["row"].to_numpy()]]
+    if len(fresh):
+        found_words, found = word_minimums(*elements(fresh, keys), params)
+        at = np.searchsorted(words_present, found_words)
+        minimums[at] = np.minimum(minimums[at], found)
+    return MinHashState(dict(images), words_present, minimums), int((~old_row).sum())
 
 
 # ----------------------------------------------------------------------------- patterns
@@ -248,12 +365,28 @@ def weighted_shares(
     return sparse.csr_matrix(presence @ indicator)
 
 
+class Mined(NamedTuple):
+    """What mining gives: the patterns (pattern, words, word_count, support; by support),
+    each image's patterns (id, pattern, score), how many word sets the tables gave, the
+    min-hashes to keep for the next run and how many images were hashed."""
+
+    patterns: pd.DataFrame
+    image_patterns: pd.DataFrame
+    sets: int
+    state: MinHashState
+    hashed: int
+
+
 def mine_patterns(
-    table: pd.DataFrame, ids: list[str], params: PatternsParams
-) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """Patterns (pattern, words, word_count, support; by support) and each image's
-    patterns (id, pattern, score) from a words table whose images are `ids`; and how
-    many word sets the tables gave."""
+    table: pd.DataFrame,
+    ids: list[str],
+    params: PatternsParams,
+    sha256s: list[str] | None = None,
+    previous: MinHashState | None = None,
+) -> Mined:
+    """Mine the patterns of a words table whose images are `ids` (their files' `sha256s`,
+    the ids themselves when not given), updating `previous` min-hashes where they hold."""
+    images = dict(zip(ids, sha256s if sha256s is not None else ids, strict=True))
     row_of = {image_id: row for row, image_id in enumerate(ids)}
     table = table.assign(row=table["id"].map(row_of).to_numpy())
     weights = image_word_weights(table, params.weighting)
@@ -268,10 +401,10 @@ def mine_patterns(
     empty_images = pd.DataFrame({"id": [], "pattern": [], "score": []}).astype(
         {"id": "str", "pattern": np.int32, "score": np.float32}
     )
+    state, hashed = current_minimums(kept, image_keys(ids), images, params, previous)
     if kept.empty:
-        return empty_patterns, empty_images, 0
-    word, element = elements(kept)
-    sets = word_buckets(word, element, params.tuple_size, params.tables, params.seed)
+        return Mined(empty_patterns, empty_images, 0, state, hashed)
+    sets = word_buckets(state.words, state.minimums, params.tuple_size, params.tables)
     presence = sparse.csr_matrix(
         (np.ones(len(kept)), (kept["row"].to_numpy(), kept["word"].to_numpy())),
         shape=(len(ids), vocabulary),
@@ -283,11 +416,11 @@ def mine_patterns(
         if lift >= params.min_lift
     ]
     if not word_sets:
-        return empty_patterns, empty_images, len(sets)
+        return Mined(empty_patterns, empty_images, len(sets), state, hashed)
     held = holders(presence, word_sets, params.min_share)
     supported = np.flatnonzero(np.asarray((held > 0).sum(axis=0)).ravel() >= params.min_support)
     if len(supported) == 0:
-        return empty_patterns, empty_images, len(sets)
+        return Mined(empty_patterns, empty_images, len(sets), state, hashed)
     sets_held = (held[:, supported] > 0).astype(np.float64).tocsc()
     groups = grouped_sets(sets_held, params.merge_similarity)
     candidates = [
@@ -327,7 +460,7 @@ def mine_patterns(
     image_patterns = image_patterns.sort_values(
         ["pattern", "score", "id"], ascending=[True, False, True]
     ).reset_index(drop=True)
-    return patterns, image_patterns, len(sets)
+    return Mined(patterns, image_patterns, len(sets), state, hashed)
 
 
 # ----------------------------------------------------------------------------- reports
@@ -419,17 +552,23 @@ def main() -> None:
     logger = common.get_logger(STAGE)
     params = PatternsParams.from_params(settings.load_params())
     table = common.read_parquet(common.WORDS_FILE, made_by="words")
+    words_key = common.parquet_keys(common.WORDS_FILE, made_by="words").get("words_key", "")
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
-    ids = common.distinct_images(manifest)["id"].tolist()
-    patterns, image_patterns, sets = mine_patterns(table, ids, params)
+    images = common.distinct_images(manifest)
+    ids = images["id"].tolist()
+    kept_at = state_path(words_key, params)
+    mined = mine_patterns(table, ids, params, images["sha256"].tolist(), MinHashState.load(kept_at))
+    mined.state.save(kept_at)
+    patterns, image_patterns, sets = mined.patterns, mined.image_patterns, mined.sets
     common.write_parquet(patterns, PATTERNS_FILE)
     common.write_parquet(image_patterns, IMAGE_PATTERNS_FILE)
     metrics = patterns_metrics(patterns, image_patterns, len(ids), sets)
     common.write_json(metrics, PATTERNS_METRICS_FILE)
     write_reports(patterns, image_patterns, table, params, thumbnails.THUMBS_FILE)
     logger.info(
-        "%d images: %d word sets, %d patterns held by %d images (the largest by %d); %.1f s",
+        "%d images (%s): %d word sets, %d patterns held by %d images (the largest by %d); %.1f s",
         len(ids),
+        common.searched_words(mined.hashed, len(ids), "min-hashed"),
         sets,
         len(patterns),
         metrics["images_with_a_pattern"],

@@ -225,7 +225,7 @@ def test_describe_counts_the_train_sample_and_embed_and_similar_agree(bovw_proje
     descriptor = descriptors.read_descriptor()
     metrics = json.loads(describe.METRICS_FILE.read_text())
     assert metrics["images"] == 10 and metrics["vocabulary"] == 40
-    assert metrics["values"] == 40 and metrics["dimension"] == 4
+    assert metrics["input_dimension"] == 40 and metrics["dimension"] == 4
     assert 0 < metrics["explained_variance"] < 1
     # The idf counts the sample only: 10 of the 12 even (train) images.
     params = describe.DescribeParams.from_params(bovw_project["params"])

@@ -104,7 +104,7 @@ def test_planted_objects_are_found_as_patterns(tmp_path: Path, kinds: int) -> No
     _, table, failed = words.find_words(collection.table, tmp_path, WORDS, workers=2)
     assert failed == []
     ids = collection.table["id"].tolist()
-    found, holders, _ = patterns.mine_patterns(table, ids, MINING)
+    found, holders, *_ = patterns.mine_patterns(table, ids, MINING)
     assert (found["support"] >= MINING.min_support).all()
     assert found["support"].is_monotonic_decreasing, "ranked by support"
     matched = set()
@@ -204,3 +204,55 @@ def test_a_vocabulary_of_another_detector_names_the_fix(tmp_path: Path) -> None:
     orb = WORDS.model_copy(update={"detector": "orb"})
     with pytest.raises(words.common.UserError, match="dvc unfreeze vocabulary"):
         words.read_vocabulary(orb, path)
+
+
+def zipf_bags(count: int, seed: int = 0) -> tuple[pd.DataFrame, list[str]]:
+    """Words of `count` images (40 keypoints over 300 words, Zipf-like), a set of 6 rare
+    words planted in a tenth of them."""
+    rng = np.random.default_rng(seed)
+    law = 1 / np.arange(1, 301) ** 0.9
+    drawn = rng.choice(300, size=(count, 40), p=law / law.sum())
+    planted = rng.random(count) < 0.1
+    drawn[planted, :6] = [290, 291, 293, 295, 297, 299]
+    ids = [f"img-{seed}-{index:04d}" for index in range(count)]
+    table = pd.DataFrame(
+        {"id": np.repeat(ids, 40), "word": drawn.ravel().astype(np.int32), "size": 0.02}
+    )
+    return table, ids
+
+
+def test_new_images_update_the_kept_min_hashes_and_give_what_mining_afresh_gives() -> None:
+    params = MINING.model_copy(update={"min_support": 4, "max_word_share": 0.3})
+    first, first_ids = zipf_bags(300, seed=1)
+    new, new_ids = zipf_bags(30, seed=2)
+    earlier = patterns.mine_patterns(first, first_ids, params)
+    assert earlier.hashed == 300
+    # Images arrive in any order: the new ones sort between the old ones.
+    ids = sorted(first_ids + new_ids, key=lambda name: name[::-1])
+    both = pd.concat([first, new], ignore_index=True)
+    updated = patterns.mine_patterns(both, ids, params, previous=earlier.state)
+    afresh = patterns.mine_patterns(both, ids, params)
+    assert updated.hashed == 30 and afresh.hashed == 330
+    # The kept words changed as the images came (support and share bounds).
+    assert not np.array_equal(updated.state.words, earlier.state.words)
+    np.testing.assert_array_equal(updated.state.words, afresh.state.words)
+    np.testing.assert_array_equal(updated.state.minimums, afresh.state.minimums)
+    pd.testing.assert_frame_equal(updated.patterns, afresh.patterns)
+    pd.testing.assert_frame_equal(updated.image_patterns, afresh.image_patterns)
+    assert len(afresh.patterns) > 0
+
+
+def test_a_changed_or_removed_image_makes_mining_start_afresh(tmp_path: Path) -> None:
+    table, ids = zipf_bags(200, seed=3)
+    earlier = patterns.mine_patterns(table, ids, MINING, ids)
+    path = tmp_path / "kept.npz"
+    earlier.state.save(path)
+    kept = patterns.MinHashState.load(path)
+    assert kept is not None and kept.images == earlier.state.images
+    changed = [*ids[:-1], "another file"]
+    assert patterns.mine_patterns(table, ids, MINING, changed, kept).hashed == 200
+    fewer = table[table["id"] != ids[0]]
+    assert patterns.mine_patterns(fewer, ids[1:], MINING, ids[1:], kept).hashed == 199
+    assert patterns.mine_patterns(table, ids, MINING, ids, kept).hashed == 0
+    path.write_bytes(b"not an npz")
+    assert patterns.MinHashState.load(path) is None, "a damaged file is ignored"

@@ -128,6 +128,13 @@ def read_metrics(project: Path, name: str) -> dict[str, Any]:
     return json.loads((project / "metrics" / name).read_text())
 
 
+def test_metrics_show_prints_every_metrics_file(demo: tuple[Path, str]) -> None:
+    project, _ = demo
+    printed = dvc(["metrics", "show"], project)
+    for name in ("data", "train/metrics", "describe", "health", "cluster", "words", "patterns"):
+        assert f"metrics/{name}.json" in printed, name
+
+
 def test_plots_render(demo: tuple[Path, str], tmp_path: Path) -> None:
     project, _ = demo
     dvc(["plots", "show", "--out", str(tmp_path / "plots")], project)
