@@ -60,6 +60,10 @@ def test_the_readme_iss_preset_runs_end_to_end(tmp_path: Path) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["image"] == {"height": 27, "width": 48, "fit": "squash"}
     assert params["cluster"]["n_clusters"] == 50
+    assert params["words"]["detector"] == "orb"
+    found = json.loads((project / "metrics/words.json").read_text())
+    # Three of the five synthetic scenes have texture; open sea and thick cloud have none.
+    assert found["images_with_keypoints"] >= 120 and found["keypoints"] > 120 * 50
     manifest = pd.read_parquet(project / "data/raw/manifest.parquet").set_index("id")
     assert len(manifest) == 240
     assert manifest.loc[stems[0], "taken_at"] == pd.Timestamp("2017-05-12 10:00:00")
