@@ -49,6 +49,7 @@ from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 from pydantic import Field
 from scipy import sparse
@@ -109,13 +110,32 @@ class PatternsParams(settings.Section):
 
 
 def image_word_weights(table: pd.DataFrame, weighting: str) -> pd.DataFrame:
-    """One row per (image row, word): its weight (a whole number, 1 to MAX_WEIGHT)."""
-    grouped = table.groupby(["row", "word"], sort=True)
-    if weighting == "frequency":
-        weight = grouped.size()
-    else:
-        weight = np.rint(grouped["size"].sum() / SIZE_STEP)
-    return weight.clip(1, MAX_WEIGHT).astype(np.int64).rename("weight").reset_index()
+    """One row per (image row, word), by row then word: its weight (a whole number, 1 to
+    MAX_WEIGHT). Summed as a sparse matrix: a pandas groupby took 5 s at 100,000 images."""
+    rows = table["row"].to_numpy(np.int64)
+    word = table["word"].to_numpy(np.int64)
+    values = np.ones(len(rows)) if weighting == "frequency" else table["size"].to_numpy(float)
+    shape = (int(rows.max()) + 1 if len(rows) else 0, int(word.max()) + 1 if len(word) else 0)
+    summed = sparse.coo_matrix((values, (rows, word)), shape=shape).tocsr()
+    summed.sum_duplicates()  # also sorts each row's words
+    weight = summed.data if weighting == "frequency" else np.rint(summed.data / SIZE_STEP)
+    return pd.DataFrame(
+        {
+            "row": np.repeat(np.arange(shape[0], dtype=np.int64), np.diff(summed.indptr)),
+            "word": summed.indices.astype(np.int64),
+            "weight": np.clip(weight, 1, MAX_WEIGHT).astype(np.int64),
+        }
+    )
+
+
+def image_rows(column: pd.Series, ids: list[str]) -> np.ndarray:
+    """Each row's image row in `ids` (-1 for an image not there); a categorical column
+    (as main reads the words) is looked up once per category."""
+    index = pd.Index(ids)
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        lookup = np.append(index.get_indexer(column.cat.categories), -1)
+        return lookup[column.cat.codes.to_numpy()]  # code -1 (missing) takes the last
+    return index.get_indexer(column.to_numpy())
 
 
 def image_keys(ids: list[str]) -> np.ndarray:
@@ -390,14 +410,16 @@ def mine_patterns(
     """Mine the patterns of a words table whose images are `ids` (their files' `sha256s`,
     the ids themselves when not given), updating `previous` min-hashes where they hold."""
     images = dict(zip(ids, sha256s if sha256s is not None else ids, strict=True))
-    row_of = {image_id: row for row, image_id in enumerate(ids)}
-    table = table.assign(row=table["id"].map(row_of).to_numpy())
+    row = image_rows(table["id"], ids)
+    table = table[row >= 0].assign(row=row[row >= 0])
     weights = image_word_weights(table, params.weighting)
-    images_of_word = weights.groupby("word")["row"].nunique()
-    common_words = images_of_word[images_of_word > params.max_word_share * len(ids)].index
-    rare_words = images_of_word[images_of_word < params.min_support].index
-    kept = weights[~weights["word"].isin(common_words.union(rare_words))]
     vocabulary = int(table["word"].max()) + 1 if len(table) else 1
+    # Each (row, word) is once in weights: a word's count of rows is its images.
+    images_of_word = np.bincount(weights["word"].to_numpy(), minlength=vocabulary)
+    kept_word = (images_of_word <= params.max_word_share * len(ids)) & (
+        images_of_word >= params.min_support
+    )
+    kept = weights[kept_word[weights["word"].to_numpy()]]
     empty_patterns = pd.DataFrame(
         {"pattern": [], "words": [], "word_count": [], "support": []}
     ).astype({"pattern": np.int32, "word_count": np.int32, "support": np.int32})
@@ -560,12 +582,20 @@ def patterns_metrics(
     }
 
 
+def read_words_table(path: Path) -> pd.DataFrame:
+    """The words table with its ids as categories: 30 million id strings at 100,000
+    images are looked up once per image, not once per keypoint."""
+    if not path.exists():
+        raise common.UserError(f"{path} is missing: run `dvc repro words` first")
+    return pq.read_table(path, read_dictionary=["id"]).to_pandas()
+
+
 def main() -> None:
     """Read the words; write the patterns, each image's patterns, metrics and reports."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     params = PatternsParams.from_params(settings.load_params())
-    table = common.read_parquet(common.WORDS_FILE, made_by="words")
+    table = read_words_table(common.WORDS_FILE)
     words_key = common.parquet_keys(common.WORDS_FILE, made_by="words").get("words_key", "")
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     images = common.distinct_images(manifest)
