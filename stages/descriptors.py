@@ -142,14 +142,19 @@ def read_spec() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- bags of words
 
 
-def read_words(path: Path = common.WORDS_FILE) -> tuple[pd.DataFrame, str, int]:
-    """The words table's (id, word) columns, the key of what made them (vocabulary file
-    and detector params) and the vocabulary's size, from the words stage's file."""
+def words_made_with(path: Path = common.WORDS_FILE) -> tuple[str, int]:
+    """The key of what made the words (vocabulary file and detector params) and the
+    vocabulary's size, from the words file's metadata alone."""
     keys = common.parquet_keys(path, made_by="words")
     if "words_key" not in keys or "vocabulary" not in keys:
         raise common.UserError(f"{path} was written by an older version: run `dvc repro words`")
-    table = pd.read_parquet(path, columns=["id", "word"])
-    return table, keys["words_key"], int(keys["vocabulary"])
+    return keys["words_key"], int(keys["vocabulary"])
+
+
+def read_words(path: Path = common.WORDS_FILE) -> tuple[pd.DataFrame, str, int]:
+    """The words table's (id, word) columns, with words_made_with's key and size."""
+    words_key, vocabulary = words_made_with(path)
+    return common.read_words_table(path, ["id", "word"]), words_key, vocabulary
 
 
 def keypoint_rows(

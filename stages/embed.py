@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -181,9 +181,12 @@ def check_vectors(ids: list[str], vectors: np.ndarray, constant_allowed: bool = 
     naming the first images, rather than pass them on. A bag of words may be constant: an
     image without keypoints has none."""
     bad = ~np.isfinite(vectors).all(axis=1)
-    constant = (vectors.max(axis=1) == vectors.min(axis=1)) & ~bad if vectors.shape[1] > 1 else bad
     if constant_allowed:
         constant = np.zeros_like(bad)
+    elif vectors.shape[1] > 1:
+        constant = (vectors.max(axis=1) == vectors.min(axis=1)) & ~bad
+    else:
+        constant = bad
     for mask, what in ((bad, "not finite"), (constant, "constant")):
         if mask.any():
             named = ", ".join(ids[row] for row in np.flatnonzero(mask)[:5])
@@ -264,15 +267,16 @@ def bag_blocks(
 def embed_bags(
     ids: list[str],
     sha256s: list[str],
-    words: pd.DataFrame,
+    read_words: Callable[[], pd.DataFrame],
     vocabulary: int,
     descriptor: descriptors.Descriptor,
     cache_folder: Path,
     path: Path,
 ) -> int:
     """encoder: bovw: make the bag-of-words vectors `cache_folder` lacks and write every
-    image's to `path`; return how many were made. An image with no words (no keypoints,
-    or unreadable) has the vector of an empty bag."""
+    image's to `path`; return how many were made. The words table (id, word) is read
+    only when some are lacking. An image with no words (no keypoints, or unreadable) has
+    the vector of an empty bag."""
     cache = ContentCache(cache_folder, ("embedding",))
     missing = cache.missing(sha256s)
     dimension = descriptor.dimension(vocabulary)
@@ -280,23 +284,23 @@ def embed_bags(
         # An exact copy has no words of its own (the words stage skips it): its file's
         # sha256 finds its original's.
         key_of = pd.Series(sha256s, index=ids)
-        blocks = bag_blocks(words, missing, key_of, vocabulary, descriptor)
+        blocks = bag_blocks(read_words(), missing, key_of, vocabulary, descriptor)
         store_vectors(cache, missing, blocks, dimension)
     write_embeddings(ids, sha256s, cache, dimension, path, cache_folder.name, True)
     return len(missing)
 
 
-def checked_words(descriptor: descriptors.Descriptor) -> tuple[pd.DataFrame, str, int]:
-    """The words table, its key and vocabulary size, checked to be the words describe
+def checked_words(descriptor: descriptors.Descriptor) -> tuple[str, int]:
+    """The words' key and vocabulary size, checked to be those of the words describe
     counted (a vocabulary fitted again since needs a new idf)."""
-    words, words_key, vocabulary = descriptors.read_words()
+    words_key, vocabulary = descriptors.words_made_with()
     if words_key != descriptor.words_key:
         raise common.UserError(
             f"{descriptors.DESCRIPTOR_FILE} was fitted on other visual words than "
             f"{common.WORDS_FILE} holds (the vocabulary or words params changed): run "
             "`dvc unfreeze describe && dvc repro`"
         )
-    return words, words_key, vocabulary
+    return words_key, vocabulary
 
 
 def main() -> None:
@@ -312,10 +316,16 @@ def main() -> None:
     ids, sha256s, pixels_key = common.read_image_keys()
     described = file_key(descriptors.DESCRIPTOR_FILE)
     if spec.get("encoder") == "bovw":
-        words, words_key, vocabulary = checked_words(descriptor)
+        words_key, vocabulary = checked_words(descriptor)
         cache_folder = common.CACHE_DIR / STAGE / f"bovw-{described}-{words_key}"
         encoded = embed_bags(
-            ids, sha256s, words, vocabulary, descriptor, cache_folder, common.EMBEDDINGS_FILE
+            ids,
+            sha256s,
+            lambda: descriptors.read_words()[0],
+            vocabulary,
+            descriptor,
+            cache_folder,
+            common.EMBEDDINGS_FILE,
         )
         what, dimension = f"bags of {vocabulary} visual words", descriptor.dimension(vocabulary)
     else:

@@ -70,20 +70,24 @@ def detector_key() -> dict[str, str]:
     return {"encoder": file_key(common.ENCODER_FILE), "pixels": pixels_key}
 
 
+def pixel_keypoints(pixels: np.ndarray, rows: np.ndarray, max_keypoints: int) -> list:
+    """Keypoints of the given rows of an array of prepared pixels (the collection's, or
+    one query image's), BATCH images through the encoder at a time."""
+    model = feature_map_model(embed.load_encoder(common.ENCODER_FILE, pixels.shape[1:]))
+    found: list = []
+    for at in range(0, len(rows), BATCH):
+        maps = embed.predict_padded(model, pixels[rows[at : at + BATCH]], BATCH)
+        found.extend(cell_keypoints(maps, max_keypoints))
+    return found
+
+
 def table_keypoints(table: pd.DataFrame, rows: list[int], max_keypoints: int) -> list:
     """Keypoints of the given rows of a table of images (id, ...), from their prepared
     pixels."""
     ids, pixels = common.load_pixels(common.PIXELS_FILE)
-    pixel_row = pd.Series(np.arange(len(ids)), index=pd.Index(ids))
-    wanted = pixel_row.reindex(table["id"].to_numpy()[rows]).to_numpy()
-    if np.isnan(wanted).any():
+    wanted = pd.Index(ids).get_indexer(table["id"].to_numpy()[rows])
+    if (wanted < 0).any():
         raise common.UserError(
             f"{common.PIXELS_FILE} lacks images of the manifest: run `dvc repro`"
         )
-    model = feature_map_model(embed.load_encoder(common.ENCODER_FILE, pixels.shape[1:]))
-    wanted = wanted.astype(np.int64)
-    found: list = []
-    for at in range(0, len(wanted), BATCH):
-        maps = embed.predict_padded(model, pixels[wanted[at : at + BATCH]], BATCH)
-        found.extend(cell_keypoints(maps, max_keypoints))
-    return found
+    return pixel_keypoints(pixels, wanted, max_keypoints)

@@ -49,7 +49,6 @@ from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 from pydantic import Field
 from scipy import sparse
@@ -275,16 +274,18 @@ def current_minimums(
     """
     ids = list(images)
     hashes = params.tables * params.tuple_size
-    usable = previous is not None and previous.minimums.shape[1] == hashes
-    usable = usable and all(images.get(i) == sha for i, sha in previous.images.items())
-    known = set(previous.images) if usable and previous else set()
+    if previous is not None and (
+        previous.minimums.shape[1] != hashes
+        or any(images.get(i) != sha for i, sha in previous.images.items())
+    ):
+        previous = None  # an image gone or changed: its elements cannot be taken out
+    known = set(previous.images) if previous is not None else set()
     old_row = np.array([image in known for image in ids], bool)
     words_present = np.unique(kept["word"].to_numpy(np.int64))
-    held_words = previous.words if usable and previous else np.zeros(0, np.int64)
+    held_words = previous.words if previous is not None else np.zeros(0, np.int64)
     covered = np.isin(words_present, held_words)
     minimums = np.full((len(words_present), hashes), np.iinfo(np.uint64).max, np.uint64)
-    if covered.any():
-        assert previous is not None
+    if previous is not None and covered.any():
         minimums[covered] = previous.minimums[np.searchsorted(held_words, words_present[covered])]
     kept_words = kept["word"].to_numpy(np.int64)
     fresh = kept[~np.isin(kept_words, words_present[covered]) | ~old_row[kept["row"].to_numpy()]]
@@ -582,20 +583,12 @@ def patterns_metrics(
     }
 
 
-def read_words_table(path: Path) -> pd.DataFrame:
-    """The words table with its ids as categories: 30 million id strings at 100,000
-    images are looked up once per image, not once per keypoint."""
-    if not path.exists():
-        raise common.UserError(f"{path} is missing: run `dvc repro words` first")
-    return pq.read_table(path, read_dictionary=["id"]).to_pandas()
-
-
 def main() -> None:
     """Read the words; write the patterns, each image's patterns, metrics and reports."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     params = PatternsParams.from_params(settings.load_params())
-    table = read_words_table(common.WORDS_FILE)
+    table = common.read_words_table()
     words_key = common.parquet_keys(common.WORDS_FILE, made_by="words").get("words_key", "")
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     images = common.distinct_images(manifest)

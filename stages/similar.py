@@ -57,12 +57,8 @@ def image_keypoints(path: Path, params: dict, words_params: words.WordsParams) -
     if words_params.detector == "encoder":
         from stages import encoder_cells  # Keras's feature map of the encoder
 
-        pixels = prepared_pixels(path, params)
-        model = encoder_cells.feature_map_model(
-            embed.load_encoder(common.ENCODER_FILE, pixels.shape)
-        )
-        maps = embed.predict_padded(model, pixels[None], encoder_cells.BATCH)
-        return encoder_cells.cell_keypoints(maps, words_params.max_keypoints)[0]
+        pixels = prepared_pixels(path, params)[None]
+        return encoder_cells.pixel_keypoints(pixels, np.arange(1), words_params.max_keypoints)[0]
     found = words.image_keypoints(path, words_params)
     if isinstance(found, str):
         raise common.UserError(found)

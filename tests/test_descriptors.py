@@ -150,7 +150,7 @@ def test_embed_writes_every_images_bag_and_reads_known_files_from_the_cache(
     descriptor = bovw_descriptor(["sha-a", "sha-b", "sha-c", "sha-d"], pca=2)
     table = keypoint_table(BAGS)
     path, cache = tmp_path / "embeddings.parquet", tmp_path / "cache"
-    made = embed.embed_bags(ids, sha256s, table, VOCABULARY, descriptor, cache, path)
+    made = embed.embed_bags(ids, sha256s, lambda: table, VOCABULARY, descriptor, cache, path)
     assert made == 5, "each distinct file once"
     read_ids, vectors = common.read_embeddings(path)
     assert read_ids == ids and vectors.shape == (6, 2)
@@ -163,7 +163,11 @@ def test_embed_writes_every_images_bag_and_reads_known_files_from_the_cache(
     np.testing.assert_allclose(vectors, whole, atol=1e-6)
     np.testing.assert_allclose(vectors[5], descriptor.apply(np.zeros((1, VOCABULARY)))[0])
     again = tmp_path / "again.parquet"
-    assert embed.embed_bags(ids, sha256s, table, VOCABULARY, descriptor, cache, again) == 0
+
+    def unread() -> pd.DataFrame:
+        raise AssertionError("every vector is in the cache: the words need not be read")
+
+    assert embed.embed_bags(ids, sha256s, unread, VOCABULARY, descriptor, cache, again) == 0
     assert again.read_bytes() == path.read_bytes()
 
 
@@ -173,7 +177,7 @@ def test_without_pca_an_image_without_words_is_a_zero_vector_not_an_error(
     descriptor = bovw_descriptor(["sha-a", "sha-b", "sha-c", "sha-d"])
     path = tmp_path / "embeddings.parquet"
     embed.embed_bags(
-        ["a", "blank"], ["sha-a", "sha-blank"], keypoint_table(BAGS), VOCABULARY,
+        ["a", "blank"], ["sha-a", "sha-blank"], lambda: keypoint_table(BAGS), VOCABULARY,
         descriptor, tmp_path / "cache", path,
     )  # fmt: skip
     _, vectors = common.read_embeddings(path)
