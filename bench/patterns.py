@@ -7,7 +7,7 @@ Prints, on this machine:
   - encoder cells (words.detector: encoder): images per second through an untrained
     simple_conv encoder of the ISS size (27x48, 3x6 cells), from prepared pixels;
   - the vocabulary's fit (MiniBatchKMeans, 2,000 words) on 250,000 SIFT descriptors;
-  - mining (the patterns stage's mine_patterns, shipped params) on synthetic bags of
+  - mining (the mine stage's mine_patterns, shipped params) on synthetic bags of
     words: N images of 300 keypoints over 2,000 words drawn from a Zipf-like law, one
     set of 20 rare words planted in 5% of them; its time, how well the planted set is
     found, and the peak memory of a process that only mines.
@@ -32,7 +32,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stages import patterns, words  # noqa: E402
+from stages import mine, pattern_model, words  # noqa: E402
 from tools.iss_frames import ISS_SCENES, iss_frame  # noqa: E402
 
 KEYPOINTS = 300
@@ -107,7 +107,7 @@ def mine_once(count: int) -> None:
     """Mine synthetic bags of `count` images and print the figures (run in a child)."""
     table, ids, planted = synthetic_bags(count)
     started = time.perf_counter()
-    found, holders, sets, *_ = patterns.mine_patterns(table, ids, patterns.PatternsParams())
+    found, holders, sets, *_ = mine.mine_patterns(table, ids, pattern_model.PatternsParams())
     seconds = time.perf_counter() - started
     best = (0.0, 0.0)
     for number in found["pattern"]:

@@ -8,9 +8,9 @@ stages one at a time with `dvc repro -s STAGE`, printing for each:
   resident set of dvc, the stage or one of its workers), and the disk its outputs, its
   cache in data/cache/ and DVC's cache take.
 Then a no-op `dvc repro` of the whole pipeline, and the project's disk beside the
-source's. With --grow P it then adds P% new frames, freezes train, describe, cluster and
-vocabulary (`dvc freeze`) and prints the same for the incremental run, and its share of
-the full run's time; then adds as many again and times one plain `dvc repro` of them.
+source's. With --grow P it then adds P% new frames, freezes train, describe, cluster,
+vocabulary and mine (`dvc freeze`) and prints the same for the incremental run, and its
+share of the full run's time; then adds as many again and times one plain `dvc repro` of them.
 
 Usage: python bench/scale.py [--frames N] [--full-size] [--grow P] [--set KEY=VALUE]...
                              [--folder DIR] [--keep]
@@ -221,10 +221,11 @@ def main() -> None:
     if arguments.grow > 0:
         new = max(1, round(arguments.frames * arguments.grow / 100))
         source_bytes += write_frames(source, arguments.frames, new, size)
-        freeze = ["freeze", "train", "describe", "cluster", "vocabulary"]
+        freeze = ["freeze", "train", "describe", "cluster", "vocabulary", "mine"]
         measure([sys.executable, "-m", "dvc", *freeze], project)
         grown = run_stages(
-            project, f"{new} new frames ({arguments.grow}%), train, cluster and vocabulary frozen"
+            project,
+            f"{new} new frames ({arguments.grow}%), models frozen ({' '.join(freeze[1:])})",
         )
         print(f"\nincremental run: {grown:.1f} s = {100 * grown / full:.1f}% of the full run")
         # The same growth once more, as a user runs it: one `dvc repro`, which starts DVC

@@ -190,12 +190,17 @@ def parquet_keys(path: Path, made_by: str) -> dict[str, str]:
     return {key.decode(): value.decode() for key, value in metadata.items() if key != b"pandas"}
 
 
-def read_words_table(path: Path = WORDS_FILE, columns: list[str] | None = None) -> pd.DataFrame:
+def read_words_table(
+    path: Path = WORDS_FILE, columns: list[str] | None = None, ids: list[str] | None = None
+) -> pd.DataFrame:
     """The words stage's table (one row per keypoint), its ids as categories: tens of
-    millions of id strings are then looked up once per image, not once per keypoint."""
+    millions of id strings are then looked up once per image, not once per keypoint.
+    With `ids`, only those images' rows."""
     if not path.exists():
         raise UserError(f"{path} is missing: run `dvc repro words` first")
-    return pq.read_table(path, columns=columns, read_dictionary=["id"]).to_pandas()
+    filters = None if ids is None else [("id", "in", ids)]
+    table = pq.read_table(path, columns=columns, read_dictionary=["id"], filters=filters)
+    return table.to_pandas()
 
 
 def read_parquet(path: Path, made_by: str) -> pd.DataFrame:

@@ -1,5 +1,6 @@
 """Pictures of many thumbnails: mosaics in a grid, saved as PNG. Used by score (cluster
-mosaics, outliers) and health (near-duplicate groups, quality flags, unusual images)."""
+mosaics, outliers), health (near-duplicate groups, quality flags, unusual images) and
+patterns (each pattern's best images)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,18 @@ def save_png_atomically(image: Image.Image, path: Path) -> None:
     """Write a PNG through a temporary file renamed into place."""
     with common.atomic_output(path) as temporary:
         save_png(image, temporary)
+
+
+def keep_mosaics(files: dict[int, Path], keys: dict[int, str], cache: Path) -> None:
+    """Keep this run's mosaics (`files`, by a name such as the cluster) in `cache` under
+    their `keys`, and only them: the next run copies those whose key has not changed."""
+    if not keys:
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    for name, key in keys.items():
+        if not (cache / f"{key}.png").exists():
+            common.write_bytes_atomic(files[name].read_bytes(), cache / f"{key}.png")
+    current = {f"{key}.png" for key in keys.values()}
+    for old in cache.glob("*.png"):
+        if old.name not in current:
+            old.unlink()

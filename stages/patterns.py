@@ -1,492 +1,139 @@
-"""patterns: sets of visual words that keep occurring together, mined with Sampled
-MinHashing (Fuentes-Pineda and Meza-Ruiz), as minIA does.
+"""patterns: which images hold each visual pattern the mine stage found, and the reports.
 
-Params:  PatternsParams below (params.yaml, section patterns)
-Inputs:  data/processed/words.parquet (id, word, x, y, size), data/interim/thumbs.parquet
-         (for the mosaics)
-Outputs: data/processed/patterns.parquet (pattern, words, word_count, support),
-         data/processed/image_patterns.parquet (id, pattern, score: the share of the
-         pattern's words the image holds, for every image holding at least min_share),
-         metrics/patterns.json (counts), reports/patterns/ (patterns.csv ranked by support;
-         pattern-NNN.png for the first `reported`: its best images, each with the
-         pattern's keypoints drawn)
+Params:  PatternsParams in stages/pattern_model.py (params.yaml, section patterns:
+         min_share, reported, mosaic_side)
+Inputs:  models/patterns.parquet (the mined patterns), data/processed/words.parquet,
+         data/raw/manifest.parquet, data/interim/thumbs.parquet (for the mosaics)
+Outputs: data/processed/patterns.parquet (pattern, words, word_count, support: how many
+         images hold it now), data/processed/image_patterns.parquet (id, pattern, score:
+         the share of the pattern's word weight the image holds, for every image holding
+         at least min_share), metrics/patterns.json (counts), reports/patterns/
+         (patterns.csv ranked by support; pattern-NNN.png for the first `reported`: its
+         best images, each with the pattern's keypoints drawn)
 
-Every visual word is its inverted file: the images it occurs in, each repeated as many
-times as its weight there (`frequency`: how many of the image's keypoints are that word;
-`size`: their summed size, in steps of SIZE_STEP of the long side). In each of `tables`
-tables, `tuple_size` min-hashes of every word's inverted file make a tuple; words with
-equal tuples share a bucket, which two words whose inverted files have weighted Jaccard
-similarity J do with probability J^tuple_size in one table. Buckets of two words or more
-are sets of co-occurring words. An image holds a set of words when it has at least
-min_share of them, and two at least. Sets whose words co-occur less than min_lift
-times more often than independent words would are dropped (common words meet by
-chance), as are sets held by fewer than min_support images; sets held by nearly the
-same images (at least merge_similarity of the fewer images shared with a group's first,
-most held set) form one pattern: the pieces of one recurring structure. A word weighs
-in a pattern as many of its sets hold it, so the structure's core words count most; an
-image holds a pattern when it has at least min_share of that weight, and two of its
-words. Words in more than max_word_share of the images are left out first: a word
-everywhere co-occurs with everything and means no structure.
-
-The min-hashes are splitmix64 of each element with a seed per hash, computed by a numba
-kernel (stages/minhash_kernel.py) in one pass over each word's elements: datasketch
-hashes one set at a time in Python and knows no integer weights. An element names its
-image by a hash of its id, not its row, and the min-hashes are kept in
-data/cache/patterns/ (by the words' key and the hashing params): a run with new images
-hashes only their elements (and words it had left out), since a minimum over more
-elements is the least of the old one and the new ones'. The outputs are the same as
-mining everything afresh.
+An image's patterns depend on its words and the model alone, so data/cache/patterns/
+keeps them by the file's sha256 (for this model file, words and min_share): with
+`dvc freeze mine` a run reads the words of its new images only. The mosaics are kept by
+a key of what they show (data/cache/patterns/mosaics/), so one is drawn again only when
+its best images change.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
+import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
-from pydantic import Field
-from scipy import sparse
 
-from stages import common, minhash_kernel, mosaics, settings, thumbnails
+from stages import common, mosaics, pattern_model, settings, thumbnails
+from stages.content_cache import ContentCache, file_key
+from stages.pattern_model import PatternsParams
 
 STAGE = "patterns"
 PATTERNS_FILE = common.PROCESSED_DIR / "patterns.parquet"
-CACHE_DIR = common.CACHE_DIR / "patterns"  # the min-hashes kept for the next run
 IMAGE_PATTERNS_FILE = common.IMAGE_PATTERNS_FILE
 PATTERNS_METRICS_FILE = common.METRICS_DIR / "patterns.json"
+CACHE_DIR = common.CACHE_DIR / "patterns"  # each image's patterns, by file sha256
+MOSAIC_CACHE_DIR = CACHE_DIR / "mosaics"  # this run's mosaics, by key
 REPORT_DIR = Path("reports/patterns")
-SIZE_STEP = 0.02  # the `size` weighting counts keypoint size in steps of this share
-MAX_WEIGHT = 255  # an element's weight is capped: one word's copies in one image
+BLOCK = 4096  # cached images read at once
 
 
-class PatternsParams(settings.Section):
-    """params.yaml, section patterns."""
-
-    SECTION: ClassVar[str] = "patterns"
-    weighting: Literal["frequency", "size"] = Field(
-        "frequency",
-        description="a word's weight in an image: how often it occurs there, or the size "
-        "of its keypoints",
-    )
-    tuple_size: int = Field(
-        5, ge=1, le=16, description="min-hashes per tuple (r): more, stronger co-occurrence"
-    )
-    tables: int = Field(
-        200, ge=1, le=10000, description="tables of tuples (l): more, weaker patterns found"
-    )
-    min_support: int = Field(5, ge=1, description="a pattern is kept when this many images hold it")
-    min_share: float = Field(
-        0.4, gt=0, le=1, description="an image holds a pattern with this share of its words"
-    )
-    max_word_share: float = Field(
-        0.5, gt=0, le=1, description="words in more than this share of the images are left out"
-    )
-    merge_similarity: float = Field(
-        0.8,
-        gt=0,
-        le=1,
-        description="word sets held by images that overlap this much (the share of the "
-        "fewer) are one pattern",
-    )
-    min_lift: float = Field(
-        2.0,
-        ge=0,
-        description="a word set's pairs must co-occur this many times more often, on "
-        "average, than independent words would",
-    )
-    reported: int = Field(20, ge=0, description="patterns with a mosaic in reports/patterns/")
-    mosaic_side: int = Field(5, ge=1, le=20, description="images per side of a pattern's mosaic")
-    seed: int = Field(0, ge=0, description="seed of the min-hashes")
+# ----------------------------------------------------------------------------- holders
 
 
-# ----------------------------------------------------------------------------- inverted files
+def packed(patterns: np.ndarray, scores: np.ndarray) -> bytes:
+    """An image's patterns as bytes: the pattern numbers (int32), then the scores
+    (float32, as the output stores them)."""
+    return np.asarray(patterns, "<i4").tobytes() + np.asarray(scores, "<f4").tobytes()
 
 
-def image_word_weights(table: pd.DataFrame, weighting: str) -> pd.DataFrame:
-    """One row per (image row, word), by row then word: its weight (a whole number, 1 to
-    MAX_WEIGHT). Summed as a sparse matrix: a pandas groupby took 5 s at 100,000 images."""
-    rows = table["row"].to_numpy(np.int64)
-    word = table["word"].to_numpy(np.int64)
-    values = np.ones(len(rows)) if weighting == "frequency" else table["size"].to_numpy(float)
-    shape = (int(rows.max()) + 1 if len(rows) else 0, int(word.max()) + 1 if len(word) else 0)
-    summed = sparse.coo_matrix((values, (rows, word)), shape=shape).tocsr()
-    summed.sum_duplicates()  # also sorts each row's words
-    weight = summed.data if weighting == "frequency" else np.rint(summed.data / SIZE_STEP)
+def unpacked(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(patterns, scores) of packed patterns."""
+    count = len(blob) // 8
+    return np.frombuffer(blob, "<i4", count), np.frombuffer(blob, "<f4", count, 4 * count)
+
+
+def held_patterns(
+    table: pd.DataFrame, ids: list[str], model: pd.DataFrame, min_share: float
+) -> list[bytes]:
+    """Each image's patterns (packed, in `ids` order) from the words table of its
+    keypoints (id, word): an image without words holds none."""
+    row = pattern_model.image_rows(table["id"], ids)
+    table = table[row >= 0].assign(row=row[row >= 0])
+    weights = pattern_model.image_word_weights(table, "frequency")  # presence alone counts
+    words = [np.asarray(w, np.int64) for w in model["words"]]
+    largest = max([int(table["word"].max()) if len(table) else 0, *[int(w.max()) for w in words]])
+    presence = pattern_model.presence_matrix(weights, len(ids), largest + 1)
+    weights_of = [np.asarray(w, np.float64) for w in model["weights"]]
+    found = pattern_model.pattern_holders(presence, words, weights_of, min_share)
+    numbers = model["pattern"].to_numpy(np.int32)[found["column"].to_numpy()]
+    scores = found["score"].to_numpy()
+    bounds = np.searchsorted(found["row"].to_numpy(), np.arange(len(ids) + 1))
+    return [packed(numbers[a:b], scores[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+def holders_key(model_file: Path, words_key: str, min_share: float) -> str:
+    """The cache folder's name: what an image's patterns depend on besides its words."""
+    made_with = f"{file_key(model_file)} {words_key} {min_share!r}"
+    return hashlib.sha256(made_with.encode()).hexdigest()[:16]
+
+
+def cached_holders(
+    images: pd.DataFrame,
+    model: pd.DataFrame,
+    min_share: float,
+    cache: ContentCache,
+    words_file: Path = common.WORDS_FILE,
+) -> tuple[pd.DataFrame, int]:
+    """The image_patterns table of `images` (id, sha256; distinct files), and how many
+    images were looked at: those `cache` lacks, whose words alone are read."""
+    ids, sha256s = images["id"].tolist(), images["sha256"].tolist()
+    missing, rows = cache.missing_rows(sha256s)
+    found: dict[str, bytes] = {}
+    if missing:
+        new_ids = [ids[row] for row in rows.tolist()]
+        everything = len(missing) == len(sha256s)
+        table = common.read_words_table(
+            words_file, columns=["id", "word"], ids=None if everything else new_ids
+        )
+        found = dict(zip(missing, held_patterns(table, new_ids, model, min_share), strict=True))
+        with cache.new_segment(missing, {}) as segment:
+            segment.append_blobs("held", list(found.values()))
+    known = [sha for sha in dict.fromkeys(sha256s) if sha not in found]
+    blobs = dict(found)
+    for start, block in zip(
+        range(0, len(known), BLOCK), cache.blob_blocks(known, "held", BLOCK), strict=True
+    ):
+        blobs.update(zip(known[start : start + BLOCK], block, strict=True))
+    held = [unpacked(blobs[sha]) for sha in sha256s]
+    counts = np.array([len(patterns) for patterns, _ in held], np.int64)
+    table = pattern_model.image_patterns_table(
+        ids,
+        np.repeat(np.arange(len(ids)), counts),
+        np.concatenate([p for p, _ in held]) if held else np.zeros(0, np.int32),
+        np.concatenate([s for _, s in held]) if held else np.zeros(0, np.float32),
+    )
+    return table, len(missing)
+
+
+def patterns_table(model: pd.DataFrame, image_patterns: pd.DataFrame) -> pd.DataFrame:
+    """The patterns output: pattern, words, word_count and support (the images holding
+    it now), by pattern number."""
+    support = image_patterns["pattern"].value_counts()
     return pd.DataFrame(
         {
-            "row": np.repeat(np.arange(shape[0], dtype=np.int64), np.diff(summed.indptr)),
-            "word": summed.indices.astype(np.int64),
-            "weight": np.clip(weight, 1, MAX_WEIGHT).astype(np.int64),
+            "pattern": model["pattern"].to_numpy(np.int32),
+            "words": [list(map(int, w)) for w in model["words"]],
+            "word_count": model["word_count"].to_numpy(np.int32),
+            "support": model["pattern"].map(support).fillna(0).to_numpy(np.int32),
         }
     )
-
-
-def image_rows(column: pd.Series, ids: list[str]) -> np.ndarray:
-    """Each row's image row in `ids` (-1 for an image not there); a categorical column
-    (as main reads the words) is looked up once per category."""
-    index = pd.Index(ids)
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        lookup = np.append(index.get_indexer(column.cat.categories), -1)
-        return lookup[column.cat.codes.to_numpy()]  # code -1 (missing) takes the last
-    return index.get_indexer(column.to_numpy())
-
-
-def image_keys(ids: list[str]) -> np.ndarray:
-    """A 56-bit key of each image id (its blake2b): an element names its image by this,
-    not by its row, so the min-hashes do not depend on which images came first."""
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=7).digest(), "big") for i in ids],
-        np.uint64,
-    )
-
-
-def elements(
-    weights: pd.DataFrame, keys: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every word's weighted inverted file, flattened: (word, element) pairs sorted by
-    word, an element being the image's key (`keys` by row; the row itself without) times
-    (MAX_WEIGHT + 1) plus the copy number."""
-    repeat = weights["weight"].to_numpy()
-    word = np.repeat(weights["word"].to_numpy(np.int64), repeat)
-    rows = weights["row"].to_numpy(np.int64)
-    image = np.repeat(rows.astype(np.uint64) if keys is None else keys[rows], repeat)
-    starts = np.repeat(np.cumsum(repeat) - repeat, repeat)
-    copy = (np.arange(len(word)) - starts).astype(np.uint64)
-    order = np.argsort(word, kind="stable")
-    return word[order], (image * np.uint64(MAX_WEIGHT + 1) + copy)[order]
-
-
-def splitmix64(values: np.ndarray, seed: int) -> np.ndarray:
-    """A 64-bit mix of each value with a seed: a fresh pseudo-random order per seed."""
-    with np.errstate(over="ignore"):
-        z = values + minhash_kernel.seed_offsets(np.array([seed]))[0]
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def hash_offsets(params: PatternsParams) -> np.ndarray:
-    """What splitmix64 adds for each of the tables x tuple_size min-hashes."""
-    seeds = [
-        params.seed * 1_000_003 + table * 64 + position
-        for table in range(params.tables)
-        for position in range(params.tuple_size)
-    ]
-    return minhash_kernel.seed_offsets(np.array(seeds))
-
-
-def word_minimums(
-    word: np.ndarray, element: np.ndarray, params: PatternsParams
-) -> tuple[np.ndarray, np.ndarray]:
-    """The words present (sorted) and each one's min-hashes (words x hashes) over its
-    elements."""
-    words_present, starts = np.unique(word, return_index=True)
-    bounds = np.append(starts, len(element)).astype(np.int64)
-    return words_present, minhash_kernel.min_hashes(element, bounds, hash_offsets(params))
-
-
-def word_buckets(
-    words_present: np.ndarray, minimums: np.ndarray, tuple_size: int, tables: int
-) -> list[frozenset[int]]:
-    """The sets of words that share a bucket in some table (two words or more), each
-    once, in the order found, from each word's min-hashes."""
-    found: dict[frozenset[int], None] = {}
-    for table in range(tables):
-        key = np.zeros(len(words_present), np.uint64)
-        for position in range(tuple_size):
-            key = splitmix64(key ^ minimums[:, table * tuple_size + position], position + 1)
-        _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
-        shared = counts[inverse] >= 2
-        for bucket in np.unique(inverse[shared]):
-            members = words_present[inverse == bucket]
-            found.setdefault(frozenset(members.tolist()), None)
-    return list(found)
-
-
-# ----------------------------------------------------------------------------- kept min-hashes
-
-
-@dataclass
-class MinHashState:
-    """The min-hashes a run found, which the next run updates with its new images alone:
-    a minimum over more elements is the least of the old minimum and the new elements'."""
-
-    images: dict[str, str]  # id -> sha256 of every image they were taken over
-    words: np.ndarray  # int64, sorted: the words whose min-hashes are kept
-    minimums: np.ndarray  # uint64, words x hashes
-
-    def save(self, path: Path) -> None:
-        """Write the state as .npz, atomically."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with common.atomic_output(path) as temporary, open(temporary, "wb") as file:
-            np.savez(
-                file,
-                ids=np.array(list(self.images), dtype=str),
-                sha256s=np.array(list(self.images.values()), dtype=str),
-                words=self.words,
-                minimums=self.minimums,
-            )
-
-    @classmethod
-    def load(cls, path: Path) -> MinHashState | None:
-        """The state saved at `path`; None when there is none or it cannot be read."""
-        try:
-            with np.load(path) as stored:
-                images = dict(zip(stored["ids"].tolist(), stored["sha256s"].tolist()))
-                return cls(images, stored["words"], stored["minimums"])
-        except (OSError, ValueError, KeyError):  # none yet, or damaged: mine from scratch
-            return None
-
-
-def state_path(words_key: str, params: PatternsParams) -> Path:
-    """Where the min-hashes of these words and hashing params are kept."""
-    made_with = {
-        "words": words_key,
-        "weighting": params.weighting,
-        "hashes": hash_offsets(params).tolist(),
-        "max_weight": MAX_WEIGHT,
-        "size_step": SIZE_STEP,
-    }
-    key = hashlib.sha256(json.dumps(made_with, sort_keys=True).encode()).hexdigest()[:16]
-    return CACHE_DIR / f"{key}.npz"
-
-
-def current_minimums(
-    kept: pd.DataFrame,
-    keys: np.ndarray,
-    images: dict[str, str],
-    params: PatternsParams,
-    previous: MinHashState | None,
-) -> tuple[MinHashState, int]:
-    """The min-hashes of the kept words over every image, and how many images were hashed.
-
-    `kept` holds (row, word, weight) of the kept words; `images` maps every id, by row
-    order, to its sha256. With a `previous` state over images all still here unchanged,
-    its words are updated with the new images' elements only, and only words it lacks are
-    hashed over every image; otherwise everything is hashed again. Either way the result
-    is the same: a minimum does not depend on the order its elements came in.
-    """
-    ids = list(images)
-    hashes = params.tables * params.tuple_size
-    if previous is not None and (
-        previous.minimums.shape[1] != hashes
-        or any(images.get(i) != sha for i, sha in previous.images.items())
-    ):
-        previous = None  # an image gone or changed: its elements cannot be taken out
-    known = set(previous.images) if previous is not None else set()
-    old_row = np.array([image in known for image in ids], bool)
-    words_present = np.unique(kept["word"].to_numpy(np.int64))
-    held_words = previous.words if previous is not None else np.zeros(0, np.int64)
-    covered = np.isin(words_present, held_words)
-    minimums = np.full((len(words_present), hashes), np.iinfo(np.uint64).max, np.uint64)
-    if previous is not None and covered.any():
-        minimums[covered] = previous.minimums[np.searchsorted(held_words, words_present[covered])]
-    kept_words = kept["word"].to_numpy(np.int64)
-    fresh = kept[~np.isin(kept_words, words_present[covered]) | ~old_row[kept["row"].to_numpy()]]
-    if len(fresh):
-        found_words, found = word_minimums(*elements(fresh, keys), params)
-        at = np.searchsorted(words_present, found_words)
-        minimums[at] = np.minimum(minimums[at], found)
-    return MinHashState(dict(images), words_present, minimums), int((~old_row).sum())
-
-
-# ----------------------------------------------------------------------------- patterns
-
-
-def word_indicator(word_sets: list[list[int]], vocabulary: int) -> sparse.csr_matrix:
-    """Words x sets: 1 where a set holds a word."""
-    columns = np.concatenate([np.array(w, np.int64) for w in word_sets])
-    rows = np.repeat(np.arange(len(word_sets)), [len(w) for w in word_sets])
-    return sparse.csr_matrix(
-        (np.ones(len(columns)), (columns, rows)), shape=(vocabulary, len(word_sets))
-    )
-
-
-def holders(
-    presence: sparse.csr_matrix, word_sets: list[list[int]], min_share: float
-) -> sparse.csr_matrix:
-    """Images x sets, boolean: whether each image holds each set of words (at least
-    `min_share` of them, and two at least) and, as data, the share it holds."""
-    counts = (presence @ word_indicator(word_sets, presence.shape[1])).tocoo()
-    sizes = np.array([len(w) for w in word_sets], np.float64)
-    needed = np.maximum(2, np.ceil(min_share * sizes - 1e-9))
-    keep = counts.data >= needed[counts.col]
-    shares = counts.data[keep] / sizes[counts.col[keep]]
-    return sparse.csr_matrix((shares, (counts.row[keep], counts.col[keep])), shape=counts.shape)
-
-
-def set_lifts(presence: sparse.csr_matrix, word_sets: list[list[int]]) -> np.ndarray:
-    """Each set's mean lift over its pairs of words: how many times more images hold
-    both words than if the words were independent (1: chance)."""
-    if not word_sets:
-        return np.zeros(0)
-    used = np.unique(np.concatenate([np.array(w, np.int64) for w in word_sets]))
-    columns = (presence[:, used] > 0).astype(np.float64).tocsc()
-    both = (columns.T @ columns).toarray()
-    alone = np.diag(both)
-    place = {word: index for index, word in enumerate(used.tolist())}
-    images = presence.shape[0]
-    lifts = np.empty(len(word_sets))
-    for number, members in enumerate(word_sets):
-        at = np.array([place[w] for w in members])
-        first, second = np.triu_indices(len(at), k=1)
-        a, b = at[first], at[second]
-        lifts[number] = float(np.mean(both[a, b] * images / (alone[a] * alone[b])))
-    return lifts
-
-
-def grouped_sets(held: sparse.csc_matrix, similarity: float) -> list[list[int]]:
-    """Sets (columns of `held`, images x sets, 1 where an image holds a set) grouped by
-    the images that hold them: from the most held, each set joins the first group whose
-    first set shares at least `similarity` of the fewer of their two sets of images, or
-    starts a group. Comparing with a group's first set only keeps groups from chaining
-    through loosely related sets."""
-    support = np.asarray(held.sum(axis=0)).ravel()
-    shared = (held.T @ held).tocsr()
-    order = np.lexsort((np.arange(len(support)), -support))
-    seeds = np.zeros(len(support), np.int64)  # each group's first set, groups in order
-    groups: list[list[int]] = []
-    for index in order.tolist():
-        # Compared with every group's seed at once: the first that shares enough.
-        row = shared.getrow(index)
-        overlap = np.zeros(len(support))
-        overlap[row.indices] = row.data
-        first = seeds[: len(groups)]
-        both = overlap[first]
-        fewer = np.minimum(support[first], support[index])
-        joins = np.flatnonzero((both > 0) & (both / fewer >= similarity - 1e-9))
-        if len(joins):
-            groups[joins[0]].append(index)
-        else:
-            seeds[len(groups)] = index
-            groups.append([index])
-    return groups
-
-
-def weighted_shares(
-    presence: sparse.csr_matrix, groups: list[list[int]], word_sets: list[list[int]]
-) -> sparse.csr_matrix:
-    """Images x groups: the share of each group's word weight (how many of its sets hold
-    the word) each image has."""
-    columns, rows, weights = [], [], []
-    for group_number, group in enumerate(groups):
-        words_of_group, counts = np.unique(
-            np.concatenate([np.array(word_sets[i], np.int64) for i in group]), return_counts=True
-        )
-        columns.append(words_of_group)
-        rows.append(np.full(len(words_of_group), group_number))
-        weights.append(counts / counts.sum())
-    indicator = sparse.csr_matrix(
-        (np.concatenate(weights), (np.concatenate(columns), np.concatenate(rows))),
-        shape=(presence.shape[1], len(groups)),
-    )
-    return sparse.csr_matrix(presence @ indicator)
-
-
-class Mined(NamedTuple):
-    """What mining gives: the patterns (pattern, words, word_count, support; by support),
-    each image's patterns (id, pattern, score), how many word sets the tables gave, the
-    min-hashes to keep for the next run and how many images were hashed."""
-
-    patterns: pd.DataFrame
-    image_patterns: pd.DataFrame
-    sets: int
-    state: MinHashState
-    hashed: int
-
-
-def mine_patterns(
-    table: pd.DataFrame,
-    ids: list[str],
-    params: PatternsParams,
-    sha256s: list[str] | None = None,
-    previous: MinHashState | None = None,
-) -> Mined:
-    """Mine the patterns of a words table whose images are `ids` (their files' `sha256s`,
-    the ids themselves when not given), updating `previous` min-hashes where they hold."""
-    images = dict(zip(ids, sha256s if sha256s is not None else ids, strict=True))
-    row = image_rows(table["id"], ids)
-    table = table[row >= 0].assign(row=row[row >= 0])
-    weights = image_word_weights(table, params.weighting)
-    vocabulary = int(table["word"].max()) + 1 if len(table) else 1
-    # Each (row, word) is once in weights: a word's count of rows is its images.
-    images_of_word = np.bincount(weights["word"].to_numpy(), minlength=vocabulary)
-    kept_word = (images_of_word <= params.max_word_share * len(ids)) & (
-        images_of_word >= params.min_support
-    )
-    kept = weights[kept_word[weights["word"].to_numpy()]]
-    empty_patterns = pd.DataFrame(
-        {"pattern": [], "words": [], "word_count": [], "support": []}
-    ).astype({"pattern": np.int32, "word_count": np.int32, "support": np.int32})
-    empty_images = pd.DataFrame({"id": [], "pattern": [], "score": []}).astype(
-        {"id": "str", "pattern": np.int32, "score": np.float32}
-    )
-    state, hashed = current_minimums(kept, image_keys(ids), images, params, previous)
-    if kept.empty:
-        return Mined(empty_patterns, empty_images, 0, state, hashed)
-    sets = word_buckets(state.words, state.minimums, params.tuple_size, params.tables)
-    presence = sparse.csr_matrix(
-        (np.ones(len(kept)), (kept["row"].to_numpy(), kept["word"].to_numpy())),
-        shape=(len(ids), vocabulary),
-    )
-    word_sets = [sorted(found) for found in sets]
-    word_sets = [
-        w
-        for w, lift in zip(word_sets, set_lifts(presence, word_sets), strict=True)
-        if lift >= params.min_lift
-    ]
-    if not word_sets:
-        return Mined(empty_patterns, empty_images, len(sets), state, hashed)
-    held = holders(presence, word_sets, params.min_share)
-    supported = np.flatnonzero(np.asarray((held > 0).sum(axis=0)).ravel() >= params.min_support)
-    if len(supported) == 0:
-        return Mined(empty_patterns, empty_images, len(sets), state, hashed)
-    sets_held = (held[:, supported] > 0).astype(np.float64).tocsc()
-    groups = grouped_sets(sets_held, params.merge_similarity)
-    candidates = [
-        sorted({w for member in group for w in word_sets[supported[member]]}) for group in groups
-    ]
-    # A word's weight in a pattern is how many of its sets hold the word: the structure's
-    # core words count most. An image holds a pattern with min_share of that weight.
-    member_sets = [word_sets[i] for i in supported]
-    shares = weighted_shares(presence, groups, member_sets).tocoo()
-    counts = (presence @ word_indicator(candidates, vocabulary)).tocsr()
-    words_held = np.asarray(counts[shares.row, shares.col]).ravel()
-    holds = (shares.data >= params.min_share - 1e-9) & (words_held >= 2 - 1e-9)
-    held = pd.DataFrame(
-        {"row": shares.row[holds], "candidate": shares.col[holds], "score": shares.data[holds]}
-    )
-    support = held.groupby("candidate").size()
-    chosen = support[support >= params.min_support]
-    # By support, then more words first, then the first found: a stable ranking.
-    ranking = sorted(chosen.index, key=lambda c: (-chosen[c], -len(candidates[c]), c))
-    number = {candidate: rank + 1 for rank, candidate in enumerate(ranking)}
-    patterns = pd.DataFrame(
-        {
-            "pattern": np.arange(1, len(ranking) + 1, dtype=np.int32),
-            "words": [candidates[c] for c in ranking],
-            "word_count": np.array([len(candidates[c]) for c in ranking], np.int32),
-            "support": np.array([chosen[c] for c in ranking], np.int32),
-        }
-    )
-    held = held[held["candidate"].isin(number)]
-    image_patterns = pd.DataFrame(
-        {
-            "id": pd.Series(np.array(ids, dtype=object)[held["row"].to_numpy()], dtype="str"),
-            "pattern": held["candidate"].map(number).to_numpy(np.int32),
-            "score": held["score"].to_numpy(np.float32),
-        }
-    )
-    image_patterns = image_patterns.sort_values(
-        ["pattern", "score", "id"], ascending=[True, False, True]
-    ).reset_index(drop=True)
-    return Mined(patterns, image_patterns, len(sets), state, hashed)
 
 
 # ----------------------------------------------------------------------------- reports
@@ -506,7 +153,7 @@ def marked_thumbnail(thumb: np.ndarray, keypoints: pd.DataFrame) -> np.ndarray:
 
 
 def pattern_mosaic(
-    pattern: pd.Series,
+    members: list[int],
     best: list[str],
     keypoints_of: dict[str, pd.DataFrame],
     thumbs: thumbnails.Thumbnails,
@@ -515,7 +162,6 @@ def pattern_mosaic(
 ) -> Image.Image:
     """A pattern's `best` images (highest score first), its keypoints drawn on each
     (`keypoints_of` holds each image's rows of the words table)."""
-    members = pattern["words"]
     pictures = []
     for image_id in best:
         points = keypoints_of[image_id]
@@ -524,59 +170,93 @@ def pattern_mosaic(
     return mosaics.mosaic(np.stack(pictures), side)
 
 
+def mosaic_key(
+    words: list[int], best: list[str], sha256_of: dict[str, str], thumbs_key: str, made_with: str
+) -> str:
+    """What a pattern's mosaic depends on: its words, its best images' files (in order),
+    the thumbnails' key and `made_with` (the words' key, the side and the drawing code)."""
+    digest = hashlib.sha256(f"{made_with} {thumbs_key} {words}".encode())
+    for image_id in best:
+        digest.update(sha256_of[image_id].encode())
+    return digest.hexdigest()[:32]
+
+
 def write_reports(
     patterns: pd.DataFrame,
     image_patterns: pd.DataFrame,
-    table: pd.DataFrame,
+    sha256_of: dict[str, str],
+    words_key: str,
     params: PatternsParams,
     thumbs_file: Path,
-) -> None:
-    """reports/patterns/: patterns.csv and the first `reported` patterns' mosaics."""
-    summary = patterns.assign(words=[" ".join(map(str, w)) for w in patterns["words"]])
-    best = image_patterns.groupby("pattern")["id"].apply(lambda ids: " ".join(ids.head(5)))
-    summary["best_images"] = summary["pattern"].map(best).fillna("")
-    pictures: dict[Path, Image.Image] = {}
-    reported = patterns.head(params.reported)
-    if len(reported):
-        thumbs = thumbnails.Thumbnails(thumbs_file)
-        row_of = {image_id: row for row, image_id in enumerate(thumbs.ids())}
-        shown = image_patterns[
-            image_patterns["pattern"].isin(reported["pattern"]) & image_patterns["id"].isin(row_of)
-        ]
-        # Each pattern's best images, and their keypoints found with one pass over the
-        # words table (one pass per image took seconds at 10,000 images).
-        best = shown.groupby("pattern", sort=False)["id"].apply(
-            lambda ids: ids.head(params.mosaic_side**2).tolist()
+) -> tuple[int, int]:
+    """reports/patterns/: patterns.csv and the mosaics of the `reported` patterns most
+    held. A mosaic kept in MOSAIC_CACHE_DIR under its key is copied, not drawn; the words
+    of the images the others show are read from the words table. Returns how many
+    mosaics were kept, and how many there are."""
+    ranked = patterns.sort_values(["support", "pattern"], ascending=[False, True], kind="stable")
+    summary = ranked.assign(words=[" ".join(map(str, w)) for w in ranked["words"]])
+    best_five = image_patterns.groupby("pattern")["id"].apply(lambda ids: " ".join(ids.head(5)))
+    summary["best_images"] = summary["pattern"].map(best_five).fillna("")
+    reported = ranked[ranked["support"] > 0].head(params.reported)
+    thumbs = thumbnails.Thumbnails(thumbs_file)
+    row_of = {image_id: row for row, image_id in enumerate(thumbs.ids())}
+    shown = image_patterns[
+        image_patterns["pattern"].isin(reported["pattern"]) & image_patterns["id"].isin(row_of)
+    ]
+    best = shown.groupby("pattern", sort=False)["id"].apply(
+        lambda ids: ids.head(params.mosaic_side**2).tolist()
+    )
+    code = hashlib.sha256(Path(__file__).read_bytes() + Path(mosaics.__file__).read_bytes())
+    made_with = f"{code.hexdigest()} {words_key} {params.mosaic_side}"
+    words_of = {
+        int(n): list(words)
+        for n, words in zip(reported["pattern"], reported["words"], strict=True)
+        if n in best.index
+    }
+    keys = {
+        n: mosaic_key(words, best[n], sha256_of, thumbs.key, made_with)
+        for n, words in words_of.items()
+    }
+    kept = {n: MOSAIC_CACHE_DIR / f"{k}.png" for n, k in keys.items() if thumbs.key}
+    kept = {n: path for n, path in kept.items() if path.is_file()}
+    drawn = [n for n in keys if n not in kept]
+    # The keypoints of the images the new mosaics show, from one read of the words table.
+    chosen = sorted({image_id for n in drawn for image_id in best[n]})
+    table = common.read_words_table(ids=chosen) if chosen else None
+    keypoints_of = dict(tuple(table.groupby("id", sort=False, observed=True))) if chosen else {}
+    name = {n: f"pattern-{n:03d}.png" for n in keys}
+    pictures = {
+        Path(name[n]): pattern_mosaic(
+            words_of[n],
+            best[n],
+            keypoints_of,
+            thumbs,
+            row_of,
+            params.mosaic_side,
         )
-        chosen = {image_id for ids in best for image_id in ids}
-        keypoints_of = dict(
-            tuple(table[table["id"].isin(chosen)].groupby("id", sort=False, observed=True))
-        )
-        for _, pattern in reported.iterrows():
-            images = best.get(pattern["pattern"], [])
-            if images:
-                picture = pattern_mosaic(
-                    pattern, images, keypoints_of, thumbs, row_of, params.mosaic_side
-                )
-                pictures[Path(f"pattern-{int(pattern['pattern']):03d}.png")] = picture
+        for n in drawn
+    }
     with common.replace_folder(REPORT_DIR) as staging:
         common.write_csv(summary, staging / "patterns.csv")
         mosaics.save_pngs(
-            {staging / name: picture for name, picture in pictures.items()},
+            {staging / path: picture for path, picture in pictures.items()},
             common.worker_count(),
         )
+        for n, path in kept.items():
+            shutil.copyfile(path, staging / name[n])
+    if thumbs.key:
+        mosaics.keep_mosaics({n: REPORT_DIR / name[n] for n in keys}, keys, MOSAIC_CACHE_DIR)
+    return len(kept), len(keys)
 
 
-def patterns_metrics(
-    patterns: pd.DataFrame, image_patterns: pd.DataFrame, images: int, sets: int
-) -> dict:
+def patterns_metrics(patterns: pd.DataFrame, image_patterns: pd.DataFrame, images: int) -> dict:
     """Counts for metrics/patterns.json."""
+    held = patterns[patterns["support"] > 0]
     return {
         "images": images,
-        "word_sets": sets,
         "patterns": len(patterns),
         "images_with_a_pattern": int(image_patterns["id"].nunique()),
-        "largest_support": int(patterns["support"].max()) if len(patterns) else 0,
+        "largest_support": int(held["support"].max()) if len(held) else 0,
         "mean_words_per_pattern": round(float(patterns["word_count"].mean()), 2)
         if len(patterns)
         else 0.0,
@@ -584,32 +264,37 @@ def patterns_metrics(
 
 
 def main() -> None:
-    """Read the words; write the patterns, each image's patterns, metrics and reports."""
+    """Read the mined patterns and the words of images not seen with them; write each
+    image's patterns, the patterns' support, metrics and reports."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     params = PatternsParams.from_params(settings.load_params())
-    table = common.read_words_table()
     words_key = common.parquet_keys(common.WORDS_FILE, made_by="words").get("words_key", "")
+    model = pattern_model.read_model(words_key)
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     images = common.distinct_images(manifest)
-    ids = images["id"].tolist()
-    kept_at = state_path(words_key, params)
-    mined = mine_patterns(table, ids, params, images["sha256"].tolist(), MinHashState.load(kept_at))
-    mined.state.save(kept_at)
-    patterns, image_patterns, sets = mined.patterns, mined.image_patterns, mined.sets
+    key = holders_key(pattern_model.MODEL_FILE, words_key, params.min_share)
+    cache = ContentCache(CACHE_DIR / key, arrays=(), blobs=("held",))
+    image_patterns, looked_at = cached_holders(images, model, params.min_share, cache)
+    patterns = patterns_table(model, image_patterns)
     common.write_parquet(patterns, PATTERNS_FILE)
     common.write_parquet(image_patterns, IMAGE_PATTERNS_FILE)
-    metrics = patterns_metrics(patterns, image_patterns, len(ids), sets)
+    metrics = patterns_metrics(patterns, image_patterns, len(images))
     common.write_json(metrics, PATTERNS_METRICS_FILE)
-    write_reports(patterns, image_patterns, table, params, thumbnails.THUMBS_FILE)
+    sha256_of = dict(zip(images["id"], images["sha256"], strict=True))
+    kept, reported = write_reports(
+        patterns, image_patterns, sha256_of, words_key, params, thumbnails.THUMBS_FILE
+    )
     logger.info(
-        "%d images (%s): %d word sets, %d patterns held by %d images (the largest by %d); %.1f s",
-        len(ids),
-        common.searched_words(mined.hashed, len(ids), "min-hashed"),
-        sets,
+        "%d images (%s): %d patterns held by %d images (the largest by %d); "
+        "%d of %d mosaics kept from the last run; %.1f s",
+        len(images),
+        common.searched_words(looked_at, len(images), "looked at"),
         len(patterns),
         metrics["images_with_a_pattern"],
         metrics["largest_support"],
+        kept,
+        reported,
         time.perf_counter() - started,
     )
 

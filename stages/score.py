@@ -354,20 +354,6 @@ def write_mosaics(
     return {cluster: directory / name for cluster, name in names.items()}
 
 
-def keep_mosaics(files: dict[int, Path], keys: dict[int, str], cache: Path) -> None:
-    """Keep this run's cluster mosaics in `cache` by key, and only them."""
-    if not keys:
-        return
-    cache.mkdir(parents=True, exist_ok=True)
-    for cluster, key in keys.items():
-        if not (cache / f"{key}.png").exists():
-            common.write_bytes_atomic(files[cluster].read_bytes(), cache / f"{key}.png")
-    current = {f"{key}.png" for key in keys.values()}
-    for old in cache.glob("*.png"):
-        if old.name not in current:
-            old.unlink()
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -476,7 +462,7 @@ def main() -> None:
     thumbs, picked = thumbnails.pick(stored, {**row_sets, OUTLIERS: result.outlier_rows})
     outlier_rows = picked.pop(OUTLIERS)
     files = write_mosaics(thumbs, picked, result.per_cluster, params.mosaic_side, MOSAICS_DIR, kept)
-    keep_mosaics(files, keys, MOSAIC_CACHE_DIR)
+    mosaics.keep_mosaics(files, keys, MOSAIC_CACHE_DIR)
     mosaics.save_png_atomically(
         mosaics.mosaic(thumbs[outlier_rows], params.mosaic_side), OUTLIERS_MOSAIC_FILE
     )

@@ -51,13 +51,13 @@ def test_new_images_flow_through_frozen_models_alone(tmp_path: Path) -> None:
     first_day = pd.read_parquet(clusters_file).set_index("id")
     first_scores = pd.read_parquet(scores_file).set_index("id")
 
-    dvc(["freeze", "train", "describe", "cluster", "vocabulary"], project)  # as the README
+    dvc(["freeze", "train", "describe", "cluster", "vocabulary", "mine"], project)  # as the README
 
     write_frames(source, FIRST_DAY, NEW)
     printed = dvc(["repro"], project)
 
     ran = stages_run(printed)
-    assert not {"train", "describe", "cluster", "vocabulary"} & set(ran), "frozen"
+    assert not {"train", "describe", "cluster", "vocabulary", "mine"} & set(ran), "frozen"
     assert {"sync", "prepare", "embed", "assign"} <= set(ran)
     total, seen = FIRST_DAY + NEW, FIRST_DAY
     decoded = f"prepare: {total} images: {NEW} distinct files decoded, {seen} from the cache"
@@ -66,7 +66,7 @@ def test_new_images_flow_through_frozen_models_alone(tmp_path: Path) -> None:
     assert f"duplicates: {total} images ({NEW} searched, the rest kept from" in printed
     assert f"health: {total} images ({NEW} searched for neighbours, the rest kept" in printed
     assert f"assign: {total} images: {NEW} placed by the model, 0 by the fit, {seen}" in printed
-    assert f"patterns: {total} images ({NEW} min-hashed, the rest kept from" in printed
+    assert f"patterns: {total} images ({NEW} looked at, the rest kept from" in printed
     # The reference of the silhouettes is the fit sample, which the new images do not join.
     assert f"({NEW} silhouettes computed against {seen} reference images" in printed
     second_scores = pd.read_parquet(scores_file).set_index("id")

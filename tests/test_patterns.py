@@ -1,5 +1,6 @@
-"""The words and patterns stages: visual words, and structures planted in a collection
-found again by Sampled MinHashing."""
+"""The words, mine and patterns stages: visual words, structures planted in a collection
+found again by Sampled MinHashing, and the images holding each found again with the
+mined patterns alone."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages import patterns, words
+from stages import mine, pattern_model, patterns, words
 
 IMAGES = 300
 PLANTED_SHARE = 0.15  # of the images, for each kind of object
 WORDS = words.WordsParams(
     detector="sift", side=480, max_keypoints=300, vocabulary=500, vocabulary_images=IMAGES, seed=0
 )
-MINING = patterns.PatternsParams()  # the shipped defaults
+MINING = pattern_model.PatternsParams()  # the shipped defaults
 
 
 # ----------------------------------------------------------------------------- a collection
@@ -104,7 +105,7 @@ def test_planted_objects_are_found_as_patterns(tmp_path: Path, kinds: int) -> No
     _, table, failed = words.find_words(collection.table, tmp_path, WORDS, workers=2)
     assert failed == []
     ids = collection.table["id"].tolist()
-    found, holders, *_ = patterns.mine_patterns(table, ids, MINING)
+    found, holders, *_ = mine.mine_patterns(table, ids, MINING)
     assert (found["support"] >= MINING.min_support).all()
     assert found["support"].is_monotonic_decreasing, "ranked by support"
     matched = set()
@@ -128,8 +129,8 @@ def test_same_data_and_params_give_the_same_vocabulary_words_and_patterns(
     assert np.array_equal(first[0], again[0]), "the vocabulary"
     pd.testing.assert_frame_equal(first[1], again[1])
     mining = MINING.model_copy(update={"min_support": 3})
-    mined = patterns.mine_patterns(first[1], subset["id"].tolist(), mining)
-    remined = patterns.mine_patterns(again[1], subset["id"].tolist(), mining)
+    mined = mine.mine_patterns(first[1], subset["id"].tolist(), mining)
+    remined = mine.mine_patterns(again[1], subset["id"].tolist(), mining)
     pd.testing.assert_frame_equal(mined[0], remined[0])
     pd.testing.assert_frame_equal(mined[1], remined[1])
     assert len(mined[0]) > 0
@@ -162,22 +163,22 @@ def test_weights_count_keypoints_or_their_size() -> None:
     table = pd.DataFrame(
         {"row": [0, 0, 0, 1], "word": [4, 4, 2, 4], "size": [0.05, 0.03, 0.2, 0.001]}
     )
-    frequency = patterns.image_word_weights(table, "frequency")
+    frequency = pattern_model.image_word_weights(table, "frequency")
     assert frequency.to_dict("list") == {"row": [0, 0, 1], "word": [2, 4, 4], "weight": [1, 2, 1]}
-    size = patterns.image_word_weights(table, "size")
+    size = pattern_model.image_word_weights(table, "size")
     assert size["weight"].tolist() == [10, 4, 1], "steps of 0.02 of the long side, at least 1"
-    word, element = patterns.elements(frequency)
+    word, element = mine.elements(frequency)
     assert word.tolist() == [2, 4, 4, 4]
     # Inverted files of images: word 4 holds image 0 twice (two copies) and image 1.
-    step = patterns.MAX_WEIGHT + 1
+    step = mine.MAX_WEIGHT + 1
     assert element[word == 4].tolist() == [0, 1, step] and element[word == 2].tolist() == [0]
 
 
 def test_min_hashes_are_seeded_and_differ_between_seeds() -> None:
     values = np.arange(1000, dtype=np.uint64)
-    assert np.array_equal(patterns.splitmix64(values, 3), patterns.splitmix64(values, 3))
-    assert not np.array_equal(patterns.splitmix64(values, 3), patterns.splitmix64(values, 4))
-    order = np.argsort(patterns.splitmix64(values, 3))
+    assert np.array_equal(mine.splitmix64(values, 3), mine.splitmix64(values, 3))
+    assert not np.array_equal(mine.splitmix64(values, 3), mine.splitmix64(values, 4))
+    order = np.argsort(mine.splitmix64(values, 3))
     assert not np.array_equal(order, np.arange(1000)), "a fresh order, not the identity"
 
 
@@ -225,13 +226,13 @@ def test_new_images_update_the_kept_min_hashes_and_give_what_mining_afresh_gives
     params = MINING.model_copy(update={"min_support": 4, "max_word_share": 0.3})
     first, first_ids = zipf_bags(300, seed=1)
     new, new_ids = zipf_bags(30, seed=2)
-    earlier = patterns.mine_patterns(first, first_ids, params)
+    earlier = mine.mine_patterns(first, first_ids, params)
     assert earlier.hashed == 300
     # Images arrive in any order: the new ones sort between the old ones.
     ids = sorted(first_ids + new_ids, key=lambda name: name[::-1])
     both = pd.concat([first, new], ignore_index=True)
-    updated = patterns.mine_patterns(both, ids, params, previous=earlier.state)
-    afresh = patterns.mine_patterns(both, ids, params)
+    updated = mine.mine_patterns(both, ids, params, previous=earlier.state)
+    afresh = mine.mine_patterns(both, ids, params)
     assert updated.hashed == 30 and afresh.hashed == 330
     # The kept words changed as the images came (support and share bounds).
     assert not np.array_equal(updated.state.words, earlier.state.words)
@@ -244,15 +245,59 @@ def test_new_images_update_the_kept_min_hashes_and_give_what_mining_afresh_gives
 
 def test_a_changed_or_removed_image_makes_mining_start_afresh(tmp_path: Path) -> None:
     table, ids = zipf_bags(200, seed=3)
-    earlier = patterns.mine_patterns(table, ids, MINING, ids)
+    earlier = mine.mine_patterns(table, ids, MINING, ids)
     path = tmp_path / "kept.npz"
     earlier.state.save(path)
-    kept = patterns.MinHashState.load(path)
+    kept = mine.MinHashState.load(path)
     assert kept is not None and kept.images == earlier.state.images
     changed = [*ids[:-1], "another file"]
-    assert patterns.mine_patterns(table, ids, MINING, changed, kept).hashed == 200
+    assert mine.mine_patterns(table, ids, MINING, changed, kept).hashed == 200
     fewer = table[table["id"] != ids[0]]
-    assert patterns.mine_patterns(fewer, ids[1:], MINING, ids[1:], kept).hashed == 199
-    assert patterns.mine_patterns(table, ids, MINING, ids, kept).hashed == 0
+    assert mine.mine_patterns(fewer, ids[1:], MINING, ids[1:], kept).hashed == 199
+    assert mine.mine_patterns(table, ids, MINING, ids, kept).hashed == 0
     path.write_bytes(b"not an npz")
-    assert patterns.MinHashState.load(path) is None, "a damaged file is ignored"
+    assert mine.MinHashState.load(path) is None, "a damaged file is ignored"
+
+
+def test_the_mined_patterns_alone_find_the_holders_and_new_images_alone_are_looked_at(
+    tmp_path: Path,
+) -> None:
+    params = MINING.model_copy(update={"min_support": 4, "max_word_share": 0.3})
+    first, first_ids = zipf_bags(300, seed=1)
+    new, new_ids = zipf_bags(30, seed=2)
+    mined = mine.mine_patterns(first, first_ids, params)
+    assert len(mined.patterns) > 0
+    words_file = tmp_path / "words.parquet"
+    cache = patterns.ContentCache(tmp_path / "held", arrays=(), blobs=("held",))
+
+    def holders(ids: list[str], cache: patterns.ContentCache) -> tuple[pd.DataFrame, int]:
+        images = pd.DataFrame({"id": ids, "sha256": [f"sha-{i}" for i in ids]})
+        return patterns.cached_holders(images, mined.patterns, params.min_share, cache, words_file)
+
+    patterns.common.write_parquet(first, words_file)
+    found, looked_at = holders(first_ids, cache)
+    assert looked_at == 300
+    pd.testing.assert_frame_equal(found, mined.image_patterns)
+    # New images arrive, in any order among the old ones: only they are looked at.
+    ids = sorted(first_ids + new_ids, key=lambda name: name[::-1])
+    patterns.common.write_parquet(pd.concat([first, new], ignore_index=True), words_file)
+    grown, looked_at = holders(ids, cache)
+    assert looked_at == 30
+    fresh, _ = holders(ids, patterns.ContentCache(tmp_path / "fresh", (), ("held",)))
+    pd.testing.assert_frame_equal(grown, fresh)
+    earlier = grown[grown["id"].isin(first_ids)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(earlier, mined.image_patterns)
+    assert grown["id"].isin(new_ids).any(), "new images hold patterns too"
+    support = patterns.patterns_table(mined.patterns, grown)["support"]
+    assert (support.to_numpy() >= mined.patterns["support"].to_numpy()).all()
+
+
+def test_patterns_mined_from_other_words_name_the_fix(tmp_path: Path) -> None:
+    table, ids = zipf_bags(100, seed=4)
+    mined = mine.mine_patterns(table, ids, MINING.model_copy(update={"min_support": 3}))
+    path = tmp_path / "patterns.parquet"
+    pattern_model.write_model(mined.patterns, "vocabulary-a", path)
+    read = pattern_model.read_model("vocabulary-a", path)
+    assert [list(w) for w in read["words"]] == mined.patterns["words"].tolist()
+    with pytest.raises(patterns.common.UserError, match="dvc unfreeze mine && dvc repro mine"):
+        pattern_model.read_model("vocabulary-b", path)

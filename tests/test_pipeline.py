@@ -32,7 +32,7 @@ from stages.common import read_embeddings
 STAGES = (
     *("sync", "prepare", "duplicates", "split", "train", "describe", "embed", "health"),
     "cluster",
-    *("assign", "score", "vocabulary", "words", "patterns", "explore", "posters"),
+    *("assign", "score", "vocabulary", "words", "mine", "patterns", "explore", "posters"),
 )
 # integer work: bytes match on any machine
 DATA_STAGES = ("sync", "prepare", "duplicates", "split")
@@ -131,7 +131,9 @@ def read_metrics(project: Path, name: str) -> dict[str, Any]:
 def test_metrics_show_prints_every_metrics_file(demo: tuple[Path, str]) -> None:
     project, _ = demo
     printed = dvc(["metrics", "show"], project)
-    for name in ("data", "train/metrics", "describe", "health", "cluster", "words", "patterns"):
+    for name in (
+        *("data", "train/metrics", "describe", "health", "cluster", "words", "mine", "patterns"),
+    ):
         assert f"metrics/{name}.json" in printed, name
 
 

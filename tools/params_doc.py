@@ -17,7 +17,7 @@ from stages import (
     embed,
     explore,
     health,
-    patterns,
+    pattern_model,
     posters,
     prepare,
     score,
@@ -47,7 +47,8 @@ STAGE_MODELS: dict[str, list[type[settings.Section]]] = {
     "cluster": [cluster.ClusterParams],
     "assign": [],  # none: the model and the embeddings decide everything
     "score": [score.ScoreParams],
-    "patterns": [patterns.PatternsParams],
+    "mine": [pattern_model.PatternsParams],
+    "patterns": [pattern_model.PatternsParams],
     "explore": [explore.ExploreParams],
     "posters": [posters.PostersParams],
 }
