@@ -49,7 +49,7 @@ SCORES_FILE = PROCESSED_DIR / "scores.parquet"
 NEAR_GROUPS_FILE = PROCESSED_DIR / "near_groups.parquet"
 NEIGHBORS_FILE = PROCESSED_DIR / "neighbors.parquet"
 IMAGE_PATTERNS_FILE = PROCESSED_DIR / "image_patterns.parquet"  # the patterns each image holds
-WORDS_FILE = PROCESSED_DIR / "words.parquet"  # every image's visual words (the words stage)
+WORDS_DIR = PROCESSED_DIR / "words"  # every image's visual words, in parts (the words stage)
 CACHE_DIR = Path("data/cache")
 AUTOENCODER_DIR = Path("models/autoencoder")
 ENCODER_FILE = AUTOENCODER_DIR / "encoder.keras"
@@ -183,23 +183,33 @@ def write_arrow_parquet(table: pa.Table, path: Path) -> None:
 
 
 def parquet_keys(path: Path, made_by: str) -> dict[str, str]:
-    """The keys write_parquet (or another writer) put in a Parquet file's metadata."""
+    """The keys write_parquet (or another writer) put in a Parquet file's metadata; for a
+    folder of parts (the words), those of its first part."""
+    if path.is_dir():
+        path = next(iter(sorted(path.glob("*.parquet"))), path / "part-00000.parquet")
     if not path.exists():
         raise UserError(f"{path} is missing: run `dvc repro {made_by}` first")
     metadata = pq.read_schema(path).metadata or {}
     return {key.decode(): value.decode() for key, value in metadata.items() if key != b"pandas"}
 
 
+def words_parts(path: Path = WORDS_DIR) -> list[Path]:
+    """The part files of the words folder, in the collection's order."""
+    return sorted(path.glob("part-*.parquet"))
+
+
 def read_words_table(
-    path: Path = WORDS_FILE, columns: list[str] | None = None, ids: list[str] | None = None
+    path: Path = WORDS_DIR, columns: list[str] | None = None, ids: list[str] | None = None
 ) -> pd.DataFrame:
-    """The words stage's table (one row per keypoint), its ids as categories: tens of
-    millions of id strings are then looked up once per image, not once per keypoint.
-    With `ids`, only those images' rows."""
-    if not path.exists():
+    """The words stage's table (one row per keypoint) from all its parts, its ids as
+    categories: tens of millions of id strings are then looked up once per image, not
+    once per keypoint. With `ids`, only those images' rows."""
+    parts = words_parts(path)
+    if not parts:
         raise UserError(f"{path} is missing: run `dvc repro words` first")
     filters = None if ids is None else [("id", "in", ids)]
-    table = pq.read_table(path, columns=columns, read_dictionary=["id"], filters=filters)
+    sources = [str(part) for part in parts]
+    table = pq.read_table(sources, columns=columns, read_dictionary=["id"], filters=filters)
     return table.to_pandas()
 
 

@@ -3,7 +3,7 @@
 Params:  DescribeParams below (params.yaml, section describe)
 Inputs:  models/autoencoder/ (spec.json; encoder.keras unless train.encoder is bovw),
          data/interim/pixels.npy, data/interim/ids.parquet, data/processed/split.parquet,
-         data/processed/words.parquet (bovw)
+         data/processed/words/ (bovw)
 Outputs: models/descriptor.npz (see stages/descriptors.py), metrics/describe.json
 
 Everything is fitted on a seeded sample of the `train` subset, each file once. For

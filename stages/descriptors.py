@@ -142,7 +142,7 @@ def read_spec() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- bags of words
 
 
-def words_made_with(path: Path = common.WORDS_FILE) -> tuple[str, int]:
+def words_made_with(path: Path = common.WORDS_DIR) -> tuple[str, int]:
     """The key of what made the words (vocabulary file and detector params) and the
     vocabulary's size, from the words file's metadata alone."""
     keys = common.parquet_keys(path, made_by="words")
@@ -151,7 +151,7 @@ def words_made_with(path: Path = common.WORDS_FILE) -> tuple[str, int]:
     return keys["words_key"], int(keys["vocabulary"])
 
 
-def read_words(path: Path = common.WORDS_FILE) -> tuple[pd.DataFrame, str, int]:
+def read_words(path: Path = common.WORDS_DIR) -> tuple[pd.DataFrame, str, int]:
     """The words table's (id, word) columns, with words_made_with's key and size."""
     words_key, vocabulary = words_made_with(path)
     return common.read_words_table(path, ["id", "word"]), words_key, vocabulary

@@ -3,7 +3,7 @@
 Params:  EmbedParams below (params.yaml, section embed)
 Inputs:  models/autoencoder/ (spec.json, and encoder.keras unless train.encoder is bovw),
          models/descriptor.npz, data/interim/pixels.npy, data/interim/ids.parquet,
-         data/processed/words.parquet (bovw)
+         data/processed/words/ (bovw)
 Outputs: data/processed/embeddings.parquet (id, embedding: a fixed-size list of float32;
          its metadata's embed_key names the encoder and the decode settings)
 
@@ -297,7 +297,7 @@ def checked_words(descriptor: descriptors.Descriptor) -> tuple[str, int]:
     if words_key != descriptor.words_key:
         raise common.UserError(
             f"{descriptors.DESCRIPTOR_FILE} was fitted on other visual words than "
-            f"{common.WORDS_FILE} holds (the vocabulary or words params changed): run "
+            f"{common.WORDS_DIR} holds (the vocabulary or words params changed): run "
             "`dvc unfreeze describe && dvc repro`"
         )
     return words_key, vocabulary

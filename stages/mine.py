@@ -4,7 +4,7 @@ stage then finds in every image (fitted once, like the vocabulary and the cluste
 `dvc freeze mine` keeps them while new images arrive).
 
 Params:  PatternsParams in stages/pattern_model.py (params.yaml, section patterns)
-Inputs:  data/processed/words.parquet (id, word, x, y, size), data/raw/manifest.parquet
+Inputs:  data/processed/words/ (id, word, x, y, size), data/raw/manifest.parquet
 Outputs: models/patterns.parquet (pattern, words, weights, word_count, support: the
          patterns ranked by how many images held them when mined), metrics/mine.json
 
@@ -398,7 +398,7 @@ def main() -> None:
     logger = common.get_logger(STAGE)
     params = PatternsParams.from_params(settings.load_params())
     table = common.read_words_table()
-    words_key = common.parquet_keys(common.WORDS_FILE, made_by="words").get("words_key", "")
+    words_key = common.parquet_keys(common.WORDS_DIR, made_by="words").get("words_key", "")
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     images = common.distinct_images(manifest)
     ids = images["id"].tolist()

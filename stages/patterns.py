@@ -2,7 +2,7 @@
 
 Params:  PatternsParams in stages/pattern_model.py (params.yaml, section patterns:
          min_share, reported, mosaic_side)
-Inputs:  models/patterns.parquet (the mined patterns), data/processed/words.parquet,
+Inputs:  models/patterns.parquet (the mined patterns), data/processed/words/,
          data/raw/manifest.parquet, data/interim/thumbs.parquet (for the mosaics)
 Outputs: data/processed/patterns.parquet (pattern, words, word_count, support: how many
          images hold it now), data/processed/image_patterns.parquet (id, pattern, score:
@@ -89,7 +89,7 @@ def cached_holders(
     model: pd.DataFrame,
     min_share: float,
     cache: ContentCache,
-    words_file: Path = common.WORDS_FILE,
+    words_dir: Path = common.WORDS_DIR,
 ) -> tuple[pd.DataFrame, int]:
     """The image_patterns table of `images` (id, sha256; distinct files), and how many
     images were looked at: those `cache` lacks, whose words alone are read."""
@@ -100,7 +100,7 @@ def cached_holders(
         new_ids = [ids[row] for row in rows.tolist()]
         everything = len(missing) == len(sha256s)
         table = common.read_words_table(
-            words_file, columns=["id", "word"], ids=None if everything else new_ids
+            words_dir, columns=["id", "word"], ids=None if everything else new_ids
         )
         found = dict(zip(missing, held_patterns(table, new_ids, model, min_share), strict=True))
         with cache.new_segment(missing, {}) as segment:
@@ -269,7 +269,7 @@ def main() -> None:
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     params = PatternsParams.from_params(settings.load_params())
-    words_key = common.parquet_keys(common.WORDS_FILE, made_by="words").get("words_key", "")
+    words_key = common.parquet_keys(common.WORDS_DIR, made_by="words").get("words_key", "")
     model = pattern_model.read_model(words_key)
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     images = common.distinct_images(manifest)

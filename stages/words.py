@@ -4,9 +4,10 @@ center of the vocabulary (stages/vocabulary.py fits it).
 Params:  WordsParams below (params.yaml, section words)
 Inputs:  models/vocabulary.npz, data/raw/manifest.parquet (id, path, sha256, duplicate),
          data/raw/collections/ (the originals)
-Outputs: data/processed/words.parquet (one row per kept keypoint: id, word, x, y, size;
-         x and y are shares of the image's width and height, size a share of its long
-         side, so they map onto any thumbnail), metrics/words.json (counts)
+Outputs: data/processed/words/ (part-NNNNN.parquet, PART_IMAGES images each in the
+         collection's order: one row per kept keypoint: id, word, x, y, size; x and y are
+         shares of the image's width and height, size a share of its long side, so they
+         map onto any thumbnail), metrics/words.json (counts)
 
 Each image is decoded upright, turned gray and scaled so that its long side is `side`
 px (a small one enlarged at most MAX_UPSCALE times: SIFT finds little in a 32 px
@@ -29,12 +30,14 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import Field
 
@@ -44,7 +47,9 @@ from stages.content_cache import ContentCache, file_key
 STAGE = "words"
 VOCABULARY_FILE = Path("models/vocabulary.npz")
 CACHE_DIR = common.CACHE_DIR / "words"
-WORDS_FILE = common.WORDS_FILE
+WORDS_DIR = common.WORDS_DIR
+PART_IMAGES = 8192  # images of a part of the words folder, in the collection's order
+KEYPOINT_BYTES = 16  # a packed keypoint: word, x, y, size as float32
 WORDS_METRICS_FILE = common.METRICS_DIR / "words.json"
 WORD_COLUMNS = ["id", "word", "x", "y", "size"]
 MAX_SAMPLE_DESCRIPTORS = 250_000  # the vocabulary's fit sees at most this many
@@ -214,33 +219,38 @@ def sample_descriptors(found: list[Keypoints], limit: int, seed: int) -> np.ndar
 # ----------------------------------------------------------------------------- tables
 
 
-def words_table(ids: list[str], placed: list[tuple[np.ndarray, np.ndarray]]) -> pd.DataFrame:
-    """One row per keypoint: id, word, x, y, size (images in the given order)."""
-    counts = [len(words) for _, words in placed]
-    places = np.concatenate([p for p, _ in placed]) if placed else np.zeros((0, 3), np.float32)
-    words = np.concatenate([w for _, w in placed]) if placed else np.zeros(0, np.int32)
+def words_table(ids: list[str], blobs: list[bytes]) -> pd.DataFrame:
+    """One row per keypoint: id, word, x, y, size, from each image's packed keypoints
+    (images in the given order), unpacked all at once."""
+    counts = np.array([len(blob) // KEYPOINT_BYTES for blob in blobs], np.int64)
+    rows = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(-1, 4)
     return pd.DataFrame(
         {
             "id": pd.Series(np.repeat(np.array(ids, dtype=object), counts), dtype="str"),
-            "word": words.astype(np.int32),
-            "x": places[:, 0],
-            "y": places[:, 1],
-            "size": places[:, 2],
+            "word": rows[:, 0].astype(np.int32),
+            "x": rows[:, 1],
+            "y": rows[:, 2],
+            "size": rows[:, 3],
         }
     )
 
 
-def words_metrics(table: pd.DataFrame, images_read: int, failed: int, words: int) -> dict:
-    """Counts for metrics/words.json."""
-    per_image = table.groupby("id").size()
+def words_metrics(parts: list[Path], images_read: int, failed: int, words: int) -> dict:
+    """Counts for metrics/words.json, from the parts' metadata and their word column."""
+    files = [pq.ParquetFile(part) for part in parts]
+    keypoints = sum(file.metadata.num_rows for file in files)
+    with_keypoints = sum(int(common.parquet_keys(part, "words")["images"]) for part in parts)
+    used = np.zeros(max(words, 1), bool)
+    for file in files:
+        used[file.read(columns=["word"]).column(0).to_numpy()] = True
     return {
         "images": images_read,
-        "images_with_keypoints": len(per_image),
+        "images_with_keypoints": with_keypoints,
         "unreadable_images": failed,
-        "keypoints": len(table),
-        "keypoints_per_image": round(float(len(table) / max(images_read, 1)), 2),
+        "keypoints": keypoints,
+        "keypoints_per_image": round(float(keypoints / max(images_read, 1)), 2),
         "vocabulary": words,
-        "words_used": int(table["word"].nunique()),
+        "words_used": int(used.sum()),
     }
 
 
@@ -280,12 +290,6 @@ def packed(places: np.ndarray, words: np.ndarray) -> bytes:
     return np.column_stack([words.astype(np.float32), places]).astype(np.float32).tobytes()
 
 
-def unpacked(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(places, words) of packed keypoints."""
-    rows = np.frombuffer(blob, dtype=np.float32).reshape(-1, 4)
-    return rows[:, 1:], rows[:, 0].astype(np.int32)
-
-
 def placed_words(
     table: pd.DataFrame,
     rows: np.ndarray,
@@ -310,6 +314,48 @@ def placed_words(
     return [result for batch in batches for result in batch]
 
 
+def new_words(
+    table: pd.DataFrame,
+    collection_dir: Path,
+    params: WordsParams,
+    centers: np.ndarray,
+    workers: int,
+    cache: ContentCache | None = None,
+) -> tuple[dict[str, bytes], list[str]]:
+    """The packed keypoints of `table`'s images (id, path, sha256) that `cache` lacks
+    (every image without a cache), by sha256, added to the cache; and the messages of the
+    files that could not be read (not cached: named again until the file is fixed)."""
+    sha256s = table["sha256"].tolist()
+    _, rows = cache.missing_rows(sha256s) if cache else (sha256s, np.arange(len(table)))
+    found: dict[str, bytes] = {}
+    failed: list[str] = []
+    for row, result in zip(
+        rows.tolist(),
+        placed_words(table, rows, params, centers, collection_dir, workers),
+        strict=True,
+    ):
+        if isinstance(result, str):
+            failed.append(result)
+        else:
+            found[sha256s[row]] = packed(*result)
+    if cache is not None and found:
+        with cache.new_segment(list(found), {}) as segment:
+            segment.append_blobs("keypoints", list(found.values()))
+    return found, failed
+
+
+def cached_blobs(cache: ContentCache, sha256s: list[str]) -> dict[str, bytes]:
+    """The packed keypoints `cache` holds of these files, by sha256."""
+    held = set(cache.index["sha256"])
+    known = [sha for sha in dict.fromkeys(sha256s) if sha in held]
+    blobs: dict[str, bytes] = {}
+    for block_shas, block in zip(
+        chunks(known, BLOCK), cache.blob_blocks(known, "keypoints", BLOCK), strict=True
+    ):
+        blobs.update(zip(block_shas, block, strict=True))
+    return blobs
+
+
 def words_of(
     table: pd.DataFrame,
     collection_dir: Path,
@@ -320,33 +366,17 @@ def words_of(
 ) -> tuple[pd.DataFrame, list[str], int]:
     """The words table of `table`'s images (id, path, sha256), the messages of the files
     that could not be read, and how many images were read (those `cache` lacks)."""
-    sha256s = table["sha256"].tolist()
-    missing, rows = cache.missing_rows(sha256s) if cache else (sha256s, np.arange(len(table)))
-    found: dict[str, bytes] = {}
-    failed: list[str] = []
-    for row, result in zip(
-        rows.tolist(),
-        placed_words(table, rows, params, centers, collection_dir, workers),
-        strict=True,
-    ):
-        if isinstance(result, str):
-            failed.append(result)  # not cached: named again until the file is fixed
-        else:
-            found[sha256s[row]] = packed(*result)
-    blobs = dict(found)
-    if cache is not None:
-        if found:
-            with cache.new_segment(list(found), {}) as segment:
-                segment.append_blobs("keypoints", list(found.values()))
-        held = set(cache.index["sha256"])
-        known = [sha for sha in dict.fromkeys(sha256s) if sha in held and sha not in found]
-        blocks_read = cache.blob_blocks(known, "keypoints", BLOCK)
-        for block_shas, block in zip(chunks(known, BLOCK), blocks_read, strict=True):
-            blobs.update(zip(block_shas, block, strict=True))
-    ids = table["id"].tolist()
-    kept = [row for row, sha in enumerate(sha256s) if sha in blobs]
-    placed = [unpacked(blobs[sha256s[row]]) for row in kept]
-    return words_table([ids[row] for row in kept], placed), failed, len(missing)
+    found, failed = new_words(table, collection_dir, params, centers, workers, cache)
+    blobs = {**cached_blobs(cache, table["sha256"].tolist()), **found} if cache else found
+    return table_of(table, blobs), failed, len(found) + len(failed)
+
+
+def table_of(table: pd.DataFrame, blobs: dict[str, bytes]) -> pd.DataFrame:
+    """The words table of `table`'s images (id, sha256) that have packed keypoints in
+    `blobs` (an unreadable image has none)."""
+    kept = [row for row, sha in enumerate(table["sha256"]) if sha in blobs]
+    ids, sha256s = table["id"].tolist(), table["sha256"].tolist()
+    return words_table([ids[row] for row in kept], [blobs[sha256s[row]] for row in kept])
 
 
 def find_words(
@@ -396,9 +426,57 @@ def words_key(params: WordsParams) -> str:
     return f"{file_key(VOCABULARY_FILE)}-{key.hexdigest()[:12]}"
 
 
+def part_key(words_key: str, ids: list[str], sha256s: list[str]) -> str:
+    """What a part's bytes depend on: the words' key and its images' ids and files."""
+    digest = hashlib.sha256(words_key.encode())
+    for image_id, sha in zip(ids, sha256s, strict=True):
+        digest.update(f"\n{image_id} {sha}".encode())
+    return digest.hexdigest()[:32]
+
+
+def stored_part_key(path: Path) -> str:
+    """The key a part file was written with ('' for none, or a file that cannot be read)."""
+    try:
+        return common.parquet_keys(path, "words").get("part_key", "")
+    except (OSError, ValueError, common.UserError):
+        return ""
+
+
+def write_parts(
+    table: pd.DataFrame,
+    keys: dict[str, str],
+    blobs_of: Callable[[list[str]], dict[str, bytes]],
+    renew: set[str],
+    folder: Path = WORDS_DIR,
+) -> int:
+    """Write the words of `table`'s images (id, sha256) into `folder` as parts of
+    PART_IMAGES images each, in order, with `keys` in each part's metadata. A part whose
+    file already holds its images' words (its key matches) and has no image of `renew`
+    is kept as it is: a run with new images at the end of the collection writes its last
+    parts alone, and DVC hashes only those again. `blobs_of` gives the packed keypoints of
+    some sha256s. Parts beyond the last are removed. Returns how many parts were written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ids, sha256s = table["id"].tolist(), table["sha256"].tolist()
+    starts = range(0, max(len(table), 1), PART_IMAGES)
+    written = 0
+    for number, start in enumerate(starts):
+        rows = slice(start, start + PART_IMAGES)
+        key = part_key(keys["words_key"], ids[rows], sha256s[rows])
+        path = folder / f"part-{number:05d}.parquet"
+        if stored_part_key(path) == key and not renew.intersection(sha256s[rows]):
+            continue
+        part = table_of(table.iloc[rows], blobs_of(sha256s[rows]))
+        images_held = str(part["id"].nunique())
+        common.write_parquet(part, path, keys={**keys, "part_key": key, "images": images_held})
+        written += 1
+    for stale in common.words_parts(folder)[len(starts) :]:
+        stale.unlink()
+    return written
+
+
 def main() -> None:
     """Read the manifest, the vocabulary and the originals the cache lacks; write the
-    words and metrics."""
+    parts of the words that changed, and metrics."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     params = WordsParams.from_params(settings.load_params())
@@ -407,26 +485,33 @@ def main() -> None:
     centers = read_vocabulary(params)
     folder = CACHE_DIR / words_key(params)
     cache = ContentCache(folder, arrays=(), blobs=("keypoints",))
-    words, failed, read = words_of(
+    found, failed = new_words(
         table, common.COLLECTION_DIR, params, centers, common.worker_count(), cache
     )
     for message in failed:
         logger.warning("%s; it has no words", message)
     # What made the words, for the readers' caches (embed's bags of words).
     keys = {"words_key": folder.name, "vocabulary": str(len(centers))}
-    common.write_parquet(words, WORDS_FILE, keys=keys)
-    metrics = words_metrics(words, len(table), len(failed), len(centers))
+    unreadable = set(table["sha256"]) - set(cache.index["sha256"])
+    written = write_parts(
+        table, keys, lambda shas: cached_blobs(cache, shas), set(found) | unreadable
+    )
+    parts = common.words_parts(WORDS_DIR)
+    metrics = words_metrics(parts, len(table), len(failed), len(centers))
     common.write_json(metrics, WORDS_METRICS_FILE)
     logger.info(
-        "%d images (%s): %d keypoints (%.1f an image) in %d of %d %s words; %d unreadable; %.1f s",
+        "%d images (%s): %d keypoints (%.1f an image) in %d of %d %s words; %d unreadable; "
+        "%d of %d parts written; %.1f s",
         len(table),
-        common.searched_words(read, len(table), "read"),
+        common.searched_words(len(found) + len(failed), len(table), "read"),
         metrics["keypoints"],
         metrics["keypoints_per_image"],
         metrics["words_used"],
         len(centers),
         params.detector,
         len(failed),
+        written,
+        len(parts),
         time.perf_counter() - started,
     )
 

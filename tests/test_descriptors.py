@@ -209,7 +209,8 @@ def bovw_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params: dict) 
     made_with = np.array(json.dumps(words.detector_params(word_params), sort_keys=True))
     np.savez(words.VOCABULARY_FILE, centers=centers, params=made_with)
     keys = {"words_key": words.words_key(word_params), "vocabulary": str(len(centers))}
-    common.write_parquet(found, common.WORDS_FILE, keys=keys)
+    common.WORDS_DIR.mkdir(parents=True)
+    common.write_parquet(found, common.WORDS_DIR / "part-00000.parquet", keys=keys)  # one part
     # An exact copy of image-05: in no words table (the words stage skips copies).
     ids = [*names, "copy-of-05"]
     sha256s = [*table["sha256"], table["sha256"][5]]
@@ -236,7 +237,7 @@ def test_describe_counts_the_train_sample_and_embed_and_similar_agree(bovw_proje
     split = pd.read_parquet(common.SPLIT_FILE)
     rows = describe.sample_rows(split, ids, sha256s, params)
     assert len(rows) == 10 and all(row % 2 == 0 for row in rows)
-    found = pd.read_parquet(common.WORDS_FILE)
+    found = pd.read_parquet(common.WORDS_DIR)
     key_of = pd.Series(sha256s, index=ids)
     counts = descriptors.word_counts(found, [sha256s[row] for row in rows], key_of, 40)
     assert descriptor.idf is not None

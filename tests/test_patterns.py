@@ -267,12 +267,14 @@ def test_the_mined_patterns_alone_find_the_holders_and_new_images_alone_are_look
     new, new_ids = zipf_bags(30, seed=2)
     mined = mine.mine_patterns(first, first_ids, params)
     assert len(mined.patterns) > 0
-    words_file = tmp_path / "words.parquet"
+    words_dir = tmp_path / "words"
+    words_dir.mkdir()
+    words_file = words_dir / "part-00000.parquet"
     cache = patterns.ContentCache(tmp_path / "held", arrays=(), blobs=("held",))
 
     def holders(ids: list[str], cache: patterns.ContentCache) -> tuple[pd.DataFrame, int]:
         images = pd.DataFrame({"id": ids, "sha256": [f"sha-{i}" for i in ids]})
-        return patterns.cached_holders(images, mined.patterns, params.min_share, cache, words_file)
+        return patterns.cached_holders(images, mined.patterns, params.min_share, cache, words_dir)
 
     patterns.common.write_parquet(first, words_file)
     found, looked_at = holders(first_ids, cache)
@@ -301,3 +303,44 @@ def test_patterns_mined_from_other_words_name_the_fix(tmp_path: Path) -> None:
     assert [list(w) for w in read["words"]] == mined.patterns["words"].tolist()
     with pytest.raises(patterns.common.UserError, match="dvc unfreeze mine && dvc repro mine"):
         pattern_model.read_model("vocabulary-b", path)
+
+
+def test_words_parts_are_written_again_only_where_their_images_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(words, "PART_IMAGES", 4)
+    rng = np.random.default_rng(0)
+    names = [f"img-{index:02d}" for index in range(14)]
+    blobs = {f"sha-{n}": words.packed(rng.random((3, 3)), rng.integers(0, 9, 3)) for n in names}
+    blobs["sha-img-05"] = b""  # no keypoints
+    table = pd.DataFrame({"id": names, "sha256": [f"sha-{n}" for n in names]})
+    folder = tmp_path / "words"
+    keys = {"words_key": "key-a", "vocabulary": "9"}
+    asked: list[str] = []
+
+    def blobs_of(shas: list[str]) -> dict[str, bytes]:
+        asked.extend(shas)
+        return {sha: blobs[sha] for sha in shas}
+
+    assert words.write_parts(table.iloc[:10], keys, blobs_of, set(), folder) == 3
+    first = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
+    # Four more images at the end: the last part (2 images) is written again, one is new.
+    asked.clear()
+    assert words.write_parts(table, keys, blobs_of, set(), folder) == 2
+    assert asked == table["sha256"].tolist()[8:]
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name in first} == {
+        **first,
+        "part-00002.parquet": (folder / "part-00002.parquet").stat().st_mtime_ns,
+    }
+    read = words.common.read_words_table(folder).astype({"id": str})
+    pd.testing.assert_frame_equal(read, words.table_of(table, blobs))
+    assert set(read["id"]) == set(names) - {"img-05"}
+    assert words.common.parquet_keys(folder, "words")["words_key"] == "key-a"
+    # Renewed images, another words key, and fewer images.
+    assert words.write_parts(table, keys, blobs_of, {"sha-img-01"}, folder) == 1
+    assert words.write_parts(table, {**keys, "words_key": "key-b"}, blobs_of, set(), folder) == 4
+    assert words.write_parts(table.iloc[:5], keys, blobs_of, set(), folder) == 2
+    assert [p.name for p in words.common.words_parts(folder)] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+    ]

@@ -175,7 +175,7 @@ def test_the_demo_visual_words_and_patterns_are_written(demo: tuple[Path, str]) 
     vocabulary = np.load(project / "models/vocabulary.npz")
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert vocabulary["centers"].shape == (params["words"]["vocabulary"], 128)  # SIFT
-    words = pd.read_parquet(project / "data/processed/words.parquet")
+    words = pd.read_parquet(project / "data/processed/words")
     assert words["word"].between(0, params["words"]["vocabulary"] - 1).all()
     assert words.groupby("id").size().max() <= params["words"]["max_keypoints"]
     found = pd.read_parquet(project / "data/processed/patterns.parquet")
