@@ -130,7 +130,8 @@ def pattern_holders(
     indicator = sparse.csr_matrix((np.ones(len(members)), (members, columns)), shape)
     shares = sparse.csr_matrix(presence @ weight).tocoo()
     counts = (presence @ indicator).tocsr()
-    words_held = np.asarray(counts[shares.row, shares.col]).ravel()
+    # (Indexing with no pairs gives an empty sparse matrix, not an array.)
+    words_held = np.asarray(counts[shares.row, shares.col]).ravel() if shares.nnz else np.zeros(0)
     holds = (shares.data >= min_share - SHARE_TOLERANCE) & (words_held >= 2 - SHARE_TOLERANCE)
     found = pd.DataFrame(
         {"row": shares.row[holds], "column": shares.col[holds], "score": shares.data[holds]}

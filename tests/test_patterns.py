@@ -344,3 +344,13 @@ def test_words_parts_are_written_again_only_where_their_images_changed(
         "part-00000.parquet",
         "part-00001.parquet",
     ]
+
+
+def test_images_without_words_or_without_patterns_hold_none() -> None:
+    table, ids = zipf_bags(100, seed=6)
+    mined = mine.mine_patterns(table, ids, MINING.model_copy(update={"min_support": 3}))
+    assert len(mined.patterns) > 0
+    empty = table.iloc[:0]
+    assert patterns.held_patterns(empty, ["a", "b"], mined.patterns, 0.4) == [b"", b""]
+    common_only = pd.DataFrame({"id": ["a"] * 3, "word": [0, 1, 2]})  # the commonest words
+    assert patterns.held_patterns(common_only, ["a"], mined.patterns, 0.4) == [b""]
