@@ -307,9 +307,9 @@ def placed_words(
 
         found = encoder_cells.table_keypoints(table, rows.tolist(), params.max_keypoints)
         return [(kp.places, nearest_words(kp.descriptors, centers)) for kp in found]
-    paths = [collection_dir / path for path in table["path"]]
+    paths = table["path"].tolist()  # joined to the folder for the rows read alone
     blocks = chunks(rows.tolist(), TASK_IMAGES)
-    tasks = [([paths[row] for row in block], params, centers) for block in blocks]
+    tasks = [([collection_dir / paths[row] for row in block], params, centers) for block in blocks]
     batches = common.map_in_processes(words_task, tasks, workers)
     return [result for batch in batches for result in batch]
 

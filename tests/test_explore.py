@@ -878,8 +878,12 @@ def test_a_rebuild_keeps_the_atlases_whose_sprites_are_unchanged(
 
     first, kept = build(tmp_path / "a", thumbs)
     assert kept == 0
+    atlases = [*(tmp_path / "a").glob("atlas-*.js"), *(tmp_path / "a").glob("icons-*.js")]
+    inodes = {path.name: path.stat().st_ino for path in atlases}
     again, kept = build(tmp_path / "a", thumbs)
     assert kept == 5 and again == first
+    # Kept atlases are linked, not read and written again: DVC knows them by inode.
+    assert {path.name: (tmp_path / "a" / path.name).stat().st_ino for path in atlases} == inodes
     changed = thumbs.copy()
     changed[29] = 255 - changed[29]  # the last sprite: the last atlas only
     rebuilt, kept = build(tmp_path / "a", changed)
