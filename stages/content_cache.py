@@ -198,6 +198,19 @@ class ContentCache:
                     block[place] = value
             yield block
 
+    def held_blobs(
+        self, sha256s: list[str], blob: str, block_rows: int = BLOCK_ROWS
+    ) -> dict[str, bytes]:
+        """The cached blobs of those of `sha256s` the cache holds, by sha256, read
+        `block_rows` at a time."""
+        held = set(self.index["sha256"])
+        known = [sha for sha in dict.fromkeys(sha256s) if sha in held]
+        found: dict[str, bytes] = {}
+        blocks = self.blob_blocks(known, blob, block_rows)
+        for start, block in zip(range(0, len(known), block_rows), blocks, strict=True):
+            found.update(zip(known[start : start + block_rows], block, strict=True))
+        return found
+
     def row_blocks(
         self, sha256s: list[str], array: str, block_rows: int = BLOCK_ROWS
     ) -> Iterator[np.ndarray]:

@@ -105,12 +105,8 @@ def cached_holders(
         found = dict(zip(missing, held_patterns(table, new_ids, model, min_share), strict=True))
         with cache.new_segment(missing, {}) as segment:
             segment.append_blobs("held", list(found.values()))
-    known = [sha for sha in dict.fromkeys(sha256s) if sha not in found]
-    blobs = dict(found)
-    for start, block in zip(
-        range(0, len(known), BLOCK), cache.blob_blocks(known, "held", BLOCK), strict=True
-    ):
-        blobs.update(zip(known[start : start + BLOCK], block, strict=True))
+    known = [sha for sha in sha256s if sha not in found]
+    blobs = {**cache.held_blobs(known, "held", BLOCK), **found}
     held = [unpacked(blobs[sha]) for sha in sha256s]
     counts = np.array([len(patterns) for patterns, _ in held], np.int64)
     table = pattern_model.image_patterns_table(

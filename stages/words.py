@@ -344,18 +344,6 @@ def new_words(
     return found, failed
 
 
-def cached_blobs(cache: ContentCache, sha256s: list[str]) -> dict[str, bytes]:
-    """The packed keypoints `cache` holds of these files, by sha256."""
-    held = set(cache.index["sha256"])
-    known = [sha for sha in dict.fromkeys(sha256s) if sha in held]
-    blobs: dict[str, bytes] = {}
-    for block_shas, block in zip(
-        chunks(known, BLOCK), cache.blob_blocks(known, "keypoints", BLOCK), strict=True
-    ):
-        blobs.update(zip(block_shas, block, strict=True))
-    return blobs
-
-
 def words_of(
     table: pd.DataFrame,
     collection_dir: Path,
@@ -367,7 +355,8 @@ def words_of(
     """The words table of `table`'s images (id, path, sha256), the messages of the files
     that could not be read, and how many images were read (those `cache` lacks)."""
     found, failed = new_words(table, collection_dir, params, centers, workers, cache)
-    blobs = {**cached_blobs(cache, table["sha256"].tolist()), **found} if cache else found
+    shas = table["sha256"].tolist()
+    blobs = {**cache.held_blobs(shas, "keypoints", BLOCK), **found} if cache else found
     return table_of(table, blobs), failed, len(found) + len(failed)
 
 
@@ -494,7 +483,10 @@ def main() -> None:
     keys = {"words_key": folder.name, "vocabulary": str(len(centers))}
     unreadable = set(table["sha256"]) - set(cache.index["sha256"])
     written = write_parts(
-        table, keys, lambda shas: cached_blobs(cache, shas), set(found) | unreadable
+        table,
+        keys,
+        lambda shas: cache.held_blobs(shas, "keypoints", BLOCK),
+        set(found) | unreadable,
     )
     parts = common.words_parts(WORDS_DIR)
     metrics = words_metrics(parts, len(table), len(failed), len(centers))
