@@ -4,7 +4,8 @@ stage then finds in every image (fitted once, like the vocabulary and the cluste
 `dvc freeze mine` keeps them while new images arrive).
 
 Params:  PatternsParams in stages/pattern_model.py (params.yaml, section patterns)
-Inputs:  data/processed/words/ (id, word, x, y, size), data/raw/manifest.parquet
+Inputs:  data/processed/words/ (id, word, x, y, size), data/raw/manifest.parquet (the
+         images, of which at most `sample` are mined: a seeded sample by file content)
 Outputs: models/patterns.parquet (pattern, words, weights, word_count, support: the
          patterns ranked by how many images held them when mined), metrics/mine.json
 
@@ -387,9 +388,22 @@ def mine_patterns(
     return Mined(patterns, image_patterns, len(sets), state, hashed)
 
 
-def mine_metrics(mined: Mined, images: int) -> dict:
+def mining_images(images: pd.DataFrame, sample: int, seed: int) -> pd.DataFrame:
+    """The images (id, sha256) the patterns are mined on: all of them up to `sample`, else
+    a seeded sample by file content (common.page_sample), which a growing collection
+    keeps, so the kept min-hashes stay valid from one run to the next."""
+    rows = common.page_sample(images["sha256"].tolist(), sample, seed)
+    return images.iloc[rows].reset_index(drop=True)
+
+
+def mine_metrics(mined: Mined, images: int, collection: int) -> dict:
     """Counts for metrics/mine.json."""
-    return {"images": images, "word_sets": mined.sets, "patterns": len(mined.patterns)}
+    return {
+        "images": images,
+        "collection_images": collection,
+        "word_sets": mined.sets,
+        "patterns": len(mined.patterns),
+    }
 
 
 def main() -> None:
@@ -397,19 +411,21 @@ def main() -> None:
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     params = PatternsParams.from_params(settings.load_params())
-    table = common.read_words_table()
     words_key = common.parquet_keys(common.WORDS_DIR, made_by="words").get("words_key", "")
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
-    images = common.distinct_images(manifest)
+    collection = common.distinct_images(manifest)
+    images = mining_images(collection, params.sample, params.seed)
     ids = images["id"].tolist()
+    table = common.read_words_table(ids=None if len(images) == len(collection) else ids)
     kept_at = state_path(words_key, params)
     mined = mine_patterns(table, ids, params, images["sha256"].tolist(), MinHashState.load(kept_at))
     mined.state.save(kept_at)
     pattern_model.write_model(mined.patterns, words_key)
-    common.write_json(mine_metrics(mined, len(ids)), MINE_METRICS_FILE)
+    common.write_json(mine_metrics(mined, len(ids), len(collection)), MINE_METRICS_FILE)
     logger.info(
-        "%d images (%s): %d word sets, %d patterns (the most held by %d images); %.1f s",
+        "%d of %d images (%s): %d word sets, %d patterns (the most held by %d images); %.1f s",
         len(ids),
+        len(collection),
         common.searched_words(mined.hashed, len(ids), "min-hashed"),
         mined.sets,
         len(mined.patterns),

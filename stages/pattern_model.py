@@ -64,7 +64,13 @@ class PatternsParams(settings.Section):
     )
     reported: int = Field(20, ge=0, description="patterns with a mosaic in reports/patterns/")
     mosaic_side: int = Field(5, ge=1, le=20, description="images per side of a pattern's mosaic")
-    seed: int = Field(0, ge=0, description="seed of the min-hashes")
+    sample: int = Field(
+        100_000,
+        ge=10,
+        description="mine is fitted on at most this many images, a seeded sample by file "
+        "content that keeps still as the collection grows (patterns looks at every image)",
+    )
+    seed: int = Field(0, ge=0, description="seed of the min-hashes and of the sample")
 
 
 # ----------------------------------------------------------------------------- words of images

@@ -354,3 +354,16 @@ def test_images_without_words_or_without_patterns_hold_none() -> None:
     assert patterns.held_patterns(empty, ["a", "b"], mined.patterns, 0.4) == [b"", b""]
     common_only = pd.DataFrame({"id": ["a"] * 3, "word": [0, 1, 2]})  # the commonest words
     assert patterns.held_patterns(common_only, ["a"], mined.patterns, 0.4) == [b""]
+
+
+def test_mine_fits_on_a_sample_by_content_that_keeps_as_the_collection_grows() -> None:
+    names = [f"img-{index:04d}" for index in range(400)]
+    images = pd.DataFrame({"id": names, "sha256": [f"sha-{name}" for name in names]})
+    assert mine.mining_images(images, 500, 0).equals(images), "all of them up to the sample"
+    chosen = mine.mining_images(images.iloc[:300], 100, 0)
+    assert 88 <= len(chosen) <= 100
+    shuffled = images.iloc[:300].sample(frac=1, random_state=1)
+    assert set(mine.mining_images(shuffled, 100, 0)["id"]) == set(chosen["id"]), "by content"
+    grown = mine.mining_images(images.iloc[:310], 100, 0)
+    assert set(chosen["id"]) <= set(grown["id"]), "a few more images leave the sample as it was"
+    assert set(mine.mining_images(images.iloc[:300], 100, 1)["id"]) != set(chosen["id"])
