@@ -84,10 +84,12 @@ class ClusterModel:
         return self.clusters_of(points), project(self.mapper, vectors)
 
     def __getstate__(self) -> dict[str, Any]:
-        """The state to pickle: a fitted UMAP as the FittedUmap that placing needs."""
+        """The state to pickle: a fitted UMAP as the FittedUmap, a KMeans as the
+        FittedKMeans that placing needs."""
         state = dict(vars(self))
         state["reducer"] = FittedUmap.of(self.reducer)
         state["mapper"] = FittedUmap.of(self.mapper)
+        state["assigner"] = FittedKMeans.of(self.assigner)
         return state
 
 
@@ -120,6 +122,34 @@ class FittedUmap:
             float(estimator.local_connectivity),
             str(estimator.metric),
         )
+
+
+@dataclass
+class FittedKMeans:
+    """What predicting needs of a fitted KMeans: its centers.
+
+    The model file holds this rather than scikit-learn's object: loading one does not
+    import scikit-learn's clustering (0.8 s of every assign run). It labels a point as
+    KMeans.predict does: the nearest center by |c|^2 - 2 x.c in the centers' precision,
+    the first of equals.
+    """
+
+    cluster_centers_: np.ndarray
+
+    @classmethod
+    def of(cls, estimator: Any) -> Any:
+        """The FittedKMeans of a fitted KMeans; any other assigner as it is."""
+        if type(estimator).__name__ != "KMeans" or not hasattr(estimator, "cluster_centers_"):
+            return estimator
+        return cls(np.asarray(estimator.cluster_centers_))
+
+    def predict(self, points: np.ndarray) -> np.ndarray:
+        """The label (center number) of each point."""
+        centers = self.cluster_centers_
+        points = np.asarray(points, dtype=centers.dtype)
+        squared = np.einsum("ij,ij->i", centers, centers)  # as scikit-learn's row_norms
+        distances = squared[None, :] - 2 * (points @ centers.T)
+        return distances.argmin(axis=1).astype(np.int32)
 
 
 PLACE_BLOCK = 256  # new vectors measured against the fitted ones at once

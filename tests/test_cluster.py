@@ -304,6 +304,7 @@ def test_a_saved_model_keeps_what_placing_needs_and_loads_without_umap(
     fit = fit_and_place(vectors.astype(np.float32), params)
     state = fit.model.__getstate__()
     assert isinstance(state["reducer"], cluster_model.FittedUmap)
+    assert isinstance(state["assigner"], cluster_model.FittedKMeans)
     np.testing.assert_array_equal(state["reducer"].embedding_, fit.model.reducer.embedding_)
     path = tmp_path / "cluster.joblib"
     cluster_model.write_model(fit.model, path)
@@ -315,10 +316,25 @@ import sys
 from pathlib import Path
 from stages import cluster_model
 cluster_model.load_model(Path("cluster.joblib"))
-loaded = [name for name in ("umap", "numba", "pynndescent") if name in sys.modules]
+heavy = ("umap", "numba", "pynndescent", "sklearn.cluster")
+loaded = [name for name in heavy if name in sys.modules]
 assert not loaded, loaded
 """
     in_fresh_process({}, code, tmp_path)
+
+
+@pytest.mark.parametrize("dimensions", [2, 10])
+def test_a_fitted_kmeans_labels_points_as_scikit_learn_does(dimensions: int) -> None:
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(dimensions)
+    points = rng.normal(size=(2000, dimensions)).astype(np.float32)
+    kmeans = KMeans(n_clusters=50, n_init=1, random_state=0).fit(points)
+    fitted = cluster_model.FittedKMeans.of(kmeans)
+    assert isinstance(fitted, cluster_model.FittedKMeans)
+    new = rng.normal(size=(50_000, dimensions)).astype(np.float32)
+    np.testing.assert_array_equal(fitted.predict(new), kmeans.predict(new))
+    assert cluster_model.FittedKMeans.of(None) is None, "other assigners stay as they are"
 
 
 def test_a_model_file_that_cannot_be_loaded_names_the_fix(tmp_path) -> None:
