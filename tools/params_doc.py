@@ -59,8 +59,10 @@ SHARED_MODELS: list[type[settings.Section]] = [compute.ComputeParams]
 
 
 def all_models() -> list[type[settings.Section]]:
-    """Every params model, in pipeline order, then the shared ones."""
-    return [model for models in STAGE_MODELS.values() for model in models] + SHARED_MODELS
+    """Every params model, in pipeline order, then the shared ones; each once (the words
+    section serves vocabulary and words, the patterns section mine and patterns)."""
+    stages = [model for models in STAGE_MODELS.values() for model in models]
+    return list(dict.fromkeys(stages + SHARED_MODELS))
 
 
 def readme_with_table(readme: str) -> str:
