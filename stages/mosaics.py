@@ -62,6 +62,13 @@ def save_png_atomically(image: Image.Image, path: Path) -> None:
         save_png(image, temporary)
 
 
+def kept_mosaics(keys: dict[int, str], cache: Path) -> dict[int, Path]:
+    """The mosaics of `keys` (by a name such as the cluster) that an earlier run kept in
+    `cache` (keep_mosaics): these are copied, not drawn again."""
+    found = {name: cache / f"{key}.png" for name, key in keys.items()}
+    return {name: path for name, path in found.items() if path.is_file()}
+
+
 def keep_mosaics(files: dict[int, Path], keys: dict[int, str], cache: Path) -> None:
     """Keep this run's mosaics (`files`, by a name such as the cluster) in `cache` under
     their `keys`, and only them: the next run copies those whose key has not changed."""

@@ -213,8 +213,7 @@ def write_reports(
         n: mosaic_key(words, best[n], sha256_of, thumbs.key, made_with)
         for n, words in words_of.items()
     }
-    kept = {n: MOSAIC_CACHE_DIR / f"{k}.png" for n, k in keys.items() if thumbs.key}
-    kept = {n: path for n, path in kept.items() if path.is_file()}
+    kept = mosaics.kept_mosaics(keys, MOSAIC_CACHE_DIR) if thumbs.key else {}
     drawn = [n for n in keys if n not in kept]
     # The keypoints of the images the new mosaics show, from one read of the words table.
     chosen = sorted({image_id for n in drawn for image_id in best[n]})

@@ -449,11 +449,7 @@ def main() -> None:
     # whose mosaic is not kept from an earlier run, the overview's, the outliers.
     stored = thumbnails.load(ids)
     keys = mosaic_keys(result.mosaic_rows, params.mosaic_side, stored, sha256s)
-    kept = {
-        cluster: MOSAIC_CACHE_DIR / f"{key}.png"
-        for cluster, key in keys.items()
-        if (MOSAIC_CACHE_DIR / f"{key}.png").is_file()
-    }
+    kept = mosaics.kept_mosaics(keys, MOSAIC_CACHE_DIR)
     shown = max(params.mosaic_side**2, OVERVIEW_THUMBS)
     row_sets = {
         cluster: rows[: OVERVIEW_THUMBS if cluster in kept else shown]
