@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stages import cluster, common, score, settings  # noqa: E402, I001
+from stages import cluster, common, parts, score, settings  # noqa: E402, I001
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn import metrics  # noqa: E402
@@ -46,7 +46,7 @@ def labelled_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     labels = manifest["label"].reindex(ids)
     if labels.isna().any():
         raise SystemExit("this needs a labelled collection: run `dvc repro` on the demo")
-    pixel_ids, pixels = common.load_pixels()
+    pixel_ids, pixels = parts.load_pixels()
     if pixel_ids != ids:
         raise SystemExit("pixels and embeddings are out of step: run `dvc repro`")
     step = max(1, pixels.shape[1] // DIGIT_SIDE)

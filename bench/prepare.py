@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -117,6 +118,8 @@ def run_prepare(count: int, folder: Path, workers: int, cache: Path) -> dict:
     folder = folder / f"run-{count}"
     folder.mkdir(parents=True, exist_ok=True)
     params = prepare.DecodeSizes(model_size=MODEL_SIZE, thumb_size=THUMB_SIZE)
+    for name in ("pixels", "thumbs"):  # an earlier run's parts would be kept, not written
+        shutil.rmtree(folder / name, ignore_errors=True)
     cpu_before = os.times()
     started = time.perf_counter()
     summary = prepare.prepare_arrays(
@@ -124,8 +127,8 @@ def run_prepare(count: int, folder: Path, workers: int, cache: Path) -> dict:
         frames,
         params,
         cache,
-        folder / "pixels.npy",
-        folder / "thumbs.parquet",
+        folder / "pixels",
+        folder / "thumbs",
         folder / "ids.parquet",
         workers,
     )
@@ -135,7 +138,9 @@ def run_prepare(count: int, folder: Path, workers: int, cache: Path) -> dict:
         getattr(cpu_after, name) - getattr(cpu_before, name)
         for name in ("user", "system", "children_user", "children_system")
     )
-    output_bytes = sum((folder / name).stat().st_size for name in ("pixels.npy", "thumbs.parquet"))
+    output_bytes = sum(
+        path.stat().st_size for name in ("pixels", "thumbs") for path in (folder / name).iterdir()
+    )
     return {
         "images": count,
         "decoded": summary.decoded,

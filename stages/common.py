@@ -39,7 +39,7 @@ MANIFEST_FILE = RAW_DIR / "manifest.parquet"
 REJECTED_FILE = RAW_DIR / "rejected.csv"
 REMOTE_STATE_FILE = RAW_DIR / "remote.parquet"
 INTERIM_DIR = Path("data/interim")
-PIXELS_FILE = INTERIM_DIR / "pixels.npy"
+PIXELS_DIR = INTERIM_DIR / "pixels"  # the model-size pixels, in parts (stages/parts.py)
 ARRAY_IDS_FILE = INTERIM_DIR / "ids.parquet"
 PROCESSED_DIR = Path("data/processed")
 SPLIT_FILE = PROCESSED_DIR / "split.parquet"
@@ -267,20 +267,6 @@ def write_array_in_blocks(
                 rows += len(block)
         if rows != shape[0]:
             raise ValueError(f"{path}: wrote {rows} rows, expected {shape[0]}")
-
-
-def load_pixels(path: Path = PIXELS_FILE) -> tuple[list[str], np.ndarray]:
-    """The ids and the memory-mapped rows of an array that prepare wrote.
-
-    Fails clearly when the array or its ids are missing or do not line up.
-    """
-    if not path.exists() or not ARRAY_IDS_FILE.exists():
-        raise UserError(f"{path} is missing: run `dvc repro prepare` first")
-    ids = pd.read_parquet(ARRAY_IDS_FILE)["id"].tolist()
-    array = np.load(path, mmap_mode="r")
-    if len(ids) != len(array):
-        raise UserError(f"{path} has {len(array)} rows for {len(ids)} ids: run `dvc repro prepare`")
-    return ids, array
 
 
 def read_image_keys(ids: list[str] | None = None) -> tuple[list[str], list[str], str]:

@@ -2,7 +2,7 @@
 
 Params:  DescribeParams below (params.yaml, section describe)
 Inputs:  models/autoencoder/ (spec.json; encoder.keras unless train.encoder is bovw),
-         data/interim/pixels.npy, data/interim/ids.parquet, data/processed/split.parquet,
+         data/interim/pixels/, data/interim/ids.parquet, data/processed/split.parquet,
          data/processed/words/ (bovw)
 Outputs: models/descriptor.npz (see stages/descriptors.py), metrics/describe.json
 
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from stages import common, descriptors, settings
+from stages import common, descriptors, parts, settings
 
 STAGE = "describe"
 METRICS_FILE = common.METRICS_DIR / "describe.json"
@@ -84,7 +84,7 @@ def encoded_values(rows: np.ndarray) -> np.ndarray:
     """The encoder's values of the given pixel rows, as embed encodes them."""
     from stages import embed  # Keras loads only when an encoder's values are needed
 
-    _, pixels = common.load_pixels(common.PIXELS_FILE)
+    _, pixels = parts.load_pixels()
     encoder = embed.load_encoder(common.ENCODER_FILE, pixels.shape[1:])
     blocks = [
         embed.encode_rows(encoder, pixels[rows[at : at + ENCODE_BATCH]], ENCODE_BATCH)

@@ -2,7 +2,7 @@
 
 Params:  EmbedParams below (params.yaml, section embed)
 Inputs:  models/autoencoder/ (spec.json, and encoder.keras unless train.encoder is bovw),
-         models/descriptor.npz, data/interim/pixels.npy, data/interim/ids.parquet,
+         models/descriptor.npz, data/interim/pixels/, data/interim/ids.parquet,
          data/processed/words/ (bovw)
 Outputs: data/processed/embeddings.parquet (id, embedding: a fixed-size list of float32;
          its metadata's embed_key names the encoder and the decode settings)
@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from stages import common, compute, descriptors, settings
+from stages import common, compute, descriptors, parts, settings
 from stages.content_cache import ContentCache, file_key
 from stages.quiet_start import keras
 
@@ -97,7 +97,7 @@ class EncodeTask:
 
     encoder_file: Path
     descriptor_file: Path
-    pixels_file: Path
+    pixels_folder: Path
     rows: np.ndarray
     batch_size: int
 
@@ -111,7 +111,7 @@ def encode_task(task: EncodeTask) -> np.ndarray:
     """Encode a task's rows, batch by batch, as encode_missing does here."""
     encoder = compute.load_once(task.encoder_file, read_encoder)
     descriptor = compute.load_once(task.descriptor_file, descriptors.read_descriptor)
-    pixels = np.load(task.pixels_file, mmap_mode="r")
+    pixels = parts.PartedArray(task.pixels_folder)
     batches = [
         task.rows[at : at + task.batch_size] for at in range(0, len(task.rows), task.batch_size)
     ]
@@ -140,7 +140,7 @@ def store_vectors(
 
 def encode_missing(
     encoder: keras.Model,
-    pixels: np.ndarray,
+    pixels: parts.PixelRows,
     sha256s: list[str],
     cache: ContentCache,
     batch_size: int,
@@ -224,7 +224,7 @@ def write_embeddings(
 
 def embed_images(
     encoder: keras.Model,
-    pixels: np.ndarray,
+    pixels: parts.PixelRows,
     ids: list[str],
     sha256s: list[str],
     cache_folder: Path,
@@ -329,14 +329,14 @@ def main() -> None:
         )
         what, dimension = f"bags of {vocabulary} visual words", descriptor.dimension(vocabulary)
     else:
-        pixel_ids, pixels = common.load_pixels(common.PIXELS_FILE)
+        pixel_ids, pixels = parts.load_pixels()
         common.read_image_keys(pixel_ids)  # the same rows in the same order
         encoder = load_encoder(common.ENCODER_FILE, pixels.shape[1:])
         # The cache's name is its key: the model files' hashes and prepare's decode settings.
         cache_folder = (
             common.CACHE_DIR / STAGE / f"{file_key(common.ENCODER_FILE)}-{described}-{pixels_key}"
         )
-        files = (common.ENCODER_FILE, descriptors.DESCRIPTOR_FILE, common.PIXELS_FILE)
+        files = (common.ENCODER_FILE, descriptors.DESCRIPTOR_FILE, common.PIXELS_DIR)
         encoded = embed_images(
             encoder,
             pixels,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from stages import common, descriptors, embed
+from stages import common, descriptors, embed, parts
 from stages.content_cache import file_key
 from stages.quiet_start import keras
 
@@ -70,7 +70,7 @@ def detector_key() -> dict[str, str]:
     return {"encoder": file_key(common.ENCODER_FILE), "pixels": pixels_key}
 
 
-def pixel_keypoints(pixels: np.ndarray, rows: np.ndarray, max_keypoints: int) -> list:
+def pixel_keypoints(pixels: parts.PixelRows, rows: np.ndarray, max_keypoints: int) -> list:
     """Keypoints of the given rows of an array of prepared pixels (the collection's, or
     one query image's), BATCH images through the encoder at a time."""
     model = feature_map_model(embed.load_encoder(common.ENCODER_FILE, pixels.shape[1:]))
@@ -84,10 +84,8 @@ def pixel_keypoints(pixels: np.ndarray, rows: np.ndarray, max_keypoints: int) ->
 def table_keypoints(table: pd.DataFrame, rows: list[int], max_keypoints: int) -> list:
     """Keypoints of the given rows of a table of images (id, ...), from their prepared
     pixels."""
-    ids, pixels = common.load_pixels(common.PIXELS_FILE)
+    ids, pixels = parts.load_pixels()
     wanted = pd.Index(ids).get_indexer(table["id"].to_numpy()[rows])
     if (wanted < 0).any():
-        raise common.UserError(
-            f"{common.PIXELS_FILE} lacks images of the manifest: run `dvc repro`"
-        )
+        raise common.UserError(f"{common.PIXELS_DIR} lacks images of the manifest: run `dvc repro`")
     return pixel_keypoints(pixels, wanted, max_keypoints)

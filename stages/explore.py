@@ -4,7 +4,7 @@ Params:  ExploreParams below (params.yaml, section explore)
 Inputs:  data/processed/clusters.parquet (cluster, x, y), data/processed/scores.parquet
          (silhouette), data/processed/split.parquet, data/processed/near_groups.parquet,
          data/processed/neighbors.parquet, data/raw/manifest.parquet, data/raw/rejected.csv,
-         data/interim/thumbs.parquet + ids.parquet, data/processed/image_patterns.parquet
+         data/interim/thumbs/ + ids.parquet, data/processed/image_patterns.parquet
          (the visual patterns each image holds), clusterings/ (other clusterings to
          compare: NAME.csv or NAME.parquet, columns id and cluster)
 Outputs: reports/explorer/ (index.html, explorer.js, renderer.js, explorer.css, favicon.svg,

@@ -4,7 +4,7 @@ flags, how unusual each image is, and every image's nearest neighbours.
 Params:  HealthParams below (params.yaml, section health)
 Inputs:  data/raw/manifest.parquet (sync's scores), data/processed/hash_pairs.parquet,
          data/processed/embeddings.parquet, data/processed/split.parquet,
-         data/interim/thumbs.parquet + ids.parquet
+         data/interim/thumbs/ + ids.parquet
 Outputs: data/processed/health.parquet (one row per image, see HEALTH_COLUMNS),
          data/processed/near_groups.parquet (its id, near_group, near_of and near_size:
          what cluster and score read, so that a flag threshold reruns neither),

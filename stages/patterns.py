@@ -3,7 +3,7 @@
 Params:  PatternsParams in stages/pattern_model.py (params.yaml, section patterns:
          min_share, reported, mosaic_side)
 Inputs:  models/patterns.parquet (the mined patterns), data/processed/words/,
-         data/raw/manifest.parquet, data/interim/thumbs.parquet (for the mosaics)
+         data/raw/manifest.parquet, data/interim/thumbs/ (for the mosaics)
 Outputs: data/processed/patterns.parquet (pattern, words, word_count, support: how many
          images hold it now), data/processed/image_patterns.parquet (id, pattern, score:
          the share of the pattern's word weight the image holds, for every image holding
@@ -278,7 +278,7 @@ def main() -> None:
     common.write_json(metrics, PATTERNS_METRICS_FILE)
     sha256_of = dict(zip(images["id"], images["sha256"], strict=True))
     kept, reported = write_reports(
-        patterns, image_patterns, sha256_of, words_key, params, thumbnails.THUMBS_FILE
+        patterns, image_patterns, sha256_of, words_key, params, thumbnails.THUMBS_DIR
     )
     logger.info(
         "%d images (%s): %d patterns held by %d images (the largest by %d); "

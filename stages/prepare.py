@@ -2,8 +2,9 @@
 
 Params:  ImageParams and PrepareParams below (params.yaml, sections image and prepare)
 Inputs:  data/raw/manifest.parquet, data/raw/collections/
-Outputs: data/interim/pixels.npy  (N x image.height x image.width x 3, uint8)
-         data/interim/thumbs.parquet (id, jpeg: each display thumbnail of
+Outputs: data/interim/pixels/  (parts of N x image.height x image.width x 3, uint8;
+                                   see parts.py)
+         data/interim/thumbs/  (parts of id, jpeg: each display thumbnail of
                                    thumb_height x thumb_width as a JPEG; see thumbnails.py)
          data/interim/ids.parquet (id and file sha256 of each row, in manifest order; its
                                    metadata's pixels_key names the decode settings)
@@ -26,7 +27,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from stages import common, compute, images, settings, thumbnails
+from stages import common, compute, images, parts, settings, thumbnails
 from stages.content_cache import ContentCache
 
 STAGE = "prepare"
@@ -207,6 +208,8 @@ class PrepareSummary:
     images: int
     decoded: int  # distinct files decoded in this run
     from_cache: int  # distinct files whose arrays the cache already held
+    parts_written: int  # parts of the pixels and thumbnails written (the others kept)
+    parts: int  # parts of both
 
 
 def prepare_arrays(
@@ -214,14 +217,16 @@ def prepare_arrays(
     collection: Path,
     params: DecodeSizes,
     cache_folder: Path,
-    pixels_path: Path,
-    thumbs_path: Path,
+    pixels_folder: Path,
+    thumbs_folder: Path,
     ids_path: Path,
     workers: int,
 ) -> PrepareSummary:
-    """Write the pixel and thumbnail arrays and their ids, row-aligned with the manifest.
+    """Write the pixels and thumbnails (in parts, see parts.py) and their ids, row-aligned
+    with the manifest.
 
-    Only images whose sha256 the cache lacks are decoded; each distinct file once.
+    Only images whose sha256 the cache lacks are decoded; each distinct file once. Only
+    parts whose images changed are written again.
     """
     key = cache_key(params)
     cache = ContentCache(cache_folder / key, ARRAYS, BLOBS)
@@ -231,19 +236,29 @@ def prepare_arrays(
         files = [(collection / first_path_of[sha], sha) for sha in missing]
         decode_into_cache(cache, files, params.targets, workers)
 
-    count = len(manifest)
     sha256s = manifest["sha256"].tolist()
-    model, thumb = params.model_size, params.thumb_size
-    shape = (count, model.height, model.width, 3)
-    common.write_array_in_blocks(pixels_path, shape, cache.row_blocks(sha256s, "pixels"))
-    blocks = cache.blob_blocks(sha256s, "thumbs")
     ids = manifest["id"].tolist()
-    thumbnails.write_table(thumbs_path, ids, blocks, thumb.height, thumb.width, key)
+    model, thumb = params.model_size, params.thumb_size
+
+    def write_pixels(path: Path, rows: slice) -> None:
+        shape = (len(sha256s[rows]), model.height, model.width, 3)
+        common.write_array_in_blocks(path, shape, cache.row_blocks(sha256s[rows], "pixels"))
+
+    def write_thumbs(path: Path, rows: slice) -> None:
+        blocks = cache.blob_blocks(sha256s[rows], "thumbs")
+        thumbnails.write_table(path, ids[rows], blocks, thumb.height, thumb.width, key)
+
+    written = parts.write_parts(pixels_folder, ".npy", pixels_key(params), sha256s, write_pixels)
+    written += parts.write_parts(thumbs_folder, ".parquet", key, sha256s, write_thumbs)
     # The sha256 and the decode key name each row's pixels for the caches of later stages.
     keys = manifest[["id", "sha256"]].reset_index(drop=True)
     common.write_parquet(keys, ids_path, keys={"pixels_key": pixels_key(params)})
     return PrepareSummary(
-        images=count, decoded=len(missing), from_cache=len(first_path_of) - len(missing)
+        images=len(manifest),
+        decoded=len(missing),
+        from_cache=len(first_path_of) - len(missing),
+        parts_written=written,
+        parts=2 * len(parts.part_slices(len(manifest))),
     )
 
 
@@ -260,18 +275,20 @@ def main() -> None:
         common.COLLECTION_DIR,
         params,
         common.CACHE_DIR / STAGE,
-        common.PIXELS_FILE,
-        thumbnails.THUMBS_FILE,
+        common.PIXELS_DIR,
+        thumbnails.THUMBS_DIR,
         common.ARRAY_IDS_FILE,
         common.worker_count(),
     )
     seconds = time.perf_counter() - started
     logger.info(
-        "%d images: %d distinct files decoded, %d from the cache; "
+        "%d images: %d distinct files decoded, %d from the cache; %d of %d parts written; "
         "pixels %dx%d, thumbs %dx%d, fit %s; %.1f s (%.0f decoded images/s)",
         summary.images,
         summary.decoded,
         summary.from_cache,
+        summary.parts_written,
+        summary.parts,
         params.model_size.height,
         params.model_size.width,
         params.thumb_size.height,

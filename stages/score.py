@@ -2,7 +2,7 @@
 
 Params:  ScoreParams below (params.yaml, section score)
 Inputs:  data/processed/embeddings.parquet, data/processed/clusters.parquet,
-         data/raw/manifest.parquet (labels, paths), data/interim/thumbs.parquet + ids.parquet
+         data/raw/manifest.parquet (labels, paths), data/interim/thumbs/ + ids.parquet
 Outputs: metrics/cluster.json (flat: silhouette, Calinski-Harabasz, Davies-Bouldin, sizes,
          noise share; accuracy, ARI and NMI where the manifest has labels),
          metrics/silhouette.csv (per cluster, a `dvc plots` bar chart),

@@ -1,8 +1,9 @@
 """Display thumbnails stored compactly: each one a small JPEG, in a Parquet table.
 
-prepare writes data/interim/thumbs.parquet (id, jpeg; the thumbnail size in its metadata),
-row-aligned with data/interim/ids.parquet; score and explore read it through Thumbnails,
-which decodes only the rows asked for, a row group at a time. A 54x96 thumbnail takes
+prepare writes data/interim/thumbs/, parts of a Parquet table (id, jpeg; the thumbnail size
+in each part's metadata; see parts.py), row-aligned with data/interim/ids.parquet; score,
+health, patterns and explore read it through Thumbnails, which decodes only the rows asked
+for, a row group at a time. A 54x96 thumbnail takes
 about 3.7 KB instead of 15.5 KB raw.
 
 This module is apart from images.py on purpose: the model's pixels are keyed by the code
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from stages import common
+from stages import common, parts
 
 QUALITY = 90
 SUBSAMPLING = 0  # 4:4:4: a thumbnail is too small to halve its colors' resolution
@@ -30,7 +31,7 @@ SUBSAMPLING = 0  # 4:4:4: a thumbnail is too small to halve its colors' resoluti
 ENCODING = f"jpeg quality {QUALITY} subsampling {SUBSAMPLING}"
 PARALLEL_DECODE_ROWS = 2000  # fewer rows are decoded in this process: no pool to start
 ROW_GROUP_ROWS = 1024
-THUMBS_FILE = common.INTERIM_DIR / "thumbs.parquet"
+THUMBS_DIR = common.INTERIM_DIR / "thumbs"
 
 
 def encode(thumbnail: np.ndarray) -> bytes:
@@ -60,9 +61,10 @@ def write_table(
     width: int,
     key: str = "",
 ) -> None:
-    """Write thumbs.parquet from consecutive blocks of JPEG bytes (one block in memory at a
-    time), atomically; the thumbnail size and `key` go into its metadata. The key names
-    how thumbnails were made, so that an image's sha256 and the key name its thumbnail."""
+    """Write a thumbnails table (a part of prepare's) from consecutive blocks of JPEG bytes
+    (one block in memory at a time), atomically; the thumbnail size and `key` go into its
+    metadata. The key names how thumbnails were made, so that an image's sha256 and the
+    key name its thumbnail."""
     schema = pa.schema(
         [("id", pa.string()), ("jpeg", pa.binary())],
         metadata={
@@ -92,18 +94,30 @@ def write_table(
 
 
 class Thumbnails:
-    """The thumbnails of thumbs.parquet, indexed like an N x height x width x 3 array:
-    `thumbnails[row]` or `thumbnails[rows]` decodes just those rows."""
+    """The thumbnails of a folder of parts (or of one table), indexed like an
+    N x height x width x 3 array: `thumbnails[row]` or `thumbnails[rows]` decodes just
+    those rows."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.file = pq.ParquetFile(path)
-        metadata = self.file.schema_arrow.metadata or {}
+        paths = parts.part_files(path, ".parquet") if path.is_dir() else [path]
+        if not paths or not all(file.is_file() for file in paths):
+            raise common.UserError(f"{path} is missing: run `dvc repro prepare` first")
+        self.files = [pq.ParquetFile(file) for file in paths]
+        metadata = self.files[0].schema_arrow.metadata or {}
         height, width = int(metadata[b"height"]), int(metadata[b"width"])
         self.key = metadata.get(b"key", b"").decode()  # see write_table
-        self.shape = (self.file.metadata.num_rows, height, width, 3)
-        sizes = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
+        # Every row group of every part, in row order: (part, group) and its first row.
+        self.groups = [
+            (index, group)
+            for index, file in enumerate(self.files)
+            for group in range(file.num_row_groups)
+        ]
+        sizes = [
+            self.files[index].metadata.row_group(group).num_rows for index, group in self.groups
+        ]
         self.group_starts = np.cumsum([0, *sizes])
+        self.shape = (int(self.group_starts[-1]), height, width, 3)
         self.read_group = functools.lru_cache(maxsize=2)(self._read_group)
 
     def __len__(self) -> int:
@@ -111,10 +125,13 @@ class Thumbnails:
 
     def ids(self) -> list[str]:
         """The id of each row."""
-        return self.file.read(columns=["id"]).column(0).to_pylist()
+        return [
+            name for file in self.files for name in file.read(columns=["id"]).column(0).to_pylist()
+        ]
 
     def _read_group(self, group: int) -> list[bytes]:
-        return self.file.read_row_group(group, columns=["jpeg"]).column(0).to_pylist()
+        index, number = self.groups[group]
+        return self.files[index].read_row_group(number, columns=["jpeg"]).column(0).to_pylist()
 
     def jpeg(self, row: int) -> bytes:
         """The stored JPEG bytes of one row."""
@@ -143,7 +160,7 @@ class Thumbnails:
 
 
 def decode_rows(task: tuple[Path, np.ndarray]) -> np.ndarray:
-    """The thumbnails of some rows of a thumbs.parquet, in the order given (a task for a
+    """The thumbnails of some rows of prepare's thumbnails, in the order given (a task for a
     process; rows in order read each row group once)."""
     path, rows = task
     thumbnails = Thumbnails(path)
@@ -172,10 +189,8 @@ def pick(
 ThumbnailRows = Thumbnails | np.ndarray
 
 
-def load(ids: list[str], path: Path = THUMBS_FILE) -> Thumbnails:
+def load(ids: list[str], path: Path = THUMBS_DIR) -> Thumbnails:
     """prepare's thumbnails, checked to be in the order of `ids`."""
-    if not path.exists():
-        raise common.UserError(f"{path} is missing: run `dvc repro prepare` first")
     thumbnails = Thumbnails(path)
     if thumbnails.ids() != ids:
         raise common.UserError(

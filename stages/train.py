@@ -1,7 +1,7 @@
 """train: learn the latent space every image is embedded in.
 
 Params:  TrainParams below (params.yaml, section train)
-Inputs:  data/interim/pixels.npy, data/interim/ids.parquet, data/processed/split.parquet
+Inputs:  data/interim/pixels/, data/interim/ids.parquet, data/processed/split.parquet
 Outputs: models/autoencoder/encoder.keras      image -> latent vector (what embed uses)
          models/autoencoder/autoencoder.keras  image -> reconstruction (trained kinds)
          models/autoencoder/spec.json          what the encoder expects and gives
@@ -34,7 +34,7 @@ import pandas as pd
 from PIL import Image
 from pydantic import Field, model_validator
 
-from stages import common, settings
+from stages import common, parts, settings
 from stages.autoencoders import (
     MINIMUM_PRETRAINED_INPUT,
     ModelKind,
@@ -162,7 +162,7 @@ class PixelBatches(keras.utils.PyDataset):
     """
 
     def __init__(
-        self, pixels: np.ndarray, rows: np.ndarray, batch_size: int, seed: int | None = None
+        self, pixels: parts.PixelRows, rows: np.ndarray, batch_size: int, seed: int | None = None
     ) -> None:
         super().__init__()
         self.pixels = pixels
@@ -222,7 +222,7 @@ def reconstruction_loss(name: str) -> keras.losses.Loss:
 
 def fit(
     models: Models,
-    pixels: np.ndarray,
+    pixels: parts.PixelRows,
     rows: dict[str, np.ndarray],
     params: TrainParams,
     live: Live | None = None,
@@ -345,7 +345,7 @@ def save_model(model: keras.Model, path: Path) -> None:
 
 
 def preview_image(
-    autoencoder: keras.Model | None, pixels: np.ndarray, rows: np.ndarray
+    autoencoder: keras.Model | None, pixels: parts.PixelRows, rows: np.ndarray
 ) -> Image.Image:
     """A row of input images above their reconstructions (inputs only without a decoder)."""
     # Spread over the subset: rows follow file paths, so the first few are often alike.
@@ -416,7 +416,7 @@ def main() -> None:
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     params = TrainParams.from_params(settings.load_params())
-    ids, pixels = common.load_pixels(common.PIXELS_FILE)
+    ids, pixels = parts.load_pixels()
     split = common.read_parquet(common.SPLIT_FILE, made_by="split")
     rows = subset_rows(split, ids, params.sample, params.seed)
     height, width = pixels.shape[1:3]

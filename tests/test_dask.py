@@ -22,8 +22,10 @@ FRAMES = 30
 OUTPUTS = (
     "data/raw/manifest.parquet",
     "data/raw/rejected.csv",
-    "data/interim/pixels.npy",
-    "data/interim/thumbs.parquet",
+    "data/interim/pixels/part-00000.npy",
+    "data/interim/pixels/parts.json",
+    "data/interim/thumbs/part-00000.parquet",
+    "data/interim/thumbs/parts.json",
     "data/interim/ids.parquet",
     "data/processed/embeddings.parquet",
     "data/processed/clusters.parquet",

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 from conftest import clean_copy, dvc
 from PIL import Image
 
-from stages import thumbnails
+from stages import parts, thumbnails
 from stages.common import read_embeddings
 from tools.iss_frames import ISS_SCENES, iss_frame, readme_iss_command
 
@@ -72,8 +71,8 @@ def test_the_readme_iss_preset_runs_end_to_end(tmp_path: Path) -> None:
     assert manifest["blank"].sum() == 1 and bool(manifest.loc[stems[3], "blank"])
     rejected = pd.read_csv(project / "data/raw/rejected.csv")
     assert rejected["path"].tolist() == ["20170512-235959.jpg"]
-    assert np.load(project / "data/interim/pixels.npy", mmap_mode="r").shape == (240, 27, 48, 3)
-    thumbs = thumbnails.Thumbnails(project / "data/interim/thumbs.parquet")
+    assert parts.PartedArray(project / "data/interim/pixels").shape == (240, 27, 48, 3)
+    thumbs = thumbnails.Thumbnails(project / "data/interim/thumbs")
     assert thumbs.shape == (240, 54, 96, 3)
     ids, embeddings = read_embeddings(project / "data/processed/embeddings.parquet")
     assert embeddings.shape == (240, 288), "3x6x16, the original's latent"

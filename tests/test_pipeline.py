@@ -26,7 +26,7 @@ from conftest import (
 )
 from PIL import Image
 
-from stages import project_lock
+from stages import parts, project_lock
 from stages.common import read_embeddings
 
 STAGES = (
@@ -59,7 +59,7 @@ def test_repro_runs_every_stage_and_writes_every_output(demo: tuple[Path, str]) 
     assert len(manifest) == 1797
     assert manifest["label"].notna().all()
     assert pd.read_csv(project / "data/raw/rejected.csv").empty
-    pixels = np.load(project / "data/interim/pixels.npy", mmap_mode="r")
+    pixels = parts.PartedArray(project / "data/interim/pixels")
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert pixels.shape == (1797, params["image"]["height"], params["image"]["width"], 3)
     ids = pd.read_parquet(project / "data/interim/ids.parquet")["id"]

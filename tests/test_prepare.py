@@ -13,7 +13,7 @@ import pytest
 from conftest import good_image_files, image_bytes, jpeg_with_exif, pattern_image, write
 from PIL import Image
 
-from stages import common, images, prepare, sync, thumbnails
+from stages import common, images, parts, prepare, sync, thumbnails
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -113,11 +113,16 @@ def run_prepare(
         collection,
         settings,
         out / "cache",
-        out / "pixels.npy",
-        out / "thumbs.parquet",
+        out / "pixels",
+        out / "thumbs",
         out / "ids.parquet",
         workers=1,
     )
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file of an output folder, by name."""
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
 @pytest.fixture
@@ -144,8 +149,8 @@ def test_arrays_are_row_aligned_with_the_manifest(
     manifest = make_manifest(collection, names)
     summary = run_prepare(manifest, collection, settings, tmp_path / "out")
 
-    pixels = np.load(tmp_path / "out/pixels.npy")
-    thumbs = thumbnails.Thumbnails(tmp_path / "out/thumbs.parquet")
+    pixels = parts.PartedArray(tmp_path / "out/pixels")[:]
+    thumbs = thumbnails.Thumbnails(tmp_path / "out/thumbs")
     assert pixels.shape == (12, 27, 48, 3) and thumbs.shape == (12, 54, 96, 3)
     assert pd.read_parquet(tmp_path / "out/ids.parquet")["id"].tolist() == manifest["id"].tolist()
     assert thumbs.ids() == manifest["id"].tolist()
@@ -170,8 +175,8 @@ def test_new_images_alone_are_decoded_and_results_do_not_change(
 
     fresh = run_prepare(make_manifest(collection, names), collection, settings, tmp_path / "b")
     assert fresh.decoded == 12
-    for name in ("pixels.npy", "thumbs.parquet"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    for name in ("pixels", "thumbs"):
+        assert folder_bytes(tmp_path / "a" / name) == folder_bytes(tmp_path / "b" / name)
 
 
 def test_the_cache_is_keyed_by_content_not_by_name(
@@ -191,7 +196,7 @@ def test_byte_identical_files_are_decoded_once(
     write(collection / "copy.jpg", (collection / "frame-00.jpg").read_bytes())
     manifest = make_manifest(collection, ["frame-00.jpg", "copy.jpg", "frame-01.jpg"])
     summary = run_prepare(manifest, collection, settings, tmp_path / "out")
-    pixels = np.load(tmp_path / "out/pixels.npy")
+    pixels = parts.PartedArray(tmp_path / "out/pixels")
     assert summary.decoded == 2
     np.testing.assert_array_equal(pixels[0], pixels[1])
 
@@ -216,7 +221,7 @@ def test_a_file_changed_after_sync_is_named(
     (collection / "frame-01.jpg").write_bytes(image_bytes(pattern_image(96, 54, 99), "JPEG"))
     with pytest.raises(common.UserError, match=re.escape("frame-01.jpg changed after sync")):
         run_prepare(manifest, collection, settings, tmp_path / "out")
-    assert not (tmp_path / "out/pixels.npy").exists(), "no partial output is left"
+    assert not (tmp_path / "out/pixels").exists(), "no partial output is left"
 
 
 def test_prepare_runs_the_same_on_several_processes(
@@ -232,13 +237,13 @@ def test_prepare_runs_the_same_on_several_processes(
         folder,
         settings,
         tmp_path / "two/cache",
-        tmp_path / "two/pixels.npy",
-        tmp_path / "two/thumbs.parquet",
+        tmp_path / "two/pixels",
+        tmp_path / "two/thumbs",
         tmp_path / "two/ids.parquet",
         workers=2,
     )
-    for name in ("pixels.npy", "thumbs.parquet"):
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    for name in ("pixels", "thumbs"):
+        assert folder_bytes(tmp_path / "one" / name) == folder_bytes(tmp_path / "two" / name)
 
 
 def test_every_mode_sync_accepts_is_prepared(
@@ -252,7 +257,7 @@ def test_every_mode_sync_accepts_is_prepared(
         sync.SyncParams.from_params(params), tmp_path / "collection", None, workers=1
     ).manifest
     run_prepare(manifest, tmp_path / "collection", settings, tmp_path / "out")
-    pixels = np.load(tmp_path / "out/pixels.npy")
+    pixels = parts.PartedArray(tmp_path / "out/pixels")[:]
     assert pixels.shape == (len(good_image_files()), 27, 48, 3)
     assert (pixels.reshape(len(pixels), -1).std(axis=1) > 5).all(), "every image has content"
 
@@ -297,7 +302,7 @@ def test_thumbnails_are_read_by_row_across_row_groups(tmp_path: Path, monkeypatc
     ]
     thumbnails.write_table(tmp_path / "thumbs.parquet", ids, blocks, 9, 16)
     stored = thumbnails.load(ids, tmp_path / "thumbs.parquet")
-    assert stored.shape == (10, 9, 16, 3) and stored.file.num_row_groups == 3  # 4 + 3, then 3
+    assert stored.shape == (10, 9, 16, 3) and len(stored.groups) == 3  # 4 + 3, then 3
     rows = np.array([9, 0, 5, 5, 3])
     picked = stored[rows]
     for index, row in enumerate(rows):
@@ -309,3 +314,78 @@ def test_thumbnails_are_read_by_row_across_row_groups(tmp_path: Path, monkeypatc
         np.testing.assert_array_equal(picked[positions[rows_of]], stored[np.array(rows)])
     with pytest.raises(common.UserError, match="list different images"):
         thumbnails.load(ids[::-1], tmp_path / "thumbs.parquet")
+
+
+def test_only_parts_whose_images_changed_are_written_again(
+    collection: Path, settings: prepare.DecodeSizes, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(parts, "PART_IMAGES", 4)
+    names = sorted(path.name for path in collection.iterdir())
+    first = run_prepare(make_manifest(collection, names[:9]), collection, settings, tmp_path / "a")
+    assert (first.parts_written, first.parts) == (6, 6)  # 4 + 4 + 1 images, pixels and thumbs
+    kept = {path.name: path.stat().st_ino for path in (tmp_path / "a/pixels").iterdir()}
+
+    grown = run_prepare(make_manifest(collection, names), collection, settings, tmp_path / "a")
+    assert (grown.parts_written, grown.parts) == (2, 6)  # the last part of each: 1 to 4 images
+    inodes = {path.name: path.stat().st_ino for path in (tmp_path / "a/pixels").iterdir()}
+    assert inodes["part-00000.npy"] == kept["part-00000.npy"]
+    assert inodes["part-00002.npy"] != kept["part-00002.npy"]
+
+    run_prepare(make_manifest(collection, names), collection, settings, tmp_path / "b")
+    for name in ("pixels", "thumbs"):
+        assert folder_bytes(tmp_path / "a" / name) == folder_bytes(tmp_path / "b" / name)
+
+    # An image sorted before the others shifts every row: every part is written again,
+    # and a shorter collection leaves no stale part behind.
+    shifted = run_prepare(
+        make_manifest(collection, names[1:][::-1]), collection, settings, tmp_path / "a"
+    )
+    assert shifted.parts_written == 6
+    assert sorted(path.name for path in (tmp_path / "a/thumbs").iterdir()) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+        "parts.json",
+    ]
+    stored = thumbnails.Thumbnails(tmp_path / "a/thumbs")
+    assert stored.ids() == [Path(name).stem for name in names[1:][::-1]]
+
+
+def test_a_run_stopped_half_way_leaves_no_key_for_a_part_it_rewrote(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(parts, "PART_IMAGES", 2)
+    folder = tmp_path / "parts"
+
+    def write(values: list[int]):
+        def write_part(path: Path, rows: slice) -> None:
+            if values[rows] == [-1]:
+                raise OSError("disk full")
+            np.save(path, np.array(values[rows]))
+
+        return write_part
+
+    shas = ["a", "b", "c"]
+    assert parts.write_parts(folder, ".npy", "k", shas, write([1, 2, 3])) == 2
+    with pytest.raises(OSError, match="disk full"):
+        parts.write_parts(folder, ".npy", "other", shas, write([4, 5, -1]))
+    # The first part holds 4, 5 now; its old key must not let a run with "k" keep it.
+    assert parts.write_parts(folder, ".npy", "k", shas, write([1, 2, 3])) == 2
+    assert parts.PartedArray(folder)[:].tolist() == [1, 2, 3]
+
+
+def test_a_parted_array_reads_rows_as_one_array(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(parts, "PART_IMAGES", 3)
+    whole = np.arange(8 * 2 * 3, dtype=np.uint8).reshape(8, 2, 3)
+    shas = [str(row) for row in range(8)]
+    parts.write_parts(tmp_path, ".npy", "k", shas, lambda path, rows: np.save(path, whole[rows]))
+    array = parts.PartedArray(tmp_path)
+    assert len(array) == 8 and array.shape == whole.shape and array.dtype == whole.dtype
+    for rows in (np.array([7, 0, 3, 3, 5]), slice(2, 7), slice(None, None, -2), [1]):
+        np.testing.assert_array_equal(array[rows], whole[rows])
+    np.testing.assert_array_equal(array[-1], whole[7])
+    np.testing.assert_array_equal(array[np.int64(4)], whole[4])
+    with pytest.raises(IndexError):
+        array[np.array([8])]
+    with pytest.raises(common.UserError, match="run `dvc repro prepare`"):
+        parts.PartedArray(tmp_path / "absent")

@@ -18,6 +18,8 @@ from sklearn.metrics import silhouette_samples
 
 from stages import common, embed, score, silhouettes, thumbnails
 
+THUMBS_PART = thumbnails.THUMBS_DIR / "part-00000.parquet"  # one part: a small collection
+
 
 @pytest.fixture(scope="module")
 def blobs() -> tuple[np.ndarray, np.ndarray]:
@@ -291,7 +293,7 @@ def score_project(tmp_path: Path, monkeypatch, project_params: dict[str, Any]) -
     thumbs = np.random.default_rng(0).integers(0, 255, (90, 9, 16, 3), dtype=np.uint8)
     common.INTERIM_DIR.mkdir(parents=True)
     encoded = [thumbnails.encode(thumb) for thumb in thumbs]
-    thumbnails.write_table(thumbnails.THUMBS_FILE, ids, [encoded], 9, 16)
+    thumbnails.write_table(THUMBS_PART, ids, [encoded], 9, 16)
     sha256s = [f"sha-{row:03d}" for row in range(90)]
     common.write_parquet(pd.DataFrame({"id": ids, "sha256": sha256s}), common.ARRAY_IDS_FILE)
     near = pd.DataFrame({"id": ids, "near_group": 0, "near_of": None, "near_size": 1})
@@ -336,9 +338,9 @@ def test_a_second_run_takes_every_silhouette_from_the_cache(score_project: Path,
 
 def test_a_second_run_copies_the_mosaics_it_drew_before(score_project: Path, logged) -> None:
     ids = pd.read_parquet(common.ARRAY_IDS_FILE)["id"].tolist()
-    stored = thumbnails.Thumbnails(thumbnails.THUMBS_FILE)
+    stored = thumbnails.Thumbnails(thumbnails.THUMBS_DIR)
     jpegs = [stored.jpeg(row) for row in range(len(stored))]
-    thumbnails.write_table(thumbnails.THUMBS_FILE, ids, [jpegs], 9, 16, key="thumbs-key")
+    thumbnails.write_table(THUMBS_PART, ids, [jpegs], 9, 16, key="thumbs-key")
     score.main()
     assert "0 of 3 cluster mosaics kept from the last run" in logged.text
     drawn = {path.name: path.read_bytes() for path in score.MOSAICS_DIR.iterdir()}
@@ -349,7 +351,7 @@ def test_a_second_run_copies_the_mosaics_it_drew_before(score_project: Path, log
     assert {path.name: path.read_bytes() for path in score.MOSAICS_DIR.iterdir()} == drawn
     assert len(list(score.MOSAIC_CACHE_DIR.iterdir())) == 3, "only this run's mosaics stay"
     # Other thumbnails (another key) draw every mosaic again.
-    thumbnails.write_table(thumbnails.THUMBS_FILE, ids, [jpegs], 9, 16, key="other-key")
+    thumbnails.write_table(THUMBS_PART, ids, [jpegs], 9, 16, key="other-key")
     logged.clear()
     score.main()
     assert "0 of 3 cluster mosaics kept from the last run" in logged.text
