@@ -23,7 +23,10 @@ within one), so a zoomed-in view of one cluster needs few full-size atlases, and
 image changes only its cluster's last atlas. Their grid and the icons' size change only
 when the largest cluster, or the number of atlases, passes a power of two. The folder is
 a persistent output: a run keeps the atlases whose sprites are unchanged (by key) and
-makes only the others.
+makes only the others. A cluster's last atlas, partly filled, is also kept as raw sprites
+(a canvas in data/cache/explore/canvases/, by the key of the sprites it holds), so the
+next run draws only the new images' sprites onto it, and encodes the same bytes as a
+drawing from nothing.
 
 Near-duplicate copies are hidden until the page's "near-duplicate copies" box is ticked:
 each group shows its representative, and an image's details name its group. An image's
@@ -88,6 +91,8 @@ MAX_ATLAS_SIDE = 2048
 ICON_PIXELS = 48_000_000
 MIN_ICON_HEIGHT = 4  # px
 ATLAS_FORMAT = "script-base64-jpeg-1"  # part of each atlas's key: a new format remakes them
+# Partly filled atlases as raw sprites (see the module docstring): as many as clusters.
+CANVAS_DIR = common.CACHE_DIR / STAGE / "canvases"
 TEXT_COLUMNS = ("id", "path", "subset", "place", "label", "taken_at", "month", "near_of")
 NUMBER_COLUMNS = ("x", "y", "silhouette", "latitude", "longitude", "pattern")
 COUNT_COLUMNS = ("cluster", "near_group", "near_size")
@@ -424,12 +429,21 @@ def sprite(thumb: np.ndarray | Image.Image, grid: AtlasGrid) -> Image.Image:
     return image.resize((grid.width, grid.height), Image.Resampling.LANCZOS)
 
 
-def atlas(thumbs: thumbnails.ThumbnailRows, rows: np.ndarray, grid: AtlasGrid) -> Image.Image:
-    """One atlas of the sprites of thumbs[rows], row by row."""
+def atlas(
+    thumbs: thumbnails.ThumbnailRows,
+    rows: np.ndarray,
+    grid: AtlasGrid,
+    canvas: Image.Image | None = None,
+    drawn: int = 0,
+) -> Image.Image:
+    """One atlas of the sprites of thumbs[rows], row by row; from a `canvas` that holds the
+    first `drawn` of them, where given."""
     used_rows = math.ceil(len(rows) / grid.columns)
     image = Image.new("RGB", (grid.columns * grid.width, used_rows * grid.height))
+    if canvas is not None:
+        image.paste(canvas, (0, 0))
     stored = isinstance(thumbs, thumbnails.Thumbnails)
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows[drawn:], start=drawn):
         thumb = thumbs.image(int(row)) if stored else thumbs[row]
         column, line = index % grid.columns, index // grid.columns
         image.paste(sprite(thumb, grid), (column * grid.width, line * grid.height))
@@ -495,11 +509,71 @@ def atlas_scripts(image: Image.Image, grid: AtlasGrid, quality: int) -> tuple[by
     )
 
 
-def atlas_file_task(task: tuple[Path, np.ndarray, AtlasGrid, int]) -> tuple[bytes, bytes]:
+@dataclass(frozen=True)
+class CanvasPlan:
+    """How an atlas is drawn: from the canvas `start` that holds its first `drawn` sprites
+    (none: from nothing), and whether its own canvas is saved at `save` for the next run."""
+
+    start: Path | None = None
+    drawn: int = 0
+    save: Path | None = None
+
+
+def names_sprites(thumbs: thumbnails.ThumbnailRows, sha256s: list[str] | None) -> bool:
+    """Whether a sprite can be named without reading it: by the stored thumbnails' key and
+    its file's sha256."""
+    return isinstance(thumbs, thumbnails.Thumbnails) and bool(thumbs.key) and sha256s is not None
+
+
+def canvas_keys(
+    thumbs: thumbnails.Thumbnails, rows: np.ndarray, grid: AtlasGrid, sha256s: list[str]
+) -> list[str]:
+    """The key of the canvas of each run of an atlas's first sprites (index i: the first i),
+    named as atlas_key names sprites (see names_sprites)."""
+    head = json.dumps([dataclasses.astuple(grid), PIL.__version__, "canvas", thumbs.key])
+    digest = hashlib.sha256(head.encode())
+    keys = [digest.hexdigest()]
+    for row in rows:
+        digest.update(sha256s[int(row)].encode())
+        keys.append(digest.hexdigest())
+    return keys
+
+
+def canvas_plan(keys: list[str], held: set[str], full: bool, folder: Path) -> CanvasPlan:
+    """Start from the held canvas of the most sprites, and save a partly filled atlas's."""
+    drawn = next((count for count in range(len(keys) - 1, 0, -1) if keys[count] in held), 0)
+    start = folder / f"{keys[drawn]}.npy" if drawn else None
+    return CanvasPlan(start, drawn, None if full else folder / f"{keys[-1]}.npy")
+
+
+def read_canvas(plan: CanvasPlan) -> Image.Image | None:
+    """The canvas a plan starts from (none when it starts from nothing or the file is gone)."""
+    if plan.start is None:
+        return None
+    try:
+        return Image.fromarray(np.load(plan.start))
+    except (OSError, ValueError):
+        return None
+
+
+def save_canvas(image: Image.Image, path: Path) -> None:
+    """An atlas's raw sprites, for the next run to draw onto."""
+    with common.atomic_output(path) as temporary, open(temporary, "wb") as file:
+        np.save(file, np.asarray(image))
+
+
+def atlas_file_task(
+    task: tuple[Path, np.ndarray, AtlasGrid, int, CanvasPlan],
+) -> tuple[bytes, bytes]:
     """The two script files of one atlas of thumbnails stored in a file (a task for a
-    process)."""
-    path, rows, grid, quality = task
-    return atlas_scripts(atlas(thumbnails.Thumbnails(path), rows, grid), grid, quality)
+    process), drawn onto and saved as its plan says."""
+    path, rows, grid, quality, plan = task
+    canvas = read_canvas(plan)
+    drawn = plan.drawn if canvas is not None else 0
+    image = atlas(thumbnails.Thumbnails(path), rows, grid, canvas, drawn)
+    if plan.save is not None:
+        save_canvas(image, plan.save)
+    return atlas_scripts(image, grid, quality)
 
 
 def atlas_key(
@@ -516,7 +590,7 @@ def atlas_key(
     digest = hashlib.sha256(
         json.dumps([dataclasses.astuple(grid), quality, PIL.__version__, ATLAS_FORMAT]).encode()
     )
-    if isinstance(thumbs, thumbnails.Thumbnails) and thumbs.key and sha256s is not None:
+    if names_sprites(thumbs, sha256s):
         digest.update(f"thumbnails {thumbs.key}".encode())
         for row in rows:
             digest.update(sha256s[int(row)].encode())
@@ -557,15 +631,19 @@ def atlas_files(
     quality: int,
     workers: int,
     kept: dict[int, tuple[Path, Path]] | None = None,
+    plans: dict[int, CanvasPlan] | None = None,
 ) -> Iterator[tuple[bytes, bytes] | tuple[Path, Path]]:
     """The two script files (full-size, icons) of each block of rows, in order: their
     bytes, or for block i of `kept` the files that already hold them. Stored thumbnails
-    are decoded and encoded on `workers` processes, an atlas a task, which send back only
-    its few MB of scripts."""
-    kept = kept or {}
+    are decoded and encoded on `workers` processes, an atlas a task (drawn as block i's
+    entry of `plans` says), which send back only its few MB of scripts."""
+    kept, plans = kept or {}, plans or {}
     made = [index for index in range(len(blocks)) if index not in kept]
     if isinstance(thumbs, thumbnails.Thumbnails):
-        tasks = [(thumbs.path, blocks[index], grid, quality) for index in made]
+        tasks = [
+            (thumbs.path, blocks[index], grid, quality, plans.get(index, CanvasPlan()))
+            for index in made
+        ]
         fresh = common.map_in_processes(atlas_file_task, tasks, workers)
     else:
         fresh = (atlas_scripts(atlas(thumbs, blocks[index], grid), grid, quality) for index in made)
@@ -633,10 +711,12 @@ def build_explorer(
     collection_dir: Path,
     sha256s: list[str] | None = None,
     clusterings: list[Clustering] | None = None,
+    canvas_folder: Path = CANVAS_DIR,
 ) -> tuple[dict[str, Any], int]:
     """Write the explorer of `table` (row-aligned with `thumbs`, and with `sha256s`, the
     files' hashes, which choose the sample beyond params.max_images) into `directory`,
-    with `clusterings` to compare with this run's.
+    with `clusterings` to compare with this run's; partly filled atlases are kept in
+    `canvas_folder` for the next run to draw onto.
 
     Returns the page data and how many atlases were kept from the last run.
     """
@@ -661,8 +741,22 @@ def build_explorer(
     atlas_keys = [atlas_key(thumbs, block, grid, params.atlas_quality, sha256s) for block in blocks]
     earlier = earlier_atlases(directory)
     kept = {index: earlier[key] for index, key in enumerate(atlas_keys) if key in earlier}
-    scripts = atlas_files(thumbs, blocks, grid, params.atlas_quality, common.worker_count(), kept)
+    named = names_sprites(thumbs, sha256s)  # else no canvas can be named
+    held = {path.stem for path in canvas_folder.glob("*.npy")} if named else set()
+    plans, partly_filled = {}, set()
+    for index, block in enumerate(blocks if named else []):
+        keys = canvas_keys(thumbs, block, grid, sha256s)
+        full = len(block) == grid.per_atlas
+        if not full:
+            partly_filled.add(keys[-1])
+        if index not in kept:
+            plans[index] = canvas_plan(keys, held, full, canvas_folder)
+    quality, workers = params.atlas_quality, common.worker_count()
+    scripts = atlas_files(thumbs, blocks, grid, quality, workers, kept, plans)
     write_explorer(directory, data, scripts, atlas_keys)
+    # Only the canvases of this run's partly filled atlases can grow tomorrow.
+    for key in held - partly_filled:
+        (canvas_folder / f"{key}.npy").unlink(missing_ok=True)
     return data, len(kept)
 
 

@@ -2,8 +2,9 @@
 again) only the parts whose images changed.
 
 A folder holds part-00000.npy, part-00001.npy, ... (or .parquet), PART_IMAGES rows each in
-the collection's order, and parts.json: each part's key, what its bytes depend on (the
-settings that made it and its images' sha256s). New images named after the old ones (a
+the collection's order, and _parts.json: each part's key, what its bytes depend on (the
+settings that made it and what names its rows: their files' sha256s, and ids where a part
+holds them). New images named after the old ones (a
 feed's timestamps) change the last part alone.
 
 PartedArray reads a folder of .npy parts as one read-only array of rows.
@@ -21,7 +22,7 @@ import numpy as np
 from stages import common
 
 PART_IMAGES = 8192  # rows of a part
-KEYS_FILE = "parts.json"
+KEYS_FILE = "_parts.json"  # "_": Parquet readers of the folder skip it
 
 
 def part_slices(count: int) -> list[slice]:
@@ -43,11 +44,11 @@ def part_files(folder: Path, suffix: str) -> list[Path]:
     return sorted(folder.glob(f"part-*{suffix}"))
 
 
-def part_key(key: str, sha256s: list[str]) -> str:
-    """What a part's bytes depend on: the settings' `key` and its images' files, in order."""
+def part_key(key: str, row_names: list[str]) -> str:
+    """What a part's bytes depend on: the settings' `key` and what names its rows, in order."""
     digest = hashlib.sha256(key.encode())
-    for sha in sha256s:
-        digest.update(sha.encode())
+    for name in row_names:
+        digest.update(name.encode() + b"\n")
     return digest.hexdigest()
 
 
@@ -64,12 +65,14 @@ def write_parts(
     folder: Path,
     suffix: str,
     key: str,
-    sha256s: list[str],
+    row_names: list[str],
     write_part: Callable[[Path, slice], None],
 ) -> int:
-    """Write the parts of the rows of `sha256s` into `folder`: `write_part(path, rows)`
-    writes one (atomically), and is called only for a part whose key changed or whose file
-    is gone. Parts beyond the last are removed. Returns how many parts were written.
+    """Write the parts of rows named by `row_names` (what a row holds depends on: its
+    file's sha256, and its id where the part stores ids) into `folder`:
+    `write_part(path, rows)` writes one (atomically), and is called only for a part whose
+    key changed or whose file is gone. Parts beyond the last are removed. Returns how many
+    parts were written.
 
     The keys file is removed before any part is written and written again last, so a run
     stopped half-way leaves no key that names a part it rewrote.
@@ -78,9 +81,9 @@ def write_parts(
     earlier = earlier_keys(folder)
     (folder / KEYS_FILE).unlink(missing_ok=True)
     keys, written = {}, 0
-    for number, rows in enumerate(part_slices(len(sha256s))):
+    for number, rows in enumerate(part_slices(len(row_names))):
         name = part_name(number, suffix)
-        keys[name] = part_key(key, sha256s[rows])
+        keys[name] = part_key(key, row_names[rows])
         if earlier.get(name) == keys[name] and (folder / name).is_file():
             continue
         write_part(folder / name, rows)

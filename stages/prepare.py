@@ -249,7 +249,8 @@ def prepare_arrays(
         thumbnails.write_table(path, ids[rows], blocks, thumb.height, thumb.width, key)
 
     written = parts.write_parts(pixels_folder, ".npy", pixels_key(params), sha256s, write_pixels)
-    written += parts.write_parts(thumbs_folder, ".parquet", key, sha256s, write_thumbs)
+    named = [f"{image_id}\t{sha}" for image_id, sha in zip(ids, sha256s, strict=True)]
+    written += parts.write_parts(thumbs_folder, ".parquet", key, named, write_thumbs)
     # The sha256 and the decode key name each row's pixels for the caches of later stages.
     keys = manifest[["id", "sha256"]].reset_index(drop=True)
     common.write_parquet(keys, ids_path, keys={"pixels_key": pixels_key(params)})

@@ -21,7 +21,7 @@ from conftest import image_bytes, pattern_image, write
 from PIL import Image
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from stages import common, explore
+from stages import common, explore, thumbnails
 from tools import keep_clustering
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -80,13 +80,11 @@ def test_atlases_never_exceed_the_side_limit_and_hold_one_cluster_each() -> None
     assert np.concatenate(blocks).tolist() == rows.tolist()
 
 
-def test_a_new_image_changes_only_its_clusters_last_atlas(tmp_path: Path) -> None:
-    rng = np.random.default_rng(3)
-    count = 600
-    thumbs = rng.integers(0, 256, (count + 1, 54, 96, 3), dtype=np.uint8)
-    clusters = np.arange(count + 1) % 3
+def explorer_rows(count: int) -> pd.DataFrame:
+    """An explorer table of `count` images in 3 clusters, every field empty."""
+    clusters = np.arange(count) % 3
     table = pd.DataFrame(
-        {"id": [f"i{n}" for n in range(count + 1)], "cluster": clusters, "x": 0.0, "y": 0.0}
+        {"id": [f"i{n}" for n in range(count)], "cluster": clusters, "x": 0.0, "y": 0.0}
     )
     for column in ("path", "subset", "place", "label", "taken_at", "month", "near_of"):
         table[column] = None
@@ -94,10 +92,18 @@ def test_a_new_image_changes_only_its_clusters_last_atlas(tmp_path: Path) -> Non
         table[column] = np.nan
     table[["blank", "duplicate"]] = False
     table[["near_group", "near_size"]] = [0, 1]
-    table["neighbors"] = [[] for _ in range(count + 1)]
-    table["patterns"] = [[] for _ in range(count + 1)]
-    table["pattern_scores"] = [[] for _ in range(count + 1)]
+    table["neighbors"] = [[] for _ in range(count)]
+    table["patterns"] = [[] for _ in range(count)]
+    table["pattern_scores"] = [[] for _ in range(count)]
     table["pattern"] = np.nan
+    return table
+
+
+def test_a_new_image_changes_only_its_clusters_last_atlas(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    count = 600
+    thumbs = rng.integers(0, 256, (count + 1, 54, 96, 3), dtype=np.uint8)
+    table = explorer_rows(count + 1)
     params = explore.ExploreParams(max_images=10**6, sprite_height=27, atlas_quality=85, seed=0)
     directory = tmp_path / "explorer"
     before, _ = explore.build_explorer(table.iloc[:count], thumbs, {}, params, directory, tmp_path)
@@ -105,6 +111,45 @@ def test_a_new_image_changes_only_its_clusters_last_atlas(tmp_path: Path) -> Non
     assert before["atlas"]["columns"] == after["atlas"]["columns"], "the grid holds"
     assert before["atlas"]["icon"] == after["atlas"]["icon"]
     assert len(after["atlas"]["files"]) == 3 and kept == 2, "cluster 0's atlas alone is new"
+
+
+def test_new_images_are_drawn_onto_the_canvas_of_their_clusters_last_atlas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(explore.common, "worker_count", lambda: 1)  # count draws here
+    rng = np.random.default_rng(4)
+    count = 90
+    pictures = rng.integers(0, 256, (count + 2, 54, 96, 3), dtype=np.uint8)
+    jpegs = [thumbnails.encode(picture) for picture in pictures]
+    sha256s = [f"sha-{row}" for row in range(count + 2)]
+    params = explore.ExploreParams(max_images=10**6, sprite_height=54, atlas_quality=85, seed=0)
+    image = thumbnails.Thumbnails.image
+
+    def build(images: int, name: str) -> tuple[list[bytes], int]:
+        folder = tmp_path / f"thumbs-{images}"
+        part = folder / "part-00000.parquet"
+        thumbnails.write_table(part, sha256s[:images], [jpegs[:images]], 54, 96, key="k")
+        thumbs = thumbnails.Thumbnails(folder)
+        directory, canvases = tmp_path / name / "explorer", tmp_path / name / "canvases"
+        drawn: list[int] = []
+        monkeypatch.setattr(
+            thumbnails.Thumbnails, "image", lambda self, row: drawn.append(row) or image(self, row)
+        )
+        table = explorer_rows(images)
+        data, _ = explore.build_explorer(
+            table, thumbs, {}, params, directory, tmp_path, sha256s[:images], None, canvases
+        )
+        files = [directory / name for name in data["atlas"]["files"] + data["atlas"]["icons"]]
+        assert len(list(canvases.iterdir())) == 3, "one canvas a cluster: each partly filled"
+        return [path.read_bytes() for path in files], len(drawn)
+
+    first, drawn = build(count, "a")
+    assert drawn == count
+    grown, drawn = build(count + 2, "a")
+    assert drawn == 2, "the two new sprites alone are drawn"
+    fresh, drawn = build(count + 2, "b")
+    assert drawn == count + 2 and fresh == grown, "the same bytes as a drawing from nothing"
+    assert grown[2] == first[2] and grown[0] != first[0] and grown[1] != first[1]
 
 
 def test_every_sprite_lands_where_the_page_looks_for_it(monkeypatch: pytest.MonkeyPatch) -> None:

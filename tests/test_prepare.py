@@ -188,6 +188,9 @@ def test_the_cache_is_keyed_by_content_not_by_name(
     renamed = make_manifest(collection, ["renamed.jpg", *names[1:]])
     summary = run_prepare(renamed, collection, settings, tmp_path / "out")
     assert summary.decoded == 0
+    # The same pixels; the thumbnails' part, which holds ids, is written again.
+    assert summary.parts_written == 1
+    assert thumbnails.Thumbnails(tmp_path / "out/thumbs").ids()[0] == "renamed"
 
 
 def test_byte_identical_files_are_decoded_once(
@@ -342,10 +345,10 @@ def test_only_parts_whose_images_changed_are_written_again(
     )
     assert shifted.parts_written == 6
     assert sorted(path.name for path in (tmp_path / "a/thumbs").iterdir()) == [
+        "_parts.json",
         "part-00000.parquet",
         "part-00001.parquet",
         "part-00002.parquet",
-        "parts.json",
     ]
     stored = thumbnails.Thumbnails(tmp_path / "a/thumbs")
     assert stored.ids() == [Path(name).stem for name in names[1:][::-1]]
