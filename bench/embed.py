@@ -110,7 +110,7 @@ def main() -> None:
             ids,
             ids,  # every image distinct: each is encoded (the cache starts empty)
             folder / "cache",
-            folder / "embeddings.parquet",
+            folder / "embeddings",
             arguments.batch_size,
         )
         dimension = int(np.prod(encoder.output_shape[1:]))
@@ -119,10 +119,11 @@ def main() -> None:
             f"embed simple_conv, batch {arguments.batch_size}: "
             f"{len(pixels) / seconds:.0f} images/s ({dimension} values each, {seconds:.1f} s)"
         )
+        embeddings_mib = sum(p.stat().st_size for p in (folder / "embeddings").iterdir()) / 2**20
         print(
             f"peak memory: {peak_rss_mib():.0f} MiB "
             f"(before the timed run {memory_before:.0f} MiB; pixel array {pixel_mib:.0f} MiB, "
-            f"embeddings {(folder / 'embeddings.parquet').stat().st_size / 2**20:.0f} MiB on disk)"
+            f"embeddings {embeddings_mib:.0f} MiB on disk)"
         )
 
         if arguments.train_epoch:

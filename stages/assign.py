@@ -3,7 +3,7 @@ the 2-D map.
 
 Params:  none (what it does is fixed by the model and the embeddings); compute.scheduler
          says where the placing runs (stages/compute.py)
-Inputs:  models/cluster.joblib, data/processed/embeddings.parquet, data/interim/ids.parquet
+Inputs:  models/cluster.joblib, data/processed/embeddings/, data/interim/ids.parquet
 Outputs: data/processed/clusters.parquet (id, cluster, x, y, fitted: whether the image was
          in the fit sample), reports/cluster/map.png
 
@@ -218,12 +218,12 @@ def main() -> None:
         raise common.UserError(
             f"{common.CLUSTER_MODEL_FILE} is missing: run `dvc repro cluster` first"
         )
-    embed_key = common.parquet_keys(common.EMBEDDINGS_FILE, made_by="embed").get("embed_key", "")
+    embed_key = common.parquet_keys(common.EMBEDDINGS_DIR, made_by="embed").get("embed_key", "")
     # The cache's name is its key: the model file's hash, what the embeddings came from,
     # and the version of how a new vector is placed.
     key = f"{file_key(common.CLUSTER_MODEL_FILE)}-{embed_key}-{cluster_model.PLACEMENT_VERSION}"
     cache = ContentCache(common.CACHE_DIR / STAGE / key, tuple(ARRAYS))
-    summary = place_missing(common.CLUSTER_MODEL_FILE, common.EMBEDDINGS_FILE, sha256s, cache)
+    summary = place_missing(common.CLUSTER_MODEL_FILE, common.EMBEDDINGS_DIR, sha256s, cache)
     table = clusters_table(ids, sha256s, cache)
     # Score keys its own cache on this: what placed every image.
     common.write_parquet(table, common.CLUSTERS_FILE, keys={"assign_key": key})

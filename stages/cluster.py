@@ -1,7 +1,7 @@
 """cluster: fit the grouping of the latent vectors and the 2-D map, on a seeded sample.
 
 Params:  ClusterParams below (params.yaml, section cluster)
-Inputs:  data/processed/embeddings.parquet, data/interim/ids.parquet (each row's sha256)
+Inputs:  data/processed/embeddings/, data/interim/ids.parquet (each row's sha256)
 Outputs: models/cluster.joblib (the fitted ClusterModel: `predict` and `map_coordinates`
          take new latent vectors; it keeps the sample's own placements),
          metrics/cluster/k_curve.csv (k, score: the criterion of each k tried)
@@ -384,7 +384,7 @@ def main() -> None:
     # different images. assign places them with the model like any other image.
     candidates = np.flatnonzero(~common.read_near_copies(ids))
     rows = candidates[common.sample_rows(len(candidates), params.fit_sample, params.random_state)]
-    sample = common.read_embedding_rows(common.EMBEDDINGS_FILE, rows)
+    sample = common.read_embedding_rows(common.EMBEDDINGS_DIR, rows)
     fit = fit_clusters(sample, [sha256s[row] for row in rows], params)
     write_model(fit.model, common.CLUSTER_MODEL_FILE)
     common.write_csv(fit.curve, K_CURVE_FILE)

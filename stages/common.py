@@ -43,7 +43,7 @@ PIXELS_DIR = INTERIM_DIR / "pixels"  # the model-size pixels, in parts (stages/p
 ARRAY_IDS_FILE = INTERIM_DIR / "ids.parquet"
 PROCESSED_DIR = Path("data/processed")
 SPLIT_FILE = PROCESSED_DIR / "split.parquet"
-EMBEDDINGS_FILE = PROCESSED_DIR / "embeddings.parquet"
+EMBEDDINGS_DIR = PROCESSED_DIR / "embeddings"  # every image's vector, in parts (embed)
 CLUSTERS_FILE = PROCESSED_DIR / "clusters.parquet"
 SCORES_FILE = PROCESSED_DIR / "scores.parquet"
 NEAR_GROUPS_FILE = PROCESSED_DIR / "near_groups.parquet"
@@ -281,18 +281,26 @@ def read_image_keys(ids: list[str] | None = None) -> tuple[list[str], list[str],
     return table["id"].tolist(), table["sha256"].tolist(), pixels_key
 
 
-def embedding_batches(path: Path, rows: int) -> Iterator[np.ndarray]:
-    """The embeddings matrix of a table, `rows` rows at a time, in order."""
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=rows, columns=["embedding"]):
-        column = batch.column(0)
-        yield column.flatten().to_numpy().reshape(len(batch), column.type.list_size)
-
-
-def embedding_ids(path: Path = EMBEDDINGS_FILE) -> list[str]:
-    """The ids of an embeddings table, in order, without its vectors."""
-    if not path.exists():
+def embedding_parts(path: Path = EMBEDDINGS_DIR) -> list[str]:
+    """The files of an embeddings table: the parts of embed's folder, in order (see
+    stages/parts.py), or one table."""
+    files = sorted(path.glob("part-*.parquet")) if path.is_dir() else [path]
+    if not files or not files[0].exists():
         raise UserError(f"{path} is missing: run `dvc repro embed` first")
-    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+    return [str(file) for file in files]
+
+
+def embedding_batches(path: Path, rows: int) -> Iterator[np.ndarray]:
+    """The embeddings matrix of a table, at most `rows` rows at a time, in order."""
+    for part in embedding_parts(path):
+        for batch in pq.ParquetFile(part).iter_batches(batch_size=rows, columns=["embedding"]):
+            column = batch.column(0)
+            yield column.flatten().to_numpy().reshape(len(batch), column.type.list_size)
+
+
+def embedding_ids(path: Path = EMBEDDINGS_DIR) -> list[str]:
+    """The ids of an embeddings table, in order, without its vectors."""
+    return pq.read_table(embedding_parts(path), columns=["id"]).column("id").to_pylist()
 
 
 def read_embedding_rows(path: Path, rows: np.ndarray, batch_rows: int = 65536) -> np.ndarray:
@@ -321,11 +329,9 @@ def read_near_copies(ids: list[str], path: Path = NEAR_GROUPS_FILE) -> np.ndarra
     return near_of.reindex(ids).notna().to_numpy()
 
 
-def read_embeddings(path: Path = EMBEDDINGS_FILE) -> tuple[list[str], np.ndarray]:
+def read_embeddings(path: Path = EMBEDDINGS_DIR) -> tuple[list[str], np.ndarray]:
     """The ids and the (images x dimension) float32 matrix of an embeddings table."""
-    if not path.exists():
-        raise UserError(f"{path} is missing: run `dvc repro embed` first")
-    table = pq.read_table(path)
+    table = pq.read_table(embedding_parts(path))
     column = table.column("embedding").combine_chunks()
     matrix = column.flatten().to_numpy().reshape(len(table), column.type.list_size)
     return table.column("id").to_pylist(), matrix.astype(np.float32, copy=False)

@@ -4,8 +4,9 @@ Params:  EmbedParams below (params.yaml, section embed)
 Inputs:  models/autoencoder/ (spec.json, and encoder.keras unless train.encoder is bovw),
          models/descriptor.npz, data/interim/pixels/, data/interim/ids.parquet,
          data/processed/words/ (bovw)
-Outputs: data/processed/embeddings.parquet (id, embedding: a fixed-size list of float32;
-         its metadata's embed_key names the encoder and the decode settings)
+Outputs: data/processed/embeddings/ (parts of a table of id, embedding: a fixed-size list
+         of float32; each part's metadata's embed_key names the encoder and the decode
+         settings; see parts.py: a daily run writes only the parts whose images changed)
 
 An image's vector is the encoder's values (or, for `train.encoder: bovw`, its bag of
 visual words, TF-IDF weighted) through the scaling and PCA the describe stage fitted
@@ -205,21 +206,27 @@ def write_embeddings(
     path: Path,
     key: str,
     constant_allowed: bool = False,
-) -> None:
-    """Write the embeddings table from the cache in row groups, atomically; its metadata
-    names the key the vectors were made with."""
+) -> int:
+    """Write the embeddings from the cache into the folder `path` as parts (see parts.py),
+    each in row groups, atomically; each part's metadata names the key the vectors were
+    made with. Only parts whose images changed are written; returns how many were."""
     schema = embeddings_table([], np.zeros((0, dimension), np.float32)).schema
-    with (
-        common.atomic_output(path) as temporary,
-        # No dictionary: vectors never repeat, and trying one costs a third of the write.
-        pq.ParquetWriter(
-            temporary, schema.with_metadata({"embed_key": key}), use_dictionary=False
-        ) as writer,
-    ):
-        blocks = cache.row_blocks(sha256s, "embedding", ROW_GROUP_ROWS)
-        for start, codes in zip(range(0, len(ids), ROW_GROUP_ROWS), blocks):
-            check_vectors(ids[start : start + len(codes)], codes, constant_allowed)
-            writer.write_table(embeddings_table(ids[start : start + len(codes)], codes))
+    schema = schema.with_metadata({"embed_key": key})
+
+    def write_part(part: Path, rows: slice) -> None:
+        part_ids = ids[rows]
+        with (
+            common.atomic_output(part) as temporary,
+            # No dictionary: vectors never repeat, and trying one costs a third of the write.
+            pq.ParquetWriter(temporary, schema, use_dictionary=False) as writer,
+        ):
+            blocks = cache.row_blocks(sha256s[rows], "embedding", ROW_GROUP_ROWS)
+            for start, codes in zip(range(0, len(part_ids), ROW_GROUP_ROWS), blocks):
+                check_vectors(part_ids[start : start + len(codes)], codes, constant_allowed)
+                writer.write_table(embeddings_table(part_ids[start : start + len(codes)], codes))
+
+    named = [f"{image_id}\t{sha}" for image_id, sha in zip(ids, sha256s, strict=True)]
+    return parts.write_parts(path, ".parquet", key, named, write_part)
 
 
 def embed_images(
@@ -325,7 +332,7 @@ def main() -> None:
             vocabulary,
             descriptor,
             cache_folder,
-            common.EMBEDDINGS_FILE,
+            common.EMBEDDINGS_DIR,
         )
         what, dimension = f"bags of {vocabulary} visual words", descriptor.dimension(vocabulary)
     else:
@@ -343,7 +350,7 @@ def main() -> None:
             ids,
             sha256s,
             cache_folder,
-            common.EMBEDDINGS_FILE,
+            common.EMBEDDINGS_DIR,
             batch_size,
             descriptor,
             files,

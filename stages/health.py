@@ -3,7 +3,7 @@ flags, how unusual each image is, and every image's nearest neighbours.
 
 Params:  HealthParams below (params.yaml, section health)
 Inputs:  data/raw/manifest.parquet (sync's scores), data/processed/hash_pairs.parquet,
-         data/processed/embeddings.parquet, data/processed/split.parquet,
+         data/processed/embeddings/, data/processed/split.parquet,
          data/interim/thumbs/ + ids.parquet
 Outputs: data/processed/health.parquet (one row per image, see HEALTH_COLUMNS),
          data/processed/near_groups.parquet (its id, near_group, near_of and near_size:
@@ -354,7 +354,7 @@ def main() -> None:
     thumb_row_of = pd.Series(np.arange(len(ids)), index=ids)
     if set(ids) != set(manifest["id"]):
         raise common.UserError(
-            f"{common.EMBEDDINGS_FILE} and {common.MANIFEST_FILE} list different images: "
+            f"{common.EMBEDDINGS_DIR} and {common.MANIFEST_FILE} list different images: "
             "run `dvc repro`"
         )
     thumb_row = thumb_row_of[manifest["id"]].to_numpy()

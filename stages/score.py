@@ -1,7 +1,7 @@
 """score: say how clean each cluster is, and show it.
 
 Params:  ScoreParams below (params.yaml, section score)
-Inputs:  data/processed/embeddings.parquet, data/processed/clusters.parquet,
+Inputs:  data/processed/embeddings/, data/processed/clusters.parquet,
          data/raw/manifest.parquet (labels, paths), data/interim/thumbs/ + ids.parquet
 Outputs: metrics/cluster.json (flat: silhouette, Calinski-Harabasz, Davies-Bouldin, sizes,
          noise share; accuracy, ARI and NMI where the manifest has labels),
@@ -426,8 +426,7 @@ def main() -> None:
     table = common.read_parquet(common.CLUSTERS_FILE, made_by="assign")
     if table["id"].tolist() != ids:
         raise common.UserError(
-            f"{common.CLUSTERS_FILE} does not match {common.EMBEDDINGS_FILE}: "
-            "run `dvc repro assign`"
+            f"{common.CLUSTERS_FILE} does not match {common.EMBEDDINGS_DIR}: run `dvc repro assign`"
         )
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync").set_index("id")
     _, sha256s, _ = common.read_image_keys(ids)

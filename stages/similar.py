@@ -4,7 +4,7 @@
 
 The file is decoded as prepare decodes the collection, encoded with the trained encoder
 (models/autoencoder/encoder.keras), and compared with every image's vector in
-data/processed/embeddings.parquet, read a block at a time: an exact search whose memory
+data/processed/embeddings/, read a block at a time: an exact search whose memory
 stays bounded at any collection size. Each line gives the rank, the distance in the
 latent space, the image's id and its path, its cluster and its near-duplicate group when
 the pipeline has made them. An image of the collection finds itself first, at distance 0.
@@ -85,7 +85,7 @@ def nearest_rows(vector: np.ndarray, top: int) -> list[tuple[float, int]]:
     """(distance, row) of the `top` embeddings nearest `vector`, nearest first, ties by row."""
     best: list[tuple[float, int]] = []
     start = 0
-    for block in common.embedding_batches(common.EMBEDDINGS_FILE, SEARCH_BLOCK):
+    for block in common.embedding_batches(common.EMBEDDINGS_DIR, SEARCH_BLOCK):
         distances = np.sqrt(((block.astype(np.float64) - vector) ** 2).sum(axis=1))
         candidates = np.argsort(distances, kind="stable")[:top]
         best = heapq.nsmallest(
@@ -125,8 +125,8 @@ def main(arguments: list[str] | None = None) -> None:
     options = parser.parse_args(arguments)
     if options.top < 1:
         raise common.UserError(f"--top {options.top}: give at least 1")
-    if not common.EMBEDDINGS_FILE.exists():
-        raise common.UserError(f"{common.EMBEDDINGS_FILE} is missing: run `dvc repro embed`")
+    if not common.EMBEDDINGS_DIR.exists():
+        raise common.UserError(f"{common.EMBEDDINGS_DIR} is missing: run `dvc repro embed`")
     vector = image_vector(options.image, settings.load_params())
     table = describe(nearest_rows(vector, options.top))
     sys.stdout.write(table.to_string(index=False) + "\n")

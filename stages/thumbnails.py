@@ -194,6 +194,6 @@ def load(ids: list[str], path: Path = THUMBS_DIR) -> Thumbnails:
     thumbnails = Thumbnails(path)
     if thumbnails.ids() != ids:
         raise common.UserError(
-            f"{path} and {common.EMBEDDINGS_FILE} list different images: run `dvc repro`"
+            f"{path} and {common.EMBEDDINGS_DIR} list different images: run `dvc repro`"
         )
     return thumbnails

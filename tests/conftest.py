@@ -29,6 +29,11 @@ import stages  # noqa: E402, F401
 from tools.project_copy import clean_copy  # noqa: E402, F401 (for the tests that run dvc)
 
 
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file of an output folder (a stage's parts), by name."""
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
 def pattern_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """An RGB image with smooth gradients and a few blocks: real content, not blank."""
     rng = np.random.default_rng(seed)

@@ -27,7 +27,8 @@ OUTPUTS = (
     "data/interim/thumbs/part-00000.parquet",
     "data/interim/thumbs/_parts.json",
     "data/interim/ids.parquet",
-    "data/processed/embeddings.parquet",
+    "data/processed/embeddings/part-00000.parquet",
+    "data/processed/embeddings/_parts.json",
     "data/processed/clusters.parquet",
 )
 

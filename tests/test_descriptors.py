@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import pattern_image
+from conftest import folder_bytes, pattern_image
 from PIL import Image
 
 from stages import common, describe, descriptors, embed, similar, train, words
@@ -149,7 +149,7 @@ def test_embed_writes_every_images_bag_and_reads_known_files_from_the_cache(
     sha256s = ["sha-a", "sha-b", "sha-a", "sha-c", "sha-d", "sha-blank"]
     descriptor = bovw_descriptor(["sha-a", "sha-b", "sha-c", "sha-d"], pca=2)
     table = keypoint_table(BAGS)
-    path, cache = tmp_path / "embeddings.parquet", tmp_path / "cache"
+    path, cache = tmp_path / "embeddings", tmp_path / "cache"
     made = embed.embed_bags(ids, sha256s, lambda: table, VOCABULARY, descriptor, cache, path)
     assert made == 5, "each distinct file once"
     read_ids, vectors = common.read_embeddings(path)
@@ -162,20 +162,20 @@ def test_embed_writes_every_images_bag_and_reads_known_files_from_the_cache(
     whole = each[[distinct.index(sha) for sha in sha256s]]
     np.testing.assert_allclose(vectors, whole, atol=1e-6)
     np.testing.assert_allclose(vectors[5], descriptor.apply(np.zeros((1, VOCABULARY)))[0])
-    again = tmp_path / "again.parquet"
+    again = tmp_path / "again"
 
     def unread() -> pd.DataFrame:
         raise AssertionError("every vector is in the cache: the words need not be read")
 
     assert embed.embed_bags(ids, sha256s, unread, VOCABULARY, descriptor, cache, again) == 0
-    assert again.read_bytes() == path.read_bytes()
+    assert folder_bytes(again) == folder_bytes(path)
 
 
 def test_without_pca_an_image_without_words_is_a_zero_vector_not_an_error(
     tmp_path: Path,
 ) -> None:
     descriptor = bovw_descriptor(["sha-a", "sha-b", "sha-c", "sha-d"])
-    path = tmp_path / "embeddings.parquet"
+    path = tmp_path / "embeddings"
     embed.embed_bags(
         ["a", "blank"], ["sha-a", "sha-blank"], lambda: keypoint_table(BAGS), VOCABULARY,
         descriptor, tmp_path / "cache", path,

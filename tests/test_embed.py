@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import pattern_image
+from conftest import folder_bytes, pattern_image
 
 from stages import common, embed, train
 
@@ -39,7 +39,7 @@ def embed_into(
     encoder = embed.load_encoder(encoder_file, pixels.shape[1:])
     ids = [f"image-{index:03d}" for index in range(len(pixels))]
     sha256s = sha256s or [f"sha-{index:03d}" for index in range(len(pixels))]
-    path = folder / "embeddings.parquet"
+    path = folder / "embeddings"
     encoded = embed.embed_images(encoder, pixels, ids, sha256s, folder / "cache", path, 16)
     return path, encoded
 
@@ -64,7 +64,7 @@ def test_embeddings_are_written_in_row_groups(
 ) -> None:
     monkeypatch.setattr(embed, "ROW_GROUP_ROWS", 32)
     path, _ = embed_into(encoder_file, pixels, tmp_path)
-    metadata = pq.ParquetFile(path).metadata
+    metadata = pq.ParquetFile(path / "part-00000.parquet").metadata
     assert metadata.num_row_groups == 3 and metadata.num_rows == 70
 
 
@@ -73,7 +73,7 @@ def test_two_runs_give_identical_files(
 ) -> None:
     first, _ = embed_into(encoder_file, pixels, tmp_path / "a")
     second, _ = embed_into(encoder_file, pixels, tmp_path / "b")
-    assert first.read_bytes() == second.read_bytes()
+    assert folder_bytes(first) == folder_bytes(second)
 
 
 def test_only_new_images_are_encoded_and_the_result_is_as_from_scratch(
@@ -84,7 +84,7 @@ def test_only_new_images_are_encoded_and_the_result_is_as_from_scratch(
     assert encoded == 10, "the 60 seen before come from the cache"
     assert embed_into(encoder_file, pixels, tmp_path / "grown")[1] == 0
     scratch, _ = embed_into(encoder_file, pixels, tmp_path / "scratch")
-    assert grown.read_bytes() == scratch.read_bytes()
+    assert folder_bytes(grown) == folder_bytes(scratch)
 
 
 def test_a_file_twice_is_encoded_once(

@@ -74,7 +74,7 @@ def test_the_readme_iss_preset_runs_end_to_end(tmp_path: Path) -> None:
     assert parts.PartedArray(project / "data/interim/pixels").shape == (240, 27, 48, 3)
     thumbs = thumbnails.Thumbnails(project / "data/interim/thumbs")
     assert thumbs.shape == (240, 54, 96, 3)
-    ids, embeddings = read_embeddings(project / "data/processed/embeddings.parquet")
+    ids, embeddings = read_embeddings(project / "data/processed/embeddings")
     assert embeddings.shape == (240, 288), "3x6x16, the original's latent"
     assert sorted(ids) == sorted(stems)
 

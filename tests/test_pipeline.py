@@ -66,7 +66,7 @@ def test_repro_runs_every_stage_and_writes_every_output(demo: tuple[Path, str]) 
     assert ids.tolist() == manifest["id"].tolist()
     subsets = pd.read_parquet(project / "data/processed/split.parquet")
     assert set(subsets["subset"]) == {"train", "test", "valid"}
-    embedded_ids, embeddings = read_embeddings(project / "data/processed/embeddings.parquet")
+    embedded_ids, embeddings = read_embeddings(project / "data/processed/embeddings")
     assert embedded_ids == manifest["id"].tolist()
     train_metrics = json.loads((project / "metrics/train/metrics.json").read_text())
     assert embeddings.shape == (1797, train_metrics["latent_dim"])

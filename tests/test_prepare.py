@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import good_image_files, image_bytes, jpeg_with_exif, pattern_image, write
+from conftest import (
+    folder_bytes,
+    good_image_files,
+    image_bytes,
+    jpeg_with_exif,
+    pattern_image,
+    write,
+)
 from PIL import Image
 
 from stages import common, images, parts, prepare, sync, thumbnails
@@ -118,11 +125,6 @@ def run_prepare(
         out / "ids.parquet",
         workers=1,
     )
-
-
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    """Every file of an output folder, by name."""
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
 @pytest.fixture

@@ -281,8 +281,8 @@ def score_project(tmp_path: Path, monkeypatch, project_params: dict[str, Any]) -
     params["score"]["outliers"] = 5
     Path("params.yaml").write_text(yaml.safe_dump(params))
     codes = vectors.astype(np.float32)
-    common.EMBEDDINGS_FILE.parent.mkdir(parents=True)
-    pq.write_table(embed.embeddings_table(ids, codes), common.EMBEDDINGS_FILE)
+    common.EMBEDDINGS_DIR.parent.mkdir(parents=True)
+    pq.write_table(embed.embeddings_table(ids, codes), common.EMBEDDINGS_DIR)
     clusters = pd.DataFrame({"id": ids, "cluster": truth, "x": vectors[:, 0], "y": vectors[:, 1]})
     clusters["fitted"] = np.arange(90) % 3 > 0  # a fit sample of 60
     common.write_parquet(clusters, common.CLUSTERS_FILE, keys={"assign_key": "model-embeddings"})
