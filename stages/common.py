@@ -213,10 +213,13 @@ def read_words_table(
     return table.to_pandas()
 
 
-def read_parquet(path: Path, made_by: str) -> pd.DataFrame:
-    """Read a Parquet table that stage `made_by` writes, with a clear error if it is missing."""
+def read_parquet(path: Path, made_by: str, categories: list[str] | None = None) -> pd.DataFrame:
+    """Read a Parquet table that stage `made_by` writes, with a clear error if it is missing;
+    `categories` are read as pandas categories (a column of a few values, repeated)."""
     if not path.exists():
         raise UserError(f"{path} is missing: run `dvc repro {made_by}` first")
+    if categories:
+        return pq.read_table(path, read_dictionary=categories).to_pandas()
     return pd.read_parquet(path)
 
 

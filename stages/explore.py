@@ -200,7 +200,12 @@ def pattern_lists(
     empty: tuple[list[int], list[float]] = ([], [])
     if image_patterns is None or image_patterns.empty:
         return [[] for _ in ids], [[] for _ in ids]
-    row = pd.Index(ids).get_indexer(image_patterns["id"])
+    holder = image_patterns["id"]
+    if isinstance(holder.dtype, pd.CategoricalDtype):  # each id looked up once, not per row
+        codes = holder.cat.codes.to_numpy()
+        row = pd.Index(ids).get_indexer(holder.cat.categories)[codes]
+    else:
+        row = pd.Index(ids).get_indexer(holder)
     pattern = image_patterns["pattern"].to_numpy(np.int64)
     score = image_patterns["score"].to_numpy(np.float64)
     order = np.lexsort((pattern, -score, row))
@@ -771,7 +776,9 @@ def main() -> None:
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     near = common.read_parquet(common.NEAR_GROUPS_FILE, made_by="health")
     neighbors = common.read_parquet(common.NEIGHBORS_FILE, made_by="health")
-    image_patterns = common.read_parquet(common.IMAGE_PATTERNS_FILE, made_by="patterns")
+    image_patterns = common.read_parquet(
+        common.IMAGE_PATTERNS_FILE, made_by="patterns", categories=["id"]
+    )
     ids = clusters["id"].tolist()
     thumbs = thumbnails.load(ids)
     table = explorer_table(clusters, scores, split, manifest, near, neighbors, image_patterns)

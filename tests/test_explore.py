@@ -936,3 +936,19 @@ def test_a_rebuild_keeps_the_atlases_whose_sprites_are_unchanged(
     assert rebuilt[5:9] == first[5:9] and rebuilt[9] != first[9], "its icons too"
     fresh, kept = build(tmp_path / "b", changed)
     assert kept == 0 and fresh == rebuilt  # as a run from nothing makes them
+
+
+def test_pattern_lists_are_the_same_from_categories_as_from_strings() -> None:
+    rng = np.random.default_rng(6)
+    ids = [f"i{n}" for n in range(50)]
+    held = pd.DataFrame(
+        {
+            "id": rng.choice([*ids, "not-shown"], 400),
+            "pattern": rng.integers(0, 30, 400),
+            "score": rng.random(400).round(2),
+        }
+    ).drop_duplicates(["id", "pattern"])
+    as_strings = explore.pattern_lists(pd.Series(ids), held)
+    as_categories = explore.pattern_lists(pd.Series(ids), held.astype({"id": "category"}))
+    assert as_categories == as_strings
+    assert sum(map(len, as_strings[0])) == int((held["id"] != "not-shown").sum())
