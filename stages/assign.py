@@ -98,8 +98,9 @@ def place_missing(
     clusters = np.empty(len(missing), dtype=np.int32)
     xy = np.empty((len(missing), 2), dtype=np.float32)
     fitted = np.empty(len(missing), dtype=np.bool_)
-    done = start = 0
-    for batch in common.embedding_batches(embeddings_file, BATCH_ROWS):
+    done = 0
+    wanted = np.sort(rows)
+    for start, batch in common.embedding_batches_holding(embeddings_file, wanted, BATCH_ROWS):
         chosen = rows[(rows >= start) & (rows < start + len(batch))]
         tasks = [
             PlaceTask(model_file, batch[part - start], [sha256s[row] for row in part])
@@ -111,7 +112,6 @@ def place_missing(
             clusters[done:done_after], xy[done:done_after] = task_clusters, task_xy
             fitted[done:done_after] = task_fitted
             done = done_after
-        start += len(batch)
     cache.add(missing, {"cluster": clusters, "xy": xy, "fitted": fitted})
     from_fit = int(fitted.sum())
     return AssignSummary(len(missing) - from_fit, from_fit, distinct - len(missing))

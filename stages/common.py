@@ -295,10 +295,27 @@ def embedding_parts(path: Path = EMBEDDINGS_DIR) -> list[str]:
 
 def embedding_batches(path: Path, rows: int) -> Iterator[np.ndarray]:
     """The embeddings matrix of a table, at most `rows` rows at a time, in order."""
+    for _, batch in embedding_batches_holding(path, None, rows):
+        yield batch
+
+
+def embedding_batches_holding(
+    path: Path, wanted: np.ndarray | None, rows: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, matrix) of each batch of at most `rows` rows of the parts of an
+    embeddings table that hold any of the `wanted` rows (every part for None), in order:
+    a daily run's new images, in the last part, do not make a stage read the others."""
+    start = 0
     for part in embedding_parts(path):
-        for batch in pq.ParquetFile(part).iter_batches(batch_size=rows, columns=["embedding"]):
+        file = pq.ParquetFile(part)
+        count = file.metadata.num_rows
+        if wanted is not None and not np.any((wanted >= start) & (wanted < start + count)):
+            start += count
+            continue
+        for batch in file.iter_batches(batch_size=rows, columns=["embedding"]):
             column = batch.column(0)
-            yield column.flatten().to_numpy().reshape(len(batch), column.type.list_size)
+            yield start, column.flatten().to_numpy().reshape(len(batch), column.type.list_size)
+            start += len(batch)
 
 
 def embedding_ids(path: Path = EMBEDDINGS_DIR) -> list[str]:
@@ -309,13 +326,11 @@ def embedding_ids(path: Path = EMBEDDINGS_DIR) -> list[str]:
 def read_embedding_rows(path: Path, rows: np.ndarray, batch_rows: int = 65536) -> np.ndarray:
     """The vectors of the given (sorted) rows of an embeddings table, read a batch at a
     time, so that only the chosen rows are ever held."""
-    picked = []
-    start = 0
-    for batch in embedding_batches(path, batch_rows):
+    picked = [np.empty((0, 0), np.float32)]
+    for start, batch in embedding_batches_holding(path, rows, batch_rows):
         inside = rows[(rows >= start) & (rows < start + len(batch))]
         picked.append(batch[inside - start])
-        start += len(batch)
-    return np.concatenate(picked).astype(np.float32, copy=False)
+    return np.concatenate(picked[1:] or picked).astype(np.float32, copy=False)
 
 
 def distinct_images(manifest: pd.DataFrame) -> pd.DataFrame:

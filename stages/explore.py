@@ -250,12 +250,18 @@ def similar_positions(
 ) -> list[list[int]]:
     """For each row, the rows (positions in `ids`) of its nearest neighbours that are among
     `ids`, nearest first, at most `shown`: the similar images its details show."""
-    position = {image_id: row for row, image_id in enumerate(ids)}
-    result = []
-    for near in neighbors.tolist():
-        others = near if isinstance(near, list | np.ndarray) else []  # none: None or NaN
-        result.append([position[other] for other in others if other in position][:shown])
-    return result
+    lists = [  # none: None or NaN
+        near if isinstance(near, list | np.ndarray) else () for near in neighbors.tolist()
+    ]
+    lengths = np.fromiter(map(len, lists), np.int64, len(lists))
+    flat = list(itertools.chain.from_iterable(lists))
+    # Every neighbour's position looked up at once; -1 for one not on the page.
+    position = pd.Index(ids).get_indexer(flat) if flat else np.empty(0, np.int64)
+    owner = np.repeat(np.arange(len(lists)), lengths)
+    on_page = position >= 0
+    owner, position = owner[on_page], position[on_page]
+    starts = np.searchsorted(owner, np.arange(len(lists) + 1))
+    return [position[a : min(b, a + shown)].tolist() for a, b in itertools.pairwise(starts)]
 
 
 # ----------------------------------------------------------------------------- clusterings

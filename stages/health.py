@@ -358,7 +358,9 @@ def main() -> None:
             "run `dvc repro`"
         )
     thumb_row = thumb_row_of[manifest["id"]].to_numpy()
-    manifest_vectors = vectors[thumb_row]
+    # Both are in manifest order as the stages write them: no copy of every vector then.
+    in_order = np.array_equal(thumb_row, np.arange(len(ids)))
+    manifest_vectors = vectors if in_order else vectors[thumb_row]
 
     search = neighbour_lists.SearchSettings(params.neighbors, params.exact_below, params.seed)
     indices, distances, searched = neighbour_lists.neighbour_lists(

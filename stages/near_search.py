@@ -9,6 +9,7 @@ a million images stay feasible.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -131,6 +132,7 @@ def groups_of_pairs(count: int, first: np.ndarray, second: np.ndarray) -> np.nda
 
 # The vectors of the neighbour search in progress, inherited by forked processes.
 _VECTOR_SEARCH: dict[str, np.ndarray] = {}
+_SCRATCH: dict[str, np.ndarray] = {}  # see scratch()
 MEASURED_CELLS = 2**22  # float64s of differences one search measures at once: 32 MiB
 
 
@@ -141,11 +143,26 @@ def estimate_error_share(dimensions: int) -> float:
     return (dimensions + 8) * 2.0**-52
 
 
+def scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float64 array of `shape` that this process keeps for the next block: a fresh
+    block-sized array costs its page faults every block (32 MiB, about 0.07 s here), more
+    than the products it holds."""
+    size = math.prod(shape)
+    held = _SCRATCH.get(name)
+    if held is None or held.size < size:
+        held = _SCRATCH[name] = np.empty(size, dtype=np.float64)
+    return held[:size].reshape(shape)
+
+
 def estimated_squared(
-    block: np.ndarray, block_norms: np.ndarray, vectors: np.ndarray, norms: np.ndarray
+    block: np.ndarray,
+    block_norms: np.ndarray,
+    vectors: np.ndarray,
+    norms: np.ndarray,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Squared distances between rows of `block` and of `vectors`, estimated."""
-    squared = block @ vectors.T
+    """Squared distances between rows of `block` and of `vectors`, estimated (into `out`)."""
+    squared = np.matmul(block, vectors.T, out=out)
     squared *= -2.0
     squared += block_norms[:, None]
     squared += norms[None, :]
@@ -168,7 +185,10 @@ def exact_neighbour_block(
     search = _VECTOR_SEARCH
     vectors, centred, norms = search["vectors"], search["centred"], search["centred_norms"]
     rows = search["query_rows"][start:stop]
-    estimate = estimated_squared(centred[rows], norms[rows], centred, norms)
+    shape = (len(rows), len(centred))
+    estimate = estimated_squared(
+        centred[rows], norms[rows], centred, norms, scratch("estimate", shape)
+    )
     error_rows, error_columns = search["share"] * norms[rows], search["share"] * norms
     itself = (np.arange(len(rows)), rows)
     count = min(k, vectors.shape[0] - 1)
@@ -177,9 +197,10 @@ def exact_neighbour_block(
     # is within it may be among the k nearest. The row's error is added after the
     # partition, and the comparisons take it on their right side: fewer passes over a
     # block of rows x every row.
-    bound = estimate + error_columns[None, :]
+    bound = np.add(estimate, error_columns[None, :], out=scratch("bound", shape))
     bound[itself] = np.inf
-    kth_upper = np.partition(bound, count - 1, axis=1)[:, count - 1] + error_rows
+    bound.partition(count - 1, axis=1)  # in place: bound is written again below
+    kth_upper = bound[:, count - 1] + error_rows
     lower_but_row = np.subtract(estimate, error_columns[None, :], out=bound)
     lower_but_row[itself] = np.inf
     within_row, within = np.nonzero(lower_but_row <= (kth_upper + error_rows)[:, None])

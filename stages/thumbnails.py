@@ -129,16 +129,17 @@ class Thumbnails:
             name for file in self.files for name in file.read(columns=["id"]).column(0).to_pylist()
         ]
 
-    def _read_group(self, group: int) -> list[bytes]:
+    def _read_group(self, group: int) -> pa.Array:
+        # Kept as Arrow: a reader of a few rows of a group makes Python bytes of those alone.
         index, number = self.groups[group]
-        return self.files[index].read_row_group(number, columns=["jpeg"]).column(0).to_pylist()
+        return self.files[index].read_row_group(number, columns=["jpeg"]).column(0).combine_chunks()
 
     def jpeg(self, row: int) -> bytes:
         """The stored JPEG bytes of one row."""
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} of {len(self)} thumbnails")
         group = int(np.searchsorted(self.group_starts, row, side="right")) - 1
-        return self.read_group(group)[row - int(self.group_starts[group])]
+        return self.read_group(group)[row - int(self.group_starts[group])].as_py()
 
     def image(self, row: int) -> Image.Image:
         """One row as an image (no array made: the explorer pastes it as it is)."""
