@@ -5,6 +5,7 @@ patterns (each pattern's best images)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -62,23 +63,26 @@ def save_png_atomically(image: Image.Image, path: Path) -> None:
         save_png(image, temporary)
 
 
-def kept_mosaics(keys: dict[int, str], cache: Path) -> dict[int, Path]:
-    """The mosaics of `keys` (by a name such as the cluster) that an earlier run kept in
-    `cache` (keep_mosaics): these are copied, not drawn again."""
-    found = {name: cache / f"{key}.png" for name, key in keys.items()}
+def kept_mosaics(keys: dict[Any, str], cache: Path, suffix: str = ".png") -> dict[Any, Path]:
+    """The mosaics (or other pictures, saved with `suffix`) of `keys` (by a name such as
+    the cluster) that an earlier run kept in `cache` (keep_mosaics): these are copied, not
+    drawn again."""
+    found = {name: cache / f"{key}{suffix}" for name, key in keys.items()}
     return {name: path for name, path in found.items() if path.is_file()}
 
 
-def keep_mosaics(files: dict[int, Path], keys: dict[int, str], cache: Path) -> None:
+def keep_mosaics(
+    files: dict[Any, Path], keys: dict[Any, str], cache: Path, suffix: str = ".png"
+) -> None:
     """Keep this run's mosaics (`files`, by a name such as the cluster) in `cache` under
     their `keys`, and only them: the next run copies those whose key has not changed."""
     if not keys:
         return
     cache.mkdir(parents=True, exist_ok=True)
     for name, key in keys.items():
-        if not (cache / f"{key}.png").exists():
-            common.write_bytes_atomic(files[name].read_bytes(), cache / f"{key}.png")
-    current = {f"{key}.png" for key in keys.values()}
-    for old in cache.glob("*.png"):
+        if not (cache / f"{key}{suffix}").exists():
+            common.write_bytes_atomic(files[name].read_bytes(), cache / f"{key}{suffix}")
+    current = {f"{key}{suffix}" for key in keys.values()}
+    for old in cache.glob(f"*{suffix}"):
         if old.name not in current:
             old.unlink()

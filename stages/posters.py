@@ -12,14 +12,17 @@ The template format is in stages/poster_templates.py and templates/posters/. Eac
 gets one image, cut from the original, scaled with a Lanczos filter and center-cropped to
 the region's aspect ratio. No image appears twice on one poster; blank and duplicate
 images and near-duplicate copies (only their group's representative is used) are skipped
-unless named by id.
+unless named by id. A poster whose images (by file sha256), template and quality are
+those of a poster the last run made is copied from data/cache/posters/.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import os
+import shutil
 import time
 import zlib
 from dataclasses import dataclass
@@ -28,10 +31,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+import PIL
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pydantic import Field, field_validator
 
-from stages import common, images, settings
+from stages import common, images, mosaics, settings
 from stages.poster_templates import (
     ClusterFill,
     Fill,
@@ -45,6 +49,9 @@ from stages.poster_templates import (
 STAGE = "posters"
 POSTERS_DIR = Path("reports/posters")
 POSTERS_TABLE = "posters.csv"
+# The last run's posters by key (poster_key): a poster whose images did not change is
+# copied, not decoded and drawn again.
+POSTER_CACHE_DIR = common.CACHE_DIR / STAGE
 PREVIEW_WIDTH = 1200  # px
 TEMPLATES_ROOT = Path("templates")  # a dep of the stage as a whole, in dvc.yaml
 TEMPLATES_WORDS = f"expected a folder in {TEMPLATES_ROOT}/, such as {TEMPLATES_ROOT}/posters"
@@ -305,6 +312,20 @@ def poster_tiles(
             return chosen, tiles
 
 
+def poster_key(
+    template: Template, chosen: dict[str, str], sha256_of: pd.Series, quality: int
+) -> str:
+    """What a poster's bytes depend on: its template, the file in each region, the JPEG
+    quality and the code that cuts and draws the tiles."""
+    digest = hashlib.sha256(template.model_dump_json().encode())
+    digest.update(f"{quality}\0{PIL.__version__}\0".encode())
+    for code in (Path(__file__), Path(images.__file__)):
+        digest.update(hashlib.sha256(code.read_bytes()).digest())
+    for region in template.regions:
+        digest.update(f"{region.name}\0{sha256_of[chosen[region.name]]}\n".encode())
+    return digest.hexdigest()
+
+
 def make_posters(
     templates: list[Template],
     scores: pd.DataFrame,
@@ -313,14 +334,19 @@ def make_posters(
     collection_dir: Path,
     directory: Path,
     copies: np.ndarray | None = None,
-) -> pd.DataFrame:
+    cache: Path = POSTER_CACHE_DIR,
+) -> tuple[pd.DataFrame, int]:
     """Render every template's posters and previews into `directory` (replaced as a whole).
 
-    Returns the table of which image sits where. An image that fails to decode is logged
-    and replaced by the region's next choice; near-duplicate `copies` are not used.
+    Returns the table of which image sits where, and how many posters were copied from
+    the last run's (kept in `cache` by poster_key). An image that fails to decode is
+    logged and replaced by the region's next choice; near-duplicate `copies` are not used.
     """
     pool = candidates(scores, manifest, params.best_clusters, copies)
     paths = manifest.set_index("id")["path"]
+    sha256_of = manifest.set_index("id")["sha256"]
+    keys: dict[str, str] = {}
+    kept = 0
     cluster_of = scores.set_index("id")["cluster"]
     silhouette_of = scores.set_index("id")["silhouette"]
     rows = []
@@ -328,15 +354,28 @@ def make_posters(
         for template in templates:
             preview(template).save(staging / f"{template.name}-preview.png", format="PNG")
             for index in range(1, params.count + 1):
-                chosen, tiles = poster_tiles(template, pool, params, index, paths, collection_dir)
                 poster = f"{template.name}-{index:02d}.jpg"
-                render_poster(template, tiles).save(
-                    staging / poster,
-                    format="JPEG",
-                    quality=params.quality,
-                    dpi=(template.dpi, template.dpi),
-                    optimize=True,
-                )
+                # The first choice (poster_tiles makes it again if an image fails to decode).
+                rng = poster_rng(params.seed, template.name, index)
+                chosen = choose_images(template, pool, params.top_share, rng, frozenset())
+                key = poster_key(template, chosen, sha256_of, params.quality)
+                earlier = mosaics.kept_mosaics({poster: key}, cache, ".jpg")
+                if earlier:
+                    shutil.copyfile(earlier[poster], staging / poster)
+                    kept += 1
+                else:
+                    chosen, tiles = poster_tiles(
+                        template, pool, params, index, paths, collection_dir
+                    )
+                    key = poster_key(template, chosen, sha256_of, params.quality)
+                    render_poster(template, tiles).save(
+                        staging / poster,
+                        format="JPEG",
+                        quality=params.quality,
+                        dpi=(template.dpi, template.dpi),
+                        optimize=True,
+                    )
+                keys[poster] = key
                 for region in template.regions:
                     image_id = chosen[region.name]
                     rows.append(
@@ -352,7 +391,8 @@ def make_posters(
                     )
         table = pd.DataFrame(rows)
         table.to_csv(staging / POSTERS_TABLE, index=False, float_format="%.6g")
-    return table
+        mosaics.keep_mosaics({name: staging / name for name in keys}, keys, cache, ".jpg")
+    return table, kept
 
 
 def main() -> None:
@@ -364,16 +404,17 @@ def main() -> None:
     scores = common.read_parquet(common.SCORES_FILE, made_by="score")
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     copies = common.read_near_copies(scores["id"].tolist())
-    table = make_posters(
+    table, kept = make_posters(
         templates, scores, manifest, params, common.COLLECTION_DIR, POSTERS_DIR, copies
     )
     logger.info(
-        "%d posters from %d template(s) (%s), %d tiles, in %s; %.1f s",
+        "%d posters from %d template(s) (%s), %d tiles, in %s (%d kept from the last run); %.1f s",
         table["poster"].nunique(),
         len(templates),
         ", ".join(t.name for t in templates),
         len(table),
         POSTERS_DIR,
+        kept,
         time.perf_counter() - started,
     )
 

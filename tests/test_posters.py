@@ -60,6 +60,7 @@ def collection(tmp_path: Path) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
     manifest = pd.DataFrame(
         {"id": ids, "path": paths, "blank": [False] * 24, "duplicate": [False] * 24}
     )
+    manifest["sha256"] = [digest(folder / path) for path in paths]
     return folder, scores, manifest
 
 
@@ -68,8 +69,46 @@ def digest(path: Path) -> str:
 
 
 def make(collection: tuple, out: Path, params: posters.PostersParams = PARAMS) -> pd.DataFrame:
+    """Posters of the small template into `out`, each drawn (no earlier run's kept)."""
     folder, scores, manifest = collection
-    return posters.make_posters([template(SMALL_TEMPLATE)], scores, manifest, params, folder, out)
+    table, kept = posters.make_posters(
+        [template(SMALL_TEMPLATE)], scores, manifest, params, folder, out, None, out / "cache"
+    )
+    assert kept == 0
+    return table
+
+
+def test_a_poster_whose_images_did_not_change_is_copied_not_drawn(
+    collection: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, scores, manifest = collection
+    small = [template(SMALL_TEMPLATE)]
+    cache = tmp_path / "cache"
+    first, kept = posters.make_posters(
+        small, scores, manifest, PARAMS, folder, tmp_path / "a", None, cache
+    )
+    drawn = {name: digest(tmp_path / "a" / name) for name in ("small-01.jpg", "small-02.jpg")}
+    assert kept == 0 and len(list(cache.iterdir())) == 2
+
+    def no_drawing(*_: object) -> None:
+        raise AssertionError("a kept poster is not drawn again")
+
+    monkeypatch.setattr(posters, "poster_tiles", no_drawing)
+    again, kept = posters.make_posters(
+        small, scores, manifest, PARAMS, folder, tmp_path / "b", None, cache
+    )
+    assert kept == 2 and again.equals(first)
+    assert {name: digest(tmp_path / "b" / name) for name in drawn} == drawn
+    monkeypatch.undo()
+    # Another file behind a chosen id: that poster is drawn again, the other kept.
+    on = {name: set(first.loc[first["poster"] == name, "id"]) for name in drawn}
+    chosen = sorted(on["small-01.jpg"] - on["small-02.jpg"])[0]
+    changed = manifest.copy()
+    changed.loc[changed["id"] == chosen, "sha256"] = "0" * 64
+    _, kept = posters.make_posters(
+        small, scores, changed, PARAMS, folder, tmp_path / "c", None, cache
+    )
+    assert kept == 1 and len(list(cache.iterdir())) == 2, "only this run's posters are kept"
 
 
 def test_same_seed_same_bytes_other_seed_other_posters(collection: tuple, tmp_path: Path) -> None:
@@ -140,8 +179,15 @@ def test_near_duplicate_copies_are_never_chosen_but_their_representative_is(
     # img-00, 03 and 06 (the best of cluster 0) are copies of img-09 in one group
     copies = scores["id"].isin(["img-00", "img-03", "img-06"]).to_numpy()
     params = PARAMS.model_copy(update={"count": 8})
-    table = posters.make_posters(
-        [template(SMALL_TEMPLATE)], scores, manifest, params, folder, tmp_path / "out", copies
+    table, _ = posters.make_posters(
+        [template(SMALL_TEMPLATE)],
+        scores,
+        manifest,
+        params,
+        folder,
+        tmp_path / "out",
+        copies,
+        tmp_path / "cache",
     )
     assert not set(table["id"]) & {"img-00", "img-03", "img-06"}
     assert "img-09" in set(table["id"])
