@@ -115,7 +115,11 @@ def hash_pair_table(
     parts = [found]
     if last is not None and known.any():
         row_of = pd.Series(np.arange(len(ids)), index=ids)
-        kept = last.pairs[last.pairs["id_a"].isin(ids[known]) & last.pairs["id_b"].isin(ids[known])]
+        unchanged = ids[known]
+        kept = last.pairs[
+            common.is_among(last.pairs["id_a"], unchanged)
+            & common.is_among(last.pairs["id_b"], unchanged)
+        ]
         rows_a = row_of[kept["id_a"]].to_numpy(np.int64)
         rows_b = row_of[kept["id_b"]].to_numpy(np.int64)
         parts.append(

@@ -197,7 +197,8 @@ def write_reports(
     thumbs = thumbnails.Thumbnails(thumbs_file)
     row_of = {image_id: row for row, image_id in enumerate(thumbs.ids())}
     shown = image_patterns[
-        image_patterns["pattern"].isin(reported["pattern"]) & image_patterns["id"].isin(row_of)
+        common.is_among(image_patterns["pattern"], reported["pattern"])
+        & common.is_among(image_patterns["id"], row_of)
     ]
     best = shown.groupby("pattern", sort=False)["id"].apply(
         lambda ids: ids.head(params.mosaic_side**2).tolist()

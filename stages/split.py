@@ -80,7 +80,9 @@ def group_owners(manifest: pd.DataFrame, pairs: pd.DataFrame | None) -> np.ndarr
         copies = manifest["duplicate"].astype(bool).to_numpy()
         links.append((np.flatnonzero(copies), row_of[manifest["duplicate_of"][copies]].to_numpy()))
     if pairs is not None and len(pairs):
-        known = (pairs["id_a"].isin(row_of.index) & pairs["id_b"].isin(row_of.index)).to_numpy()
+        known = common.is_among(pairs["id_a"], row_of.index) & common.is_among(
+            pairs["id_b"], row_of.index
+        )
         links.append(
             (row_of[pairs["id_a"][known]].to_numpy(), row_of[pairs["id_b"][known]].to_numpy())
         )

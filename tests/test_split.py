@@ -143,3 +143,18 @@ def test_a_negative_seed_is_refused(params: dict[str, Any]) -> None:
     params["split"]["seed"] = -1
     with pytest.raises(common.UserError, match=re.escape("split.seed = -1 is not allowed")):
         split.SplitParams.from_params(params)
+
+
+def test_is_among_answers_as_pandas_isin_does() -> None:
+    ids = pd.Series([f"id-{n}" for n in range(50)], dtype="str")
+    looked_up = pd.Series(["id-3", "gone", "id-49", "id-3"], dtype="str")
+    expected = looked_up.isin(ids).to_numpy()
+    assert common.is_among(looked_up, pd.Index(ids)).tolist() == expected.tolist()
+    assert common.is_among(looked_up, {"id-49": 0}).tolist() == [False, False, True, False]
+    numbers = pd.Series([1, 2, 3], dtype="int32")
+    assert common.is_among(numbers, pd.Series([3, 1], dtype="int64")).tolist() == [
+        True,
+        False,
+        True,
+    ]
+    assert common.is_among(looked_up.iloc[:0], pd.Index(ids)).tolist() == []
