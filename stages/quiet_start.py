@@ -13,6 +13,8 @@ TF_CPP_MIN_LOG_LEVEL asks to drop: INFO at 1 and above, WARNING at 2 and above. 
 FATAL lines always pass, and since the filter is a process of its own, a line written just
 before a crash still reaches the terminal.
 
+Keras loads with scikit-learn hidden (see scikit_learn_hidden).
+
 Stages import Keras from here: `from stages.quiet_start import keras`.
 """
 
@@ -76,7 +78,27 @@ def native_logs_filtered() -> Iterator[None]:
         os.close(original)
 
 
-with native_logs_filtered():
+@contextlib.contextmanager
+def scikit_learn_hidden() -> Iterator[None]:
+    """Make `import sklearn` fail inside the block, unless it is already imported.
+
+    Keras imports its scikit-learn wrappers, and with them all of scikit-learn (about a
+    second, a third of embed's start on a daily run), whenever scikit-learn is installed.
+    No stage uses those wrappers, and they are written to do without scikit-learn. A stage
+    that needs scikit-learn later (PCA, MiniBatchKMeans) imports it as usual.
+    """
+    if "sklearn" in sys.modules:
+        yield
+        return
+    sys.modules["sklearn"] = None  # type: ignore[assignment]  # import raises ImportError
+    try:
+        yield
+    finally:
+        if sys.modules.get("sklearn", 0) is None:
+            del sys.modules["sklearn"]
+
+
+with native_logs_filtered(), scikit_learn_hidden():
     import keras  # loads TensorFlow
 
 __all__ = ["keras"]

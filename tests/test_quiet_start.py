@@ -95,3 +95,17 @@ def test_the_severities_dropped_follow_the_level() -> None:
     assert quiet_start.dropped_severities("0") == ""
     assert quiet_start.dropped_severities(None) == ""
     assert quiet_start.dropped_severities("loud") == ""
+
+
+def test_keras_loads_without_scikit_learn_which_still_imports_after() -> None:
+    environment = {**project_environment(), "PYTHONPATH": str(REPO_ROOT)}
+    code = (
+        "import sys\nfrom stages.quiet_start import keras\n"
+        "print('sklearn' in sys.modules)\n"
+        "from sklearn.decomposition import PCA\nprint(PCA(n_components=1).n_components)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=environment, capture_output=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().split() == ["False", "1"]
