@@ -225,7 +225,7 @@ def write_embeddings(
                 check_vectors(part_ids[start : start + len(codes)], codes, constant_allowed)
                 writer.write_table(embeddings_table(part_ids[start : start + len(codes)], codes))
 
-    named = [f"{image_id}\t{sha}" for image_id, sha in zip(ids, sha256s, strict=True)]
+    named = parts.id_row_names(ids, sha256s)
     return parts.write_parts(path, ".parquet", key, named, write_part)
 
 

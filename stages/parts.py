@@ -52,6 +52,12 @@ def part_key(key: str, row_names: list[str]) -> str:
     return digest.hexdigest()
 
 
+def id_row_names(ids: list[str], sha256s: list[str]) -> list[str]:
+    """The row names of a part that stores each row's id beside what its file gives: the id
+    and the sha256 (a renamed file writes that part again)."""
+    return [f"{image_id}\t{sha}" for image_id, sha in zip(ids, sha256s, strict=True)]
+
+
 def earlier_keys(folder: Path) -> dict[str, str]:
     """The part keys the last run wrote (none when it wrote no readable keys)."""
     try:

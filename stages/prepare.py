@@ -249,7 +249,7 @@ def prepare_arrays(
         thumbnails.write_table(path, ids[rows], blocks, thumb.height, thumb.width, key)
 
     written = parts.write_parts(pixels_folder, ".npy", pixels_key(params), sha256s, write_pixels)
-    named = [f"{image_id}\t{sha}" for image_id, sha in zip(ids, sha256s, strict=True)]
+    named = parts.id_row_names(ids, sha256s)
     written += parts.write_parts(thumbs_folder, ".parquet", key, named, write_thumbs)
     # The sha256 and the decode key name each row's pixels for the caches of later stages.
     keys = manifest[["id", "sha256"]].reset_index(drop=True)
