@@ -88,7 +88,7 @@ class ContentCache:
 
     def missing(self, sha256s: list[str]) -> list[str]:
         """The distinct sha256s the cache does not hold, in the order first given."""
-        known = set(self.index["sha256"])
+        known = set(self.index["sha256"].tolist())
         return [sha for sha in dict.fromkeys(sha256s) if sha not in known]
 
     def missing_rows(self, sha256s: list[str]) -> tuple[list[str], np.ndarray]:
@@ -203,7 +203,7 @@ class ContentCache:
     ) -> dict[str, bytes]:
         """The cached blobs of those of `sha256s` the cache holds, by sha256, read
         `block_rows` at a time."""
-        held = set(self.index["sha256"])
+        held = set(self.index["sha256"].tolist())
         known = [sha for sha in dict.fromkeys(sha256s) if sha in held]
         found: dict[str, bytes] = {}
         blocks = self.blob_blocks(known, blob, block_rows)

@@ -352,7 +352,7 @@ def main() -> None:
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync").reset_index(drop=True)
     ids, vectors = common.read_embeddings()  # embed has checked them: finite, not constant
     thumb_row_of = pd.Series(np.arange(len(ids)), index=ids)
-    if set(ids) != set(manifest["id"]):
+    if set(ids) != set(manifest["id"].tolist()):
         raise common.UserError(
             f"{common.EMBEDDINGS_DIR} and {common.MANIFEST_FILE} list different images: "
             "run `dvc repro`"

@@ -274,11 +274,13 @@ def exact_neighbours(
     tasks = [(start, min(start + step, len(rows)), k) for start in range(0, len(rows), step)]
     # One float64 copy for the whole search (8 bytes a value): converting in every block
     # cost more than the products.
-    centred = vectors - vectors.mean(axis=0, dtype=np.float64)
+    centred = np.subtract(vectors, vectors.mean(axis=0, dtype=np.float64), dtype=np.float64)
     _VECTOR_SEARCH.update(
         vectors=vectors,
         centred=centred,
-        centred_norms=(centred**2).sum(axis=1),
+        # einsum: no second array as large as the vectors (its page faults cost more
+        # than the sums)
+        centred_norms=np.einsum("ij,ij->i", centred, centred),
         share=np.float64(estimate_error_share(vectors.shape[1])),
         query_rows=rows,
     )

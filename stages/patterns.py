@@ -277,7 +277,7 @@ def main() -> None:
     common.write_parquet(image_patterns, IMAGE_PATTERNS_FILE)
     metrics = patterns_metrics(patterns, image_patterns, len(images))
     common.write_json(metrics, PATTERNS_METRICS_FILE)
-    sha256_of = dict(zip(images["id"], images["sha256"], strict=True))
+    sha256_of = dict(zip(images["id"].tolist(), images["sha256"].tolist(), strict=True))
     kept, reported = write_reports(
         patterns, image_patterns, sha256_of, words_key, params, thumbnails.THUMBS_DIR
     )

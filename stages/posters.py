@@ -154,7 +154,7 @@ def candidates(
     table["usable"] = ~unusable
     table["order"] = table["silhouette"].fillna(-np.inf)
     table = table.sort_values(["order", "id"], ascending=[False, True], kind="stable")
-    rank = {image_id: place for place, image_id in enumerate(table["id"])}
+    rank = {image_id: place for place, image_id in enumerate(table["id"].tolist())}
     usable = table[table["usable"]]
     by_cluster = {int(c): group["id"].tolist() for c, group in usable.groupby("cluster", sort=True)}
     means = scores[scores["cluster"] != common.NOISE].groupby("cluster")["silhouette"].mean()

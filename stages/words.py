@@ -363,7 +363,7 @@ def words_of(
 def table_of(table: pd.DataFrame, blobs: dict[str, bytes]) -> pd.DataFrame:
     """The words table of `table`'s images (id, sha256) that have packed keypoints in
     `blobs` (an unreadable image has none)."""
-    kept = [row for row, sha in enumerate(table["sha256"]) if sha in blobs]
+    kept = [row for row, sha in enumerate(table["sha256"].tolist()) if sha in blobs]
     ids, sha256s = table["id"].tolist(), table["sha256"].tolist()
     return words_table([ids[row] for row in kept], [blobs[sha256s[row]] for row in kept])
 
@@ -481,7 +481,7 @@ def main() -> None:
         logger.warning("%s; it has no words", message)
     # What made the words, for the readers' caches (embed's bags of words).
     keys = {"words_key": folder.name, "vocabulary": str(len(centers))}
-    unreadable = set(table["sha256"]) - set(cache.index["sha256"])
+    unreadable = set(table["sha256"].tolist()) - set(cache.index["sha256"].tolist())
     written = write_parts(
         table,
         keys,
