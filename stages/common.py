@@ -346,6 +346,13 @@ def is_among(values: Any, allowed: Any) -> np.ndarray:
     return found.to_numpy(zero_copy_only=False).astype(bool, copy=False)
 
 
+def taken_strings(values: list[str], rows: np.ndarray) -> pd.Series:
+    """values[rows] as a pandas string column, taken by Arrow: a column of millions of
+    repeated ids (one per keypoint, say) made from Python strings took 0.9 s."""
+    taken = pa.array(values, pa.string()).take(pa.array(np.asarray(rows, np.int64)))
+    return pd.Series(pd.array(taken, dtype="str"))
+
+
 def distinct_images(manifest: pd.DataFrame) -> pd.DataFrame:
     """The id, path and sha256 of every image but exact copies (sync's `duplicate`), in
     manifest order: the images whose visual words are found."""

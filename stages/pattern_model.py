@@ -148,16 +148,22 @@ def pattern_holders(
 def image_patterns_table(
     ids: list[str], rows: np.ndarray, patterns: np.ndarray, scores: np.ndarray
 ) -> pd.DataFrame:
-    """The image_patterns output (id, pattern, score), by pattern, then best score, then id."""
-    table = pd.DataFrame(
+    """The image_patterns output (id, pattern, score), by pattern, then best score, then id.
+
+    Sorted as numbers (an id by its rank among the ids) and the ids taken by Arrow: pandas
+    sorting millions of id strings took most of a daily patterns run."""
+    patterns = np.asarray(patterns, np.int32)
+    scores = np.asarray(scores, np.float32)
+    rows = np.asarray(rows, np.int64)
+    id_rank = np.empty(len(ids), np.int64)
+    id_rank[np.argsort(np.array(ids, dtype=str), kind="stable")] = np.arange(len(ids))
+    order = np.lexsort((id_rank[rows], -scores, patterns))
+    return pd.DataFrame(
         {
-            "id": pd.Series(np.array(ids, dtype=object)[rows], dtype="str"),
-            "pattern": np.asarray(patterns, np.int32),
-            "score": np.asarray(scores, np.float32),
+            "id": common.taken_strings(ids, rows[order]),
+            "pattern": patterns[order],
+            "score": scores[order],
         }
-    )
-    return table.sort_values(["pattern", "score", "id"], ascending=[True, False, True]).reset_index(
-        drop=True
     )
 
 

@@ -191,7 +191,9 @@ def write_reports(
     mosaics were kept, and how many there are."""
     ranked = patterns.sort_values(["support", "pattern"], ascending=[False, True], kind="stable")
     summary = ranked.assign(words=[" ".join(map(str, w)) for w in ranked["words"]])
-    best_five = image_patterns.groupby("pattern")["id"].apply(lambda ids: " ".join(ids.head(5)))
+    # head() first: a join per group of millions of rows took a second.
+    first_five = image_patterns.groupby("pattern").head(5)
+    best_five = first_five.groupby("pattern")["id"].agg(" ".join)
     summary["best_images"] = summary["pattern"].map(best_five).fillna("")
     reported = ranked[ranked["support"] > 0].head(params.reported)
     thumbs = thumbnails.Thumbnails(thumbs_file)

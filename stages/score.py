@@ -299,13 +299,22 @@ def central_rows(
 ) -> dict[int, np.ndarray]:
     """Row numbers of each cluster's images, nearest its center first (ties by id), without
     the near-duplicate `copies` (a mosaic shows one image of each group)."""
-    order = np.lexsort((np.array(ids, dtype=object).astype(str), distances))
-    result: dict[int, list[int]] = {}
-    for row in order:
-        cluster = int(clusters[row])
-        if cluster != common.NOISE and (copies is None or not copies[row]):
-            result.setdefault(cluster, []).append(int(row))
-    return {cluster: np.array(rows) for cluster, rows in result.items()}
+    order = np.lexsort((np.array(ids, dtype=str), distances))
+    kept = clusters[order] != common.NOISE
+    if copies is not None:
+        kept &= ~np.asarray(copies, bool)[order]
+    order = order[kept]
+    if not len(order):
+        return {}
+    # Grouped by cluster, nearest first within each (a stable sort keeps the order), the
+    # clusters in the order their nearest image comes.
+    grouped = order[np.argsort(clusters[order], kind="stable")]
+    labels = clusters[grouped]
+    runs = np.split(grouped, np.flatnonzero(np.diff(labels)) + 1)
+    place = np.empty(len(clusters), np.int64)
+    place[order] = np.arange(len(order))
+    runs.sort(key=lambda rows: place[rows[0]])
+    return {int(clusters[rows[0]]): rows.astype(np.int64) for rows in runs}
 
 
 def mosaic_keys(

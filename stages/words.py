@@ -226,7 +226,7 @@ def words_table(ids: list[str], blobs: list[bytes]) -> pd.DataFrame:
     rows = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(-1, 4)
     return pd.DataFrame(
         {
-            "id": pd.Series(np.repeat(np.array(ids, dtype=object), counts), dtype="str"),
+            "id": common.taken_strings(ids, np.repeat(np.arange(len(ids)), counts)),
             "word": rows[:, 0].astype(np.int32),
             "x": rows[:, 1],
             "y": rows[:, 2],
