@@ -173,7 +173,7 @@ def distances_to(fitted: np.ndarray, metric: str) -> Callable[[np.ndarray], np.n
 
     Euclidean, the default, is measured here in float64 as |a|^2 + |b|^2 - 2ab, as
     scikit-learn measures float32 vectors, with the fitted rows' float64 copy and norms
-    made once: importing scikit-learn's pairwise_distances for it took 0.7 s of every
+    made once: importing scikit-learn's pairwise_distances for it took 1.6-1.8 s of every
     assign run. The other metrics use pairwise_distances.
     """
     if metric != "euclidean":

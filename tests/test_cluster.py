@@ -342,3 +342,18 @@ def test_a_model_file_that_cannot_be_loaded_names_the_fix(tmp_path) -> None:
     path.write_bytes(b"not a pickle")
     with pytest.raises(common.UserError, match=r"cluster.joblib .*dvc repro cluster"):
         cluster_model.load_model(path)
+
+
+def test_placing_measures_euclidean_distances_as_scikit_learn_does() -> None:
+    from sklearn.metrics import pairwise_distances
+
+    rng = np.random.default_rng(7)
+    fitted = (rng.random((700, 24)) * 3).astype(np.float32)
+    block = (rng.random((50, 24)) * 3).astype(np.float32)
+    block[:5] = fitted[:5]  # equal vectors: near 0 (place_with_umap then sets 0 exactly)
+    measured = cluster_model.distances_to(fitted, "euclidean")(block)
+    assert measured.dtype == np.float32
+    np.testing.assert_allclose(measured, pairwise_distances(block, fitted), rtol=1e-6, atol=1e-6)
+    assert (measured[np.arange(5), np.arange(5)] < 1e-3).all()
+    cosine = cluster_model.distances_to(fitted, "cosine")(block)
+    np.testing.assert_allclose(cosine, pairwise_distances(block, fitted, metric="cosine"))

@@ -367,3 +367,19 @@ def test_mine_fits_on_a_sample_by_content_that_keeps_as_the_collection_grows() -
     grown = mine.mining_images(images.iloc[:310], 100, 0)
     assert set(chosen["id"]) <= set(grown["id"]), "a few more images leave the sample as it was"
     assert set(mine.mining_images(images.iloc[:300], 100, 1)["id"]) != set(chosen["id"])
+
+
+def test_image_patterns_are_listed_by_pattern_then_best_score_then_id() -> None:
+    rng = np.random.default_rng(2)
+    ids = [f"frame-{value:05d}" for value in rng.permutation(3000)]
+    counts = rng.integers(0, 4, len(ids))
+    rows = np.repeat(np.arange(len(ids)), counts)
+    patterns = np.concatenate([rng.choice(40, count, replace=False) for count in counts])
+    scores = rng.choice([0.25, 0.5, 0.75, 1.0], len(rows)).astype(np.float32)  # many ties
+    table = pattern_model.image_patterns_table(ids, rows, patterns, scores)
+    expected = sorted(
+        zip(np.array(ids)[rows].tolist(), patterns.tolist(), scores.tolist(), strict=True),
+        key=lambda held: (held[1], -held[2], held[0]),
+    )
+    assert list(table.itertuples(index=False, name=None)) == expected
+    assert table["pattern"].dtype == np.int32 and table["score"].dtype == np.float32

@@ -243,6 +243,21 @@ def test_central_rows_put_the_nearest_images_first() -> None:
     assert -1 not in rows
 
 
+def test_central_rows_break_ties_by_id_and_list_every_image_once() -> None:
+    rng = np.random.default_rng(4)
+    clusters = rng.integers(-1, 6, 500)
+    distances = rng.integers(0, 5, 500).astype(float)  # many ties
+    ids = [f"img-{value:04d}" for value in rng.permutation(500)]
+    copies = rng.random(500) < 0.1
+    rows = score.central_rows(clusters, distances, ids, copies)
+    assert sorted(rows) == sorted(set(clusters[~copies].tolist()) - {-1})
+    for cluster, held in rows.items():
+        expected = sorted(
+            np.flatnonzero((clusters == cluster) & ~copies), key=lambda r: (distances[r], ids[r])
+        )
+        assert held.tolist() == expected
+
+
 def test_mosaics_leave_near_duplicate_copies_out() -> None:
     clusters = np.array([0, 0, 0, 0])
     copies = np.array([False, True, False, False])  # row 1 is a copy of another image
