@@ -18,6 +18,7 @@ those of a poster the last run made is copied from data/cache/posters/.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -312,6 +313,15 @@ def poster_tiles(
             return chosen, tiles
 
 
+@functools.cache
+def drawing_code_digest() -> bytes:
+    """The sha256 of each file of the code that cuts and draws tiles, read once a run."""
+    return b"".join(
+        hashlib.sha256(code.read_bytes()).digest()
+        for code in (Path(__file__), Path(images.__file__))
+    )
+
+
 def poster_key(
     template: Template, chosen: dict[str, str], sha256_of: pd.Series, quality: int
 ) -> str:
@@ -319,8 +329,7 @@ def poster_key(
     quality and the code that cuts and draws the tiles."""
     digest = hashlib.sha256(template.model_dump_json().encode())
     digest.update(f"{quality}\0{PIL.__version__}\0".encode())
-    for code in (Path(__file__), Path(images.__file__)):
-        digest.update(hashlib.sha256(code.read_bytes()).digest())
+    digest.update(drawing_code_digest())
     for region in template.regions:
         digest.update(f"{region.name}\0{sha256_of[chosen[region.name]]}\n".encode())
     return digest.hexdigest()
