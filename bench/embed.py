@@ -2,13 +2,15 @@
 
 Builds the simple_conv encoder for 27x48 images (the ISS size, filters 64/32/16: a
 3x6x16 = 288-value latent), saves it as train does, makes N random 27x48 images and
-runs the embed stage's own writer over them, printing images per second and the peak
-memory (resident set) of the process, beside the size of the pixel array.
+runs the embed stage's own writer over them on each runtime (LiteRT, the default, and
+Keras), printing images per second and the peak memory (resident set) of the process,
+beside the size of the pixel array.
 
 With --train-epoch it also times one training epoch of simple_conv on the same images
 (images per second), on whatever device Keras uses (a GPU when one is there).
 
-Usage: python bench/embed.py [--images N] [--batch-size B] [--train-epoch]
+Usage: python bench/embed.py [--images N] [--batch-size B] [--runtime litert|keras]...
+                            [--train-epoch]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # stages first: it sets TensorFlow's environment (oneDNN on) before keras loads it.
-from stages import embed, train  # noqa: E402, I001
+from stages import embed, encoder_runtime, train  # noqa: E402, I001
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
@@ -70,11 +72,61 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def time_embed(folder: Path, pixels: np.ndarray, runtime: str, batch_size: int) -> None:
+    """Embed every image with the encoder in `folder` on `runtime` and print the figures
+    (after a warm-up run of four batches, outside the timing)."""
+    started = time.perf_counter()
+    encoder = encoder_runtime.open_encoder(
+        folder / "encoder.keras", pixels.shape[1:], runtime, folder / "litert"
+    )
+    opened = time.perf_counter() - started
+    warm = min(len(pixels), 4 * batch_size)
+    warm_ids = [str(i) for i in range(warm)]
+    embed.embed_images(
+        encoder,
+        pixels[:warm],
+        warm_ids,
+        warm_ids,
+        folder / f"warm-cache-{runtime}",
+        folder / f"warm-{runtime}",
+        batch_size,
+    )
+    memory_before = peak_rss_mib()
+    ids = [f"{index:08d}" for index in range(len(pixels))]
+    output = folder / f"embeddings-{runtime}"
+    started = time.perf_counter()
+    embed.embed_images(
+        encoder,
+        pixels,
+        ids,
+        ids,  # every image distinct: each is encoded (the cache starts empty)
+        folder / f"cache-{runtime}",
+        output,
+        batch_size,
+    )
+    seconds = time.perf_counter() - started
+    print(
+        f"embed simple_conv on {runtime} (opened in {opened:.1f} s, a conversion included), "
+        f"batch {batch_size}: {len(pixels) / seconds:.0f} images/s "
+        f"({encoder.values} values each, {seconds:.1f} s)"
+    )
+    embeddings_mib = sum(p.stat().st_size for p in output.iterdir()) / 2**20
+    pixel_mib = pixels.nbytes / 2**20
+    print(
+        f"peak memory: {peak_rss_mib():.0f} MiB "
+        f"(before the timed run {memory_before:.0f} MiB; pixel array {pixel_mib:.0f} MiB, "
+        f"embeddings {embeddings_mib:.0f} MiB on disk)"
+    )
+
+
 def main() -> None:
     """Parse arguments, run the benchmark, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=50000)
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument(
+        "--runtime", action="append", choices=["litert", "keras"], help="default: both"
+    )
     parser.add_argument("--train-epoch", action="store_true")
     parser.add_argument("--train-batch-size", type=int, help="default: train.batch_size")
     arguments = parser.parse_args()
@@ -89,42 +141,8 @@ def main() -> None:
         print(f"backend {keras.backend.backend()}, devices: {', '.join(devices())}")
         print(f"{arguments.images} random {HEIGHT}x{WIDTH} images ({pixel_mib:.0f} MiB of pixels)")
 
-        encoder = embed.load_encoder(folder / "encoder.keras", pixels.shape[1:])
-        warm = min(len(pixels), 4 * arguments.batch_size)  # compile outside the timing
-        warm_ids = [str(i) for i in range(warm)]
-        embed.embed_images(
-            encoder,
-            pixels[:warm],
-            warm_ids,
-            warm_ids,
-            folder / "warm-cache",
-            folder / "warm.parquet",
-            arguments.batch_size,
-        )
-        memory_before = peak_rss_mib()
-        ids = [f"{index:08d}" for index in range(len(pixels))]
-        started = time.perf_counter()
-        embed.embed_images(
-            encoder,
-            pixels,
-            ids,
-            ids,  # every image distinct: each is encoded (the cache starts empty)
-            folder / "cache",
-            folder / "embeddings",
-            arguments.batch_size,
-        )
-        dimension = int(np.prod(encoder.output_shape[1:]))
-        seconds = time.perf_counter() - started
-        print(
-            f"embed simple_conv, batch {arguments.batch_size}: "
-            f"{len(pixels) / seconds:.0f} images/s ({dimension} values each, {seconds:.1f} s)"
-        )
-        embeddings_mib = sum(p.stat().st_size for p in (folder / "embeddings").iterdir()) / 2**20
-        print(
-            f"peak memory: {peak_rss_mib():.0f} MiB "
-            f"(before the timed run {memory_before:.0f} MiB; pixel array {pixel_mib:.0f} MiB, "
-            f"embeddings {embeddings_mib:.0f} MiB on disk)"
-        )
+        for runtime in arguments.runtime or ["litert", "keras"]:
+            time_embed(folder, pixels, runtime, arguments.batch_size)
 
         if arguments.train_epoch:
             rows = {"train": np.arange(len(pixels)), "valid": np.arange(0), "test": np.arange(0)}

@@ -1,6 +1,7 @@
 """describe: fit, once, what turns the encoder's values into every image's stored vector.
 
-Params:  DescribeParams below (params.yaml, section describe)
+Params:  DescribeParams below (params.yaml, section describe); embed.EmbedParams (the
+         sample is encoded as embed encodes every image)
 Inputs:  models/autoencoder/ (spec.json; encoder.keras unless train.encoder is bovw),
          data/interim/pixels/, data/interim/ids.parquet, data/processed/split.parquet,
          data/processed/words/ (bovw)
@@ -23,11 +24,10 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from stages import common, descriptors, parts, settings
+from stages import common, descriptors, embed, encoder_runtime, parts, settings
 
 STAGE = "describe"
 METRICS_FILE = common.METRICS_DIR / "describe.json"
-ENCODE_BATCH = 256  # sample images encoded at once
 PCA_ALLOWED = (
     "expected null, a share of the variance above 0 and below 1, or a number of components >= 1"
 )
@@ -80,15 +80,15 @@ def sample_rows(
     return rows[common.sample_rows(len(rows), params.sample, params.seed)]
 
 
-def encoded_values(rows: np.ndarray) -> np.ndarray:
-    """The encoder's values of the given pixel rows, as embed encodes them."""
-    from stages import embed  # Keras loads only when an encoder's values are needed
-
+def encoded_values(rows: np.ndarray, encoding: embed.EmbedParams) -> np.ndarray:
+    """The encoder's values of the given pixel rows, as embed encodes them (on its runtime,
+    in its batches)."""
     _, pixels = parts.load_pixels()
-    encoder = embed.load_encoder(common.ENCODER_FILE, pixels.shape[1:])
+    encoder = encoder_runtime.open_encoder(common.ENCODER_FILE, pixels.shape[1:], encoding.runtime)
+    batch = encoding.batch_size
     blocks = [
-        embed.encode_rows(encoder, pixels[rows[at : at + ENCODE_BATCH]], ENCODE_BATCH)
-        for at in range(0, len(rows), ENCODE_BATCH)
+        embed.encode_rows(encoder, pixels[rows[at : at + batch]], batch)
+        for at in range(0, len(rows), batch)
     ]
     return np.concatenate(blocks)
 
@@ -131,7 +131,8 @@ def main() -> None:
     the descriptor and its metrics."""
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
-    params = DescribeParams.from_params(settings.load_params())
+    all_params = settings.load_params()
+    params = DescribeParams.from_params(all_params)
     spec = descriptors.read_spec()
     ids, sha256s, _ = common.read_image_keys()
     split = common.read_parquet(common.SPLIT_FILE, made_by="split")
@@ -143,7 +144,7 @@ def main() -> None:
     elif params.scaling == "none" and params.pca is None:
         values, width = np.zeros((0, 0), np.float32), int(spec["latent_dim"])
     else:
-        values = encoded_values(rows)
+        values = encoded_values(rows, embed.EmbedParams.from_params(all_params))
         width = values.shape[1]
     descriptor = descriptors.fit_descriptor(
         values, params.scaling, params.pca, params.seed, idf, words_key

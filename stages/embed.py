@@ -10,8 +10,10 @@ Outputs: data/processed/embeddings/ (parts of a table of id, embedding: a fixed-
 
 An image's vector is the encoder's values (or, for `train.encoder: bovw`, its bag of
 visual words, TF-IDF weighted) through the scaling and PCA the describe stage fitted
-(stages/descriptors.py). Vectors are kept in data/cache/embed/ by image sha256, the model
-files' hashes and the decode settings (or the words' key), so with a frozen encoder
+(stages/descriptors.py). The encoder runs on LiteRT, converted once per encoder file, or on
+Keras (`embed.runtime`, see stages/encoder_runtime.py). Vectors are kept in
+data/cache/embed/ by image sha256, the model files' hashes, the runtime and the decode
+settings (or the words' key), so with a frozen encoder
 (`dvc freeze train describe`) only new images are encoded. Images are encoded a batch at a time
 and written in Parquet row groups, so memory does not grow with the collection beyond
 the memory-mapped pixel array.
@@ -19,12 +21,11 @@ the memory-mapped pixel array.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -32,9 +33,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from stages import common, compute, descriptors, parts, settings
+from stages import common, compute, descriptors, encoder_runtime, parts, settings
 from stages.content_cache import ContentCache, file_key
-from stages.quiet_start import keras
+from stages.encoder_runtime import Encoder, Runtime
+
+if TYPE_CHECKING:  # Keras loads only where the keras runtime or training needs it
+    from stages.quiet_start import keras
 
 STAGE = "embed"
 ROW_GROUP_ROWS = 65536  # images per Parquet row group: the most held in memory at once
@@ -47,42 +51,62 @@ class EmbedParams(settings.Section):
 
     SECTION: ClassVar[str] = "embed"
     batch_size: int = Field(512, ge=1, description="images encoded per step")
+    runtime: Runtime = Field(
+        "litert",
+        description="litert: the encoder converted once to LiteRT (no TensorFlow at run time) "
+        "| keras: Keras itself (GPU workers)",
+    )
 
 
-def load_encoder(path: Path, image_shape: tuple[int, ...]) -> keras.Model:
-    """Load the encoder and check it takes images of `image_shape` (height, width, 3)."""
+def check_encoder_file(path: Path) -> None:
+    """Stop, naming the file, when the encoder file is missing."""
     if not path.exists():
         raise common.UserError(f"{path} is missing: run `dvc repro train` first")
-    try:
-        encoder = keras.saving.load_model(path, compile=False)
-    except Exception as error:  # a file that is not a Keras model, or from another version
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise common.UserError(f"cannot load the encoder {path}: {message}") from None
-    expected = tuple(encoder.input_shape[1:])
-    if expected != tuple(image_shape):
+
+
+def check_image_shape(path: Path, expected: tuple[int, ...], image_shape: tuple[int, ...]) -> None:
+    """Stop, naming the file, when the encoder takes other images than the pixels'."""
+    if tuple(expected) != tuple(image_shape):
         raise common.UserError(
             f"{path} expects {expected[0]}x{expected[1]} images but the pixels are "
             f"{image_shape[0]}x{image_shape[1]}: rerun `dvc repro train` after changing image.*"
         )
+
+
+def read_encoder(path: Path) -> keras.Model:
+    """The Keras encoder of a file (TensorFlow loads)."""
+    from stages.quiet_start import keras
+
+    return keras.saving.load_model(path, compile=False)
+
+
+def load_encoder(path: Path, image_shape: tuple[int, ...]) -> keras.Model:
+    """Load the Keras encoder and check it takes images of `image_shape` (height, width, 3)."""
+    check_encoder_file(path)
+    try:
+        encoder = read_encoder(path)
+    except Exception as error:  # a file that is not a Keras model, or from another version
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise common.UserError(f"cannot load the encoder {path}: {message}") from None
+    check_image_shape(path, tuple(encoder.input_shape[1:]), image_shape)
     return encoder
 
 
 def predict_padded(model: keras.Model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """A model's float32 outputs for up to `batch_size` rows of pixels.
+    """A Keras model's float32 outputs for up to `batch_size` rows of pixels.
 
     The batch is always padded to `batch_size` rows: the backend may pick another
     algorithm for another batch size, with other rounding, and an image must get the
     same output whichever images it goes with (the caches rely on it).
     """
-    images = np.zeros((batch_size, *pixels.shape[1:]), dtype=np.float32)
-    images[: len(pixels)] = pixels.astype(np.float32) / 255.0
+    images = encoder_runtime.padded_batch(pixels, batch_size)
     return np.asarray(model.predict_on_batch(images), dtype=np.float32)[: len(pixels)]
 
 
-def encode_rows(encoder: keras.Model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """Float32 (rows, dimension) embeddings of up to `batch_size` rows of pixels (padded,
-    see predict_padded)."""
-    return predict_padded(encoder, pixels, batch_size).reshape(len(pixels), -1)
+def encode_rows(encoder: Encoder, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    """Float32 (rows, dimension) embeddings of up to `batch_size` rows of pixels (padded:
+    see encoder_runtime)."""
+    return encoder.encode(pixels, batch_size)
 
 
 def embeddings_table(ids: list[str], codes: np.ndarray) -> pa.Table:
@@ -94,23 +118,19 @@ def embeddings_table(ids: list[str], codes: np.ndarray) -> pa.Table:
 
 @dataclass(frozen=True)
 class EncodeTask:
-    """Rows of the pixel file to encode, on a Dask worker (which reads both files)."""
+    """Rows of the pixel file to encode, on a Dask worker (which reads the files)."""
 
-    encoder_file: Path
+    model_file: Path  # what the runtime loads (encoder_runtime.model_file)
     descriptor_file: Path
     pixels_folder: Path
     rows: np.ndarray
     batch_size: int
-
-
-def read_encoder(path: Path) -> keras.Model:
-    """An encoder file, for compute.load_once."""
-    return keras.saving.load_model(path, compile=False)
+    runtime: Runtime
 
 
 def encode_task(task: EncodeTask) -> np.ndarray:
     """Encode a task's rows, batch by batch, as encode_missing does here."""
-    encoder = compute.load_once(task.encoder_file, read_encoder)
+    encoder = compute.load_once(task.model_file, encoder_runtime.READERS[task.runtime])
     descriptor = compute.load_once(task.descriptor_file, descriptors.read_descriptor)
     pixels = parts.PartedArray(task.pixels_folder)
     batches = [
@@ -140,19 +160,21 @@ def store_vectors(
 
 
 def encode_missing(
-    encoder: keras.Model,
+    encoder: Encoder,
     pixels: parts.PixelRows,
     sha256s: list[str],
     cache: ContentCache,
     batch_size: int,
     descriptor: descriptors.Descriptor,
     files: tuple[Path, Path, Path] | None = None,
+    runtime: Runtime = "litert",
 ) -> int:
     """Encode the images whose vectors the cache lacks (each distinct file once) into a new
     segment of it; return how many were encoded.
 
-    With a Dask scheduler (compute.scheduler) and the (encoder, descriptor, pixels) files,
-    the workers encode, TASK_BATCHES batches a task; else this process does.
+    With a Dask scheduler (compute.scheduler) and the (runtime's model, descriptor,
+    pixels) files, the workers encode on `runtime`, TASK_BATCHES batches a task; else this
+    process does.
     """
     missing, rows = cache.missing_rows(sha256s)
     if not missing:
@@ -160,7 +182,8 @@ def encode_missing(
     step = batch_size * TASK_BATCHES
     if compute.distributed() and files is not None:
         tasks = [
-            EncodeTask(*files, rows[at : at + step], batch_size) for at in range(0, len(rows), step)
+            EncodeTask(*files, rows[at : at + step], batch_size, runtime)
+            for at in range(0, len(rows), step)
         ]
         blocks = compute.map_tasks(encode_task, tasks, workers=1)
     else:
@@ -168,13 +191,8 @@ def encode_missing(
             descriptor.apply(encode_rows(encoder, pixels[rows[at : at + batch_size]], batch_size))
             for at in range(0, len(rows), batch_size)
         )
-    store_vectors(cache, missing, blocks, descriptor.dimension(encoder_values(encoder)))
+    store_vectors(cache, missing, blocks, descriptor.dimension(encoder.values))
     return len(missing)
-
-
-def encoder_values(encoder: keras.Model) -> int:
-    """How many values the encoder gives an image."""
-    return int(math.prod(encoder.output_shape[1:]))
 
 
 def check_vectors(ids: list[str], vectors: np.ndarray, constant_allowed: bool = False) -> None:
@@ -230,7 +248,7 @@ def write_embeddings(
 
 
 def embed_images(
-    encoder: keras.Model,
+    encoder: Encoder,
     pixels: parts.PixelRows,
     ids: list[str],
     sha256s: list[str],
@@ -239,15 +257,18 @@ def embed_images(
     batch_size: int,
     descriptor: descriptors.Descriptor | None = None,
     files: tuple[Path, Path, Path] | None = None,
+    runtime: Runtime = "litert",
 ) -> int:
     """Encode what `cache_folder` lacks and write every image's vector to `path`;
     return how many images were encoded. `descriptor` is what follows the encoder (none:
-    its values as they are); `files` (the encoder, descriptor and pixel files) let Dask
-    workers do the encoding (see encode_missing)."""
+    its values as they are); `files` (the runtime's model, descriptor and pixel files) let
+    Dask workers do the encoding on `runtime` (see encode_missing)."""
     descriptor = descriptor or descriptors.Descriptor()
     cache = ContentCache(cache_folder, ("embedding",))
-    encoded = encode_missing(encoder, pixels, sha256s, cache, batch_size, descriptor, files)
-    dimension = descriptor.dimension(encoder_values(encoder))
+    encoded = encode_missing(
+        encoder, pixels, sha256s, cache, batch_size, descriptor, files, runtime
+    )
+    dimension = descriptor.dimension(encoder.values)
     write_embeddings(ids, sha256s, cache, dimension, path, cache_folder.name)
     return encoded
 
@@ -316,7 +337,8 @@ def main() -> None:
     started = time.perf_counter()
     logger = common.get_logger(STAGE)
     all_params = settings.load_params()
-    batch_size = EmbedParams.from_params(all_params).batch_size
+    params = EmbedParams.from_params(all_params)
+    batch_size = params.batch_size
     compute.use_params(all_params)
     spec = descriptors.read_spec()
     descriptor = descriptors.read_descriptor()
@@ -338,12 +360,19 @@ def main() -> None:
     else:
         pixel_ids, pixels = parts.load_pixels()
         common.read_image_keys(pixel_ids)  # the same rows in the same order
-        encoder = load_encoder(common.ENCODER_FILE, pixels.shape[1:])
-        # The cache's name is its key: the model files' hashes and prepare's decode settings.
-        cache_folder = (
-            common.CACHE_DIR / STAGE / f"{file_key(common.ENCODER_FILE)}-{described}-{pixels_key}"
+        encoder = encoder_runtime.open_encoder(
+            common.ENCODER_FILE, pixels.shape[1:], params.runtime
         )
-        files = (common.ENCODER_FILE, descriptors.DESCRIPTOR_FILE, common.PIXELS_DIR)
+        # The cache's name is its key: the model files' hashes, the runtime and prepare's
+        # decode settings.
+        runtime_key = encoder_runtime.runtime_key(params.runtime)
+        cache_folder = (
+            common.CACHE_DIR
+            / STAGE
+            / f"{file_key(common.ENCODER_FILE)}{runtime_key}-{described}-{pixels_key}"
+        )
+        model_file = encoder_runtime.model_file(common.ENCODER_FILE, params.runtime)
+        files = (model_file, descriptors.DESCRIPTOR_FILE, common.PIXELS_DIR)
         encoded = embed_images(
             encoder,
             pixels,
@@ -354,9 +383,10 @@ def main() -> None:
             batch_size,
             descriptor,
             files,
+            params.runtime,
         )
-        what = f"backend {keras.backend.backend()}"
-        dimension = descriptor.dimension(encoder_values(encoder))
+        what = f"runtime {params.runtime}"
+        dimension = descriptor.dimension(encoder.values)
     seconds = time.perf_counter() - started
     logger.info(
         "%d images: %d encoded, %d from the cache; %d values each; %s; %.1f s "

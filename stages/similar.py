@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages import common, descriptors, embed, images, prepare, settings, words
+from stages import common, descriptors, embed, encoder_runtime, images, prepare, settings, words
 
 STAGE = "similar"
 SEARCH_BLOCK = 65536  # collection vectors compared at once
@@ -48,8 +48,9 @@ def image_vector(path: Path, params: dict) -> np.ndarray:
     if descriptors.read_spec().get("encoder") == "bovw":
         return bag_vector(path, params, descriptor)
     pixels = prepared_pixels(path, params)
-    encoder = embed.load_encoder(common.ENCODER_FILE, pixels.shape)
-    return descriptor.apply(embed.encode_rows(encoder, pixels[None], 1))[0]
+    runtime = embed.EmbedParams.from_params(params).runtime
+    encoder = encoder_runtime.open_encoder(common.ENCODER_FILE, pixels.shape, runtime)
+    return descriptor.apply(encoder.encode(pixels[None], 1))[0]
 
 
 def image_keypoints(path: Path, params: dict, words_params: words.WordsParams) -> words.Keypoints:

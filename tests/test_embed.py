@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import folder_bytes, pattern_image
 
-from stages import common, embed, train
+from stages import common, embed, encoder_runtime, train
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +35,16 @@ def encoder_file(tmp_path_factory: pytest.TempPathFactory, project_params: dict)
 
 
 def embed_into(
-    encoder_file: Path, pixels: np.ndarray, folder: Path, sha256s: list[str] | None = None
+    encoder_file: Path,
+    pixels: np.ndarray,
+    folder: Path,
+    sha256s: list[str] | None = None,
+    runtime: encoder_runtime.Runtime = "litert",
 ) -> tuple[Path, int]:
-    """Embed `pixels` with the cache in `folder`; the table's path and how many were encoded."""
-    encoder = embed.load_encoder(encoder_file, pixels.shape[1:])
+    """Embed `pixels` with the caches in `folder`; the table's path and how many were encoded."""
+    encoder = encoder_runtime.open_encoder(
+        encoder_file, pixels.shape[1:], runtime, folder / "litert"
+    )
     ids = [f"image-{index:03d}" for index in range(len(pixels))]
     sha256s = sha256s or [f"sha-{index:03d}" for index in range(len(pixels))]
     path = folder / "embeddings"
@@ -44,10 +52,11 @@ def embed_into(
     return path, encoded
 
 
+@pytest.mark.parametrize("runtime", ["litert", "keras"])
 def test_every_image_is_embedded_in_order(
-    encoder_file: Path, pixels: np.ndarray, tmp_path: Path
+    encoder_file: Path, pixels: np.ndarray, tmp_path: Path, runtime: encoder_runtime.Runtime
 ) -> None:
-    path, encoded = embed_into(encoder_file, pixels, tmp_path)
+    path, encoded = embed_into(encoder_file, pixels, tmp_path, runtime=runtime)
     read_ids, matrix = common.read_embeddings(path)
     assert encoded == 70
     assert read_ids == [f"image-{index:03d}" for index in range(70)]
@@ -98,22 +107,95 @@ def test_a_file_twice_is_encoded_once(
     np.testing.assert_array_equal(matrix[5], matrix[0])
 
 
-def test_a_model_for_another_image_size_is_a_clear_error(encoder_file: Path) -> None:
+RUNTIMES = ["litert", "keras"]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_model_for_another_image_size_is_a_clear_error(
+    encoder_file: Path, tmp_path: Path, runtime: encoder_runtime.Runtime
+) -> None:
     with pytest.raises(
         common.UserError, match=re.escape("expects 16x24 images but the pixels are 27x48")
     ):
+        encoder_runtime.open_encoder(encoder_file, (27, 48, 3), runtime, tmp_path)
+    with pytest.raises(common.UserError, match=re.escape("expects 16x24 images")):
         embed.load_encoder(encoder_file, (27, 48, 3))
 
 
-def test_a_missing_encoder_is_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_missing_encoder_is_named(tmp_path: Path, runtime: encoder_runtime.Runtime) -> None:
+    missing = tmp_path / "encoder.keras"
     with pytest.raises(common.UserError, match="missing: run `dvc repro train` first"):
-        embed.load_encoder(tmp_path / "encoder.keras", (16, 24, 3))
+        encoder_runtime.open_encoder(missing, (16, 24, 3), runtime, tmp_path / "litert")
+    with pytest.raises(common.UserError, match="missing: run `dvc repro train` first"):
+        embed.load_encoder(missing, (16, 24, 3))
 
 
-def test_a_file_that_is_no_model_is_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_file_that_is_no_model_is_named(tmp_path: Path, runtime: encoder_runtime.Runtime) -> None:
     (tmp_path / "encoder.keras").write_bytes(b"not a zip")
+    with pytest.raises(common.UserError, match=r"cannot load the encoder .*encoder\.keras"):
+        encoder_runtime.open_encoder(
+            tmp_path / "encoder.keras", (16, 24, 3), runtime, tmp_path / "litert"
+        )
+    assert not (tmp_path / "litert").exists() or not any((tmp_path / "litert").iterdir())
     with pytest.raises(common.UserError, match="cannot load the encoder"):
         embed.load_encoder(tmp_path / "encoder.keras", (16, 24, 3))
+
+
+def test_litert_and_keras_agree_and_each_image_is_encoded_alike_in_any_batch(
+    encoder_file: Path, pixels: np.ndarray, tmp_path: Path
+) -> None:
+    lite = encoder_runtime.open_encoder(encoder_file, (16, 24, 3), "litert", tmp_path)
+    keras_encoder = encoder_runtime.open_encoder(encoder_file, (16, 24, 3), "keras", tmp_path)
+    together = lite.encode(pixels[:16], 16)
+    np.testing.assert_allclose(
+        together, keras_encoder.encode(pixels[:16], 16), rtol=1e-5, atol=1e-6
+    )
+    assert together.shape == (16, lite.values) and together.dtype == np.float32
+    # Alone, in a smaller batch, or among others: the same bytes.
+    np.testing.assert_array_equal(lite.encode(pixels[3:4], 1)[0], together[3])
+    np.testing.assert_array_equal(lite.encode(pixels[[40, 3, 50]], 8)[1], together[3])
+
+
+@pytest.mark.parametrize("model", ["simple", "vae", "conv_vae"])
+def test_every_kind_of_autoencoder_runs_on_litert(
+    project_params: dict, pixels: np.ndarray, tmp_path: Path, model: str
+) -> None:
+    params = copy.deepcopy(project_params)
+    params["train"].update({"filters": [8, 4], "model": model, "latent_dim": 6})
+    models = train.build_models(16, 24, train.TrainParams.from_params(params))
+    train.save_model(models.encoder, tmp_path / "encoder.keras")
+    lite = encoder_runtime.open_encoder(tmp_path / "encoder.keras", (16, 24, 3), "litert", tmp_path)
+    expected = embed.predict_padded(models.encoder, pixels[:8], 8).reshape(8, -1)
+    np.testing.assert_allclose(lite.encode(pixels[:8], 8), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_litert_file_is_converted_once_and_encoding_needs_no_tensorflow(
+    encoder_file: Path, pixels: np.ndarray, tmp_path: Path
+) -> None:
+    converted = encoder_runtime.litert_file(encoder_file, tmp_path)
+    stamp = converted.stat().st_mtime_ns
+    assert encoder_runtime.litert_file(encoder_file, tmp_path) == converted
+    assert converted.stat().st_mtime_ns == stamp, "the second call reuses the file"
+    assert list(tmp_path.iterdir()) == [converted], "no staging file is left"
+    np.save(tmp_path / "pixels.npy", pixels[:4])
+    code = (
+        "import sys\nimport numpy as np\nfrom pathlib import Path\n"
+        "from stages import encoder_runtime\n"
+        f"folder = Path({str(tmp_path)!r})\n"
+        f"encoder = encoder_runtime.open_encoder(Path({str(encoder_file)!r}), (16, 24, 3), "
+        "'litert', folder)\n"
+        "np.save(folder / 'codes.npy', encoder.encode(np.load(folder / 'pixels.npy'), 4))\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == ["False", "False"]
+    assert "XNNPACK" not in result.stderr
+    lite = encoder_runtime.open_encoder(encoder_file, (16, 24, 3), "litert", tmp_path)
+    np.testing.assert_array_equal(np.load(tmp_path / "codes.npy"), lite.encode(pixels[:4], 4))
 
 
 def test_a_bad_batch_size_is_refused(params: dict[str, Any]) -> None:

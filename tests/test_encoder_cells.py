@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import pattern_image
 
-from stages import common, embed, encoder_cells, similar, train, words
+from stages import common, embed, encoder_cells, encoder_runtime, similar, train, words
 from stages.quiet_start import keras
 
 HEIGHT, WIDTH = 16, 24
@@ -35,7 +35,7 @@ def test_a_convolutional_encoder_gives_its_last_map_and_a_dense_one_is_refused(
     pixels = np.stack([np.asarray(pattern_image(WIDTH, HEIGHT, seed)) for seed in range(3)])
     maps = embed.predict_padded(feature_map, pixels, 8)
     # The encoder's latent is that map flattened: the cells are what embed's vector holds.
-    flat = embed.encode_rows(models.encoder, pixels, 8)
+    flat = embed.predict_padded(models.encoder, pixels, 8)
     np.testing.assert_allclose(maps.reshape(3, -1), flat, rtol=1e-6)
     with pytest.raises(common.UserError, match="needs a convolutional encoder"):
         encoder_cells.feature_map_model(built(params, model="simple").encoder)
@@ -54,8 +54,14 @@ def test_a_pretrained_cnn_gives_the_map_before_its_pooling(params: dict, tmp_pat
     assert tuple(feature_map.output_shape[1:]) == (2, 2, 1280)
     pixels = np.stack([np.asarray(pattern_image(WIDTH, HEIGHT, seed)) for seed in range(2)])
     maps = embed.predict_padded(feature_map, pixels, 4)
-    pooled = embed.encode_rows(models.encoder, pixels, 4)
+    pooled = embed.predict_padded(models.encoder, pixels, 4)
     np.testing.assert_allclose(maps.mean(axis=(1, 2)), pooled, rtol=1e-4, atol=1e-5)
+    # embed's default runtime runs the same CNN, converted to LiteRT.
+    train.save_model(models.encoder, tmp_path / "encoder.keras")
+    lite = encoder_runtime.open_encoder(
+        tmp_path / "encoder.keras", (HEIGHT, WIDTH, 3), "litert", tmp_path / "litert"
+    )
+    np.testing.assert_allclose(lite.encode(pixels, 4), pooled, rtol=1e-4, atol=1e-5)
 
 
 def test_the_strongest_cells_are_kept_with_their_centres_as_places() -> None:

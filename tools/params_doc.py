@@ -41,7 +41,7 @@ STAGE_MODELS: dict[str, list[type[settings.Section]]] = {
     "train": [train.TrainParams],
     "vocabulary": [words.WordsParams],
     "words": [words.WordsParams],
-    "describe": [describe.DescribeParams],
+    "describe": [describe.DescribeParams, embed.EmbedParams],
     "embed": [embed.EmbedParams],
     "health": [health.HealthParams],
     "cluster": [cluster.ClusterParams],
