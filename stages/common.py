@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from stages import project_lock
+from stages.stage_log import get_logger as get_logger  # the stages call common.get_logger
 
 # Project paths, relative to the repository root (DVC runs every stage from there).
 PARAMS_FILE = Path("params.yaml")
@@ -379,18 +380,6 @@ def read_embeddings(path: Path = EMBEDDINGS_DIR) -> tuple[list[str], np.ndarray]
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def get_logger(stage: str) -> logging.Logger:
-    """A logger that prints 'stage: message' lines to stderr."""
-    logger = logging.getLogger(stage)
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    return logger
 
 
 def progress_bar(total: int, description: str) -> tqdm:

@@ -19,14 +19,16 @@ import pandas as pd
 import pytest
 from conftest import REPO_ROOT, image_bytes, pattern_image, project_environment, write
 
-from stages import common, project_lock, sync, sync_files, sync_manifest
+from stages import common, project_lock, sync_files, sync_manifest, sync_work
 
 
 def sync_folder(params: dict[str, Any], source: Path, collection: Path, **changes: Any):
     """Sync a folder with the committed params and some changes, on one process."""
     params = copy.deepcopy(params)
     params["sync"].update({"source": str(source), **changes})
-    return sync.sync_collection(sync.SyncParams.from_params(params), collection, None, workers=1)
+    return sync_work.sync_collection(
+        sync_work.SyncParams.from_params(params), collection, None, workers=1
+    )
 
 
 @pytest.fixture

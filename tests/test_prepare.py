@@ -20,7 +20,7 @@ from conftest import (
 )
 from PIL import Image
 
-from stages import common, images, parts, prepare, sync, thumbnails
+from stages import common, images, parts, prepare, sync_work, thumbnails
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -258,8 +258,8 @@ def test_every_mode_sync_accepts_is_prepared(
     for relative, data in good_image_files().items():
         write(source / relative, data)
     params["sync"]["source"] = str(source)
-    manifest = sync.sync_collection(
-        sync.SyncParams.from_params(params), tmp_path / "collection", None, workers=1
+    manifest = sync_work.sync_collection(
+        sync_work.SyncParams.from_params(params), tmp_path / "collection", None, workers=1
     ).manifest
     run_prepare(manifest, tmp_path / "collection", settings, tmp_path / "out")
     pixels = parts.PartedArray(tmp_path / "out/pixels")[:]

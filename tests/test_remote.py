@@ -29,7 +29,7 @@ from conftest import (
     stages_run,
 )
 
-from stages import common, remote, sync
+from stages import common, remote, sync_work
 
 BUCKET = "frames-bucket"
 CREDENTIALS = {
@@ -149,17 +149,17 @@ def bucket(moto_endpoint: str) -> Iterator[Any]:
 
 def sync_params(
     params: dict[str, Any], source: str, endpoint: str | None, **changes: Any
-) -> sync.SyncParams:
+) -> sync_work.SyncParams:
     params["sync"].update(
         {"source": source, "s3_endpoint_url": endpoint, "retries": 2, "retry_wait": 0.01}
     )
     params["sync"]["timeout"] = 5
     params["sync"].update(changes)
-    return sync.SyncParams.from_params(params)
+    return sync_work.SyncParams.from_params(params)
 
 
-def run(settings: sync.SyncParams, collection: Path, last: sync.SyncResult | None = None):
-    return sync.sync_collection(
+def run(settings: sync_work.SyncParams, collection: Path, last: sync_work.SyncResult | None = None):
+    return sync_work.sync_collection(
         settings,
         collection,
         last.manifest if last else None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import os
 import re
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import (
+    REPO_ROOT,
     bad_image_files,
     good_image_files,
     image_bytes,
@@ -23,22 +26,31 @@ from conftest import (
 )
 from PIL import Image
 
-from stages import common, image_health, sync, sync_files, sync_manifest, sync_sources
+from stages import (
+    common,
+    image_health,
+    settings,
+    sync_files,
+    sync_last_run,
+    sync_manifest,
+    sync_sources,
+    sync_work,
+)
 
 
-def sync_params(params: dict[str, Any], source: Path | str, **changes: Any) -> sync.SyncParams:
+def sync_params(params: dict[str, Any], source: Path | str, **changes: Any) -> sync_work.SyncParams:
     """SyncParams from the committed params with a source and some changes."""
     params = copy.deepcopy(params)
     params["sync"]["source"] = str(source)
     params["sync"].update(changes)
-    return sync.SyncParams.from_params(params)
+    return sync_work.SyncParams.from_params(params)
 
 
 def run_sync(
-    settings: sync.SyncParams, collection: Path, previous: pd.DataFrame | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame, sync.SyncSummary]:
+    settings: sync_work.SyncParams, collection: Path, previous: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, sync_work.SyncSummary]:
     """Run sync on one process (as the stage does with WORKERS=1)."""
-    result = sync.sync_collection(settings, collection, previous, workers=1)
+    result = sync_work.sync_collection(settings, collection, previous, workers=1)
     manifest, rejected, summary = result.manifest, result.rejected, result.summary
     return manifest, rejected, summary
 
@@ -202,7 +214,7 @@ def test_history_lines_are_joined_on_id_and_bad_lines_counted(
         encoding="utf-8",
     )
     settings = sync_params(params, source, history=str(history))
-    result = sync.sync_collection(settings, tmp_path / "collection", None, 1)
+    result = sync_work.sync_collection(settings, tmp_path / "collection", None, 1)
     manifest, report = result.manifest, result.history
     rows = manifest.set_index("id")
 
@@ -221,7 +233,7 @@ def test_a_missing_history_file_is_named(params: dict[str, Any], source_folder: 
     with pytest.raises(
         common.UserError, match=re.escape("sync.history: file /nowhere/history.txt")
     ):
-        sync.sync_collection(settings, source_folder.parent / "collection", None, 1)
+        sync_work.sync_collection(settings, source_folder.parent / "collection", None, 1)
 
 
 def test_blank_frames_and_byte_identical_files_are_flagged_not_dropped(
@@ -299,8 +311,8 @@ def test_sync_runs_the_same_on_several_processes(params: dict[str, Any], tmp_pat
     for index in range(80):
         write(source / f"{index:03d}.jpg", image_bytes(pattern_image(48, 27, index), "JPEG"))
     settings = sync_params(params, source)
-    one = sync.sync_collection(settings, tmp_path / "c1", None, workers=1).manifest
-    second = sync.sync_collection(settings, tmp_path / "c2", None, workers=2)
+    one = sync_work.sync_collection(settings, tmp_path / "c1", None, workers=1).manifest
+    second = sync_work.sync_collection(settings, tmp_path / "c2", None, workers=2)
     two, summary = second.manifest, second.summary
     pd.testing.assert_frame_equal(one, two)
     assert summary.copied == 80
@@ -324,7 +336,7 @@ def test_bad_params_give_one_line_naming_the_key(
 ) -> None:
     params["sync"][key] = value
     with pytest.raises(common.UserError) as error:
-        settings = sync.SyncParams.from_params(params)
+        settings = sync_work.SyncParams.from_params(params)
         sync_sources.list_source(settings.source, tmp_path / "collection")
     assert words in str(error.value)
     assert "\n" not in str(error.value)
@@ -333,7 +345,7 @@ def test_bad_params_give_one_line_naming_the_key(
 def test_a_missing_param_is_named(params: dict[str, Any]) -> None:
     del params["sync"]["mirror"]
     with pytest.raises(common.UserError, match=re.escape(r"params.yaml: sync.mirror is missing")):
-        sync.SyncParams.from_params(params)
+        sync_work.SyncParams.from_params(params)
 
 
 def test_exif_time_is_read_from_the_exif_sub_ifd() -> None:
@@ -358,7 +370,7 @@ def test_a_run_that_finds_nothing_changed_writes_nothing(
     def run() -> bool:
         """Run the stage; whether it found nothing to do."""
         logged.clear()
-        sync.main()
+        sync_work.main()
         return "nothing to do" in logged.text
 
     def stamps() -> list[tuple[bytes, int]]:
@@ -396,13 +408,76 @@ def test_a_run_that_finds_nothing_changed_writes_nothing(
     assert len(pd.read_parquet(common.MANIFEST_FILE)) == len(good_image_files()) + 1
 
 
+def test_the_stage_finds_nothing_changed_before_loading_pandas(
+    params: dict[str, Any], source_folder: Path, tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    params["sync"]["source"] = str(source_folder)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    code = (
+        "import runpy, sys\n"
+        "runpy.run_module('stages.sync', run_name='__main__')\n"
+        "print('pandas' in sys.modules, 'numpy' in sys.modules)\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "WORKERS": "1"}
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=project,
+            env=environment,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+
+    first = run()  # the work: the stage ends its process once its outputs are written
+    assert first.stdout == "" and "copied" in first.stderr
+    manifest = (project / common.MANIFEST_FILE).read_bytes()
+    second = run()
+    assert second.stdout.split() == ["False", "False"]
+    assert re.fullmatch(
+        r"sync: \d+ source files, the collection, the params and the outputs are as the last "
+        r"run left them: nothing to do; \d+\.\d s\n",
+        second.stderr,
+    )
+    assert (project / common.MANIFEST_FILE).read_bytes() == manifest
+    write(source_folder / "new.jpg", image_bytes(pattern_image(30, 20, seed=7), "JPEG"))
+    third = run()
+    assert "1 copied" in third.stderr and third.stdout == ""
+
+
+def test_the_check_reads_the_paths_and_code_the_stage_uses() -> None:
+    assert sync_last_run.PARAMS_FILE == settings.PARAMS_FILE
+    assert sync_last_run.COLLECTION_DIR == common.COLLECTION_DIR
+    assert sync_last_run.OUTPUT_FILES == (
+        common.MANIFEST_FILE,
+        common.REJECTED_FILE,
+        common.REMOTE_STATE_FILE,
+    )
+    assert sync_last_run.LAST_RUN_FILE.parent.parent == common.CACHE_DIR
+    # Every module whose code decides what sync writes is in the digest.
+    from test_params import imported_stage_modules
+
+    deciding = imported_stage_modules("sync") - {
+        "settings",  # checks params
+        "project_lock",  # refuses a second run
+        "native_logs",
+        "stage_log",  # log lines
+        "compute",  # where the work runs, never what it gives
+        "sync_last_run",  # the check itself
+    }
+    assert {path.stem for path in sync_last_run.CODE_FILES} == deciding | {"sync"}
+
+
 def test_measurements_made_by_other_code_are_made_again(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     manifest = pd.DataFrame({"id": ["a"], "path": ["a.png"]})
     common.write_parquet(manifest, common.MANIFEST_FILE, keys={"measurement": "health-0"})
-    assert sync.read_previous_manifest(common.MANIFEST_FILE) is None
+    assert sync_work.read_previous_manifest(common.MANIFEST_FILE) is None
     current = {"measurement": image_health.MEASUREMENT_VERSION}
     common.write_parquet(manifest, common.MANIFEST_FILE, keys=current)
-    pd.testing.assert_frame_equal(sync.read_previous_manifest(common.MANIFEST_FILE), manifest)
+    pd.testing.assert_frame_equal(sync_work.read_previous_manifest(common.MANIFEST_FILE), manifest)
     common.write_parquet(manifest, common.MANIFEST_FILE)  # written before versions existed
-    assert sync.read_previous_manifest(common.MANIFEST_FILE) is None
+    assert sync_work.read_previous_manifest(common.MANIFEST_FILE) is None

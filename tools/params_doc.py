@@ -23,7 +23,7 @@ from stages import (
     score,
     settings,
     split,
-    sync,
+    sync_work,
     train,
     words,
 )
@@ -34,7 +34,7 @@ END = "<!-- end of params table -->"
 
 # What each stage of dvc.yaml reads, in pipeline order.
 STAGE_MODELS: dict[str, list[type[settings.Section]]] = {
-    "sync": [sync.SyncParams],
+    "sync": [sync_work.SyncParams],
     "prepare": [prepare.ImageParams, prepare.PrepareParams],
     "duplicates": [duplicates.DuplicatesParams],
     "split": [split.SplitParams],
