@@ -20,7 +20,6 @@ whichever images it is encoded with (the caches rely on it).
 from __future__ import annotations
 
 import math
-import os
 import threading
 from pathlib import Path
 from typing import Literal, Protocol
@@ -62,7 +61,8 @@ class LiteEncoder:
     def __init__(self, path: Path) -> None:
         from ai_edge_litert.interpreter import Interpreter  # 0.1 s; only where encoding
 
-        self.interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
+        # WORKERS caps the threads as it caps every stage's processes (no change in values).
+        self.interpreter = Interpreter(model_path=str(path), num_threads=common.worker_count())
         (tensor_in,) = self.interpreter.get_input_details()
         (tensor_out,) = self.interpreter.get_output_details()
         self.input_index = int(tensor_in["index"])

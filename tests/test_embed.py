@@ -144,8 +144,9 @@ def test_a_file_that_is_no_model_is_named(tmp_path: Path, runtime: encoder_runti
 
 
 def test_litert_and_keras_agree_and_each_image_is_encoded_alike_in_any_batch(
-    encoder_file: Path, pixels: np.ndarray, tmp_path: Path
+    encoder_file: Path, pixels: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("WORKERS", "2")
     lite = encoder_runtime.open_encoder(encoder_file, (16, 24, 3), "litert", tmp_path)
     keras_encoder = encoder_runtime.open_encoder(encoder_file, (16, 24, 3), "keras", tmp_path)
     together = lite.encode(pixels[:16], 16)
@@ -156,6 +157,11 @@ def test_litert_and_keras_agree_and_each_image_is_encoded_alike_in_any_batch(
     # Alone, in a smaller batch, or among others: the same bytes.
     np.testing.assert_array_equal(lite.encode(pixels[3:4], 1)[0], together[3])
     np.testing.assert_array_equal(lite.encode(pixels[[40, 3, 50]], 8)[1], together[3])
+
+    # On one thread or several (WORKERS, a Dask worker's cores): the same bytes.
+    monkeypatch.setenv("WORKERS", "1")
+    alone = encoder_runtime.open_encoder(encoder_file, (16, 24, 3), "litert", tmp_path)
+    np.testing.assert_array_equal(alone.encode(pixels[:16], 16), together)
 
 
 @pytest.mark.parametrize("model", ["simple", "vae", "conv_vae"])
