@@ -106,7 +106,8 @@ def time_embed(folder: Path, pixels: np.ndarray, runtime: str, batch_size: int) 
     )
     seconds = time.perf_counter() - started
     print(
-        f"embed simple_conv on {runtime} (opened in {opened:.1f} s, a conversion included), "
+        f"embed simple_conv on {runtime} (opened in {opened:.1f} s"
+        f"{', its conversion included' if runtime == 'litert' else ''}), "
         f"batch {batch_size}: {len(pixels) / seconds:.0f} images/s "
         f"({encoder.values} values each, {seconds:.1f} s)"
     )
