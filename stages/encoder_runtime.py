@@ -105,11 +105,11 @@ class KerasEncoder:
         return np.asarray(codes, dtype=np.float32).reshape(batch_size, -1)[: len(pixels)]
 
 
-def litert_file(encoder_file: Path, folder: Path = LITERT_DIR) -> Path:
+def litert_file(encoder_file: Path, folder: Path = LITERT_DIR, again: bool = False) -> Path:
     """The LiteRT flatbuffer of an encoder file, in `folder`, converted on first use
-    (TensorFlow loads then, once per encoder)."""
+    (TensorFlow loads then, once per encoder), or `again`."""
     target = folder / f"{file_key(encoder_file)}.tflite"
-    if not target.exists():
+    if again or not target.exists():
         from stages import embed
 
         model = embed.read_encoder(encoder_file)
@@ -143,6 +143,18 @@ def read_keras(path: Path) -> KerasEncoder:
 READERS = {"litert": read_litert, "keras": read_keras}
 
 
+def read_model(encoder_file: Path, runtime: Runtime, litert_folder: Path) -> Encoder:
+    """The encoder on `runtime`. A LiteRT file that does not load (damaged in the cache
+    by a disk fault or by hand: conversions are written atomically) is converted again."""
+    path = model_file(encoder_file, runtime, litert_folder)
+    try:
+        return READERS[runtime](path)
+    except ValueError:  # LiteRT's "not a valid Flatbuffer buffer"
+        if runtime != "litert":
+            raise
+        return read_litert(litert_file(encoder_file, litert_folder, again=True))
+
+
 def open_encoder(
     encoder_file: Path,
     image_shape: tuple[int, ...],
@@ -157,7 +169,7 @@ def open_encoder(
 
     embed.check_encoder_file(encoder_file)
     try:
-        encoder = READERS[runtime](model_file(encoder_file, runtime, litert_folder))
+        encoder = read_model(encoder_file, runtime, litert_folder)
     except common.UserError:
         raise
     except Exception as error:  # a file that is not a Keras model, or from another version

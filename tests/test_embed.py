@@ -164,6 +164,18 @@ def test_litert_and_keras_agree_and_each_image_is_encoded_alike_in_any_batch(
     np.testing.assert_array_equal(alone.encode(pixels[:16], 16), together)
 
 
+def test_a_damaged_litert_file_in_the_cache_is_converted_again(
+    encoder_file: Path, pixels: np.ndarray, tmp_path: Path
+) -> None:
+    converted = encoder_runtime.litert_file(encoder_file, tmp_path)
+    expected = encoder_runtime.open_encoder(encoder_file, (16, 24, 3), "litert", tmp_path)
+    codes = expected.encode(pixels[:4], 4)
+    converted.write_bytes(converted.read_bytes()[:1000])  # cut short
+    again = encoder_runtime.open_encoder(encoder_file, (16, 24, 3), "litert", tmp_path)
+    np.testing.assert_array_equal(again.encode(pixels[:4], 4), codes)
+    assert converted.stat().st_size > 1000
+
+
 @pytest.mark.parametrize("model", ["simple", "vae", "conv_vae"])
 def test_every_kind_of_autoencoder_runs_on_litert(
     project_params: dict, pixels: np.ndarray, tmp_path: Path, model: str
