@@ -29,6 +29,7 @@ from PIL import Image
 from stages import (
     common,
     image_health,
+    remote,
     settings,
     sync_files,
     sync_last_run,
@@ -457,6 +458,7 @@ def test_the_check_reads_the_paths_and_code_the_stage_uses() -> None:
         common.REMOTE_STATE_FILE,
     )
     assert sync_last_run.LAST_RUN_FILE.parent.parent == common.CACHE_DIR
+    assert set(sync_last_run.REMOTE_PREFIXES) == {remote.S3_PREFIX, *remote.HTTP_PREFIXES}
     # Every module whose code decides what sync writes is in the digest.
     from test_params import imported_stage_modules
 
