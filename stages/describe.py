@@ -87,8 +87,7 @@ def encoded_values(rows: np.ndarray, encoding: embed.EmbedParams) -> np.ndarray:
     encoder = encoder_runtime.open_encoder(common.ENCODER_FILE, pixels.shape[1:], encoding.runtime)
     batch = encoding.batch_size
     blocks = [
-        embed.encode_rows(encoder, pixels[rows[at : at + batch]], batch)
-        for at in range(0, len(rows), batch)
+        encoder.encode(pixels[rows[at : at + batch]], batch) for at in range(0, len(rows), batch)
     ]
     return np.concatenate(blocks)
 

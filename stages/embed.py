@@ -81,15 +81,9 @@ def read_encoder(path: Path) -> keras.Model:
 
 
 def load_encoder(path: Path, image_shape: tuple[int, ...]) -> keras.Model:
-    """Load the Keras encoder and check it takes images of `image_shape` (height, width, 3)."""
-    check_encoder_file(path)
-    try:
-        encoder = read_encoder(path)
-    except Exception as error:  # a file that is not a Keras model, or from another version
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise common.UserError(f"cannot load the encoder {path}: {message}") from None
-    check_image_shape(path, tuple(encoder.input_shape[1:]), image_shape)
-    return encoder
+    """Load the Keras encoder and check it takes images of `image_shape` (height, width, 3)
+    (see encoder_runtime.open_encoder)."""
+    return encoder_runtime.open_encoder(path, image_shape, "keras").model
 
 
 def predict_padded(model: keras.Model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
@@ -103,12 +97,6 @@ def predict_padded(model: keras.Model, pixels: np.ndarray, batch_size: int) -> n
     return np.asarray(model.predict_on_batch(images), dtype=np.float32)[: len(pixels)]
 
 
-def encode_rows(encoder: Encoder, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """Float32 (rows, dimension) embeddings of up to `batch_size` rows of pixels (padded:
-    see encoder_runtime)."""
-    return encoder.encode(pixels, batch_size)
-
-
 def embeddings_table(ids: list[str], codes: np.ndarray) -> pa.Table:
     """An (id, embedding) table with each embedding a fixed-size list of float32."""
     values = pa.array(codes.ravel(), type=pa.float32())
@@ -120,7 +108,7 @@ def embeddings_table(ids: list[str], codes: np.ndarray) -> pa.Table:
 class EncodeTask:
     """Rows of the pixel file to encode, on a Dask worker (which reads the files)."""
 
-    model_file: Path  # what the runtime loads (encoder_runtime.model_file)
+    model_file: Path  # what the runtime loads (the encoder's `file`)
     descriptor_file: Path
     pixels_folder: Path
     rows: np.ndarray
@@ -137,10 +125,7 @@ def encode_task(task: EncodeTask) -> np.ndarray:
         task.rows[at : at + task.batch_size] for at in range(0, len(task.rows), task.batch_size)
     ]
     return np.concatenate(
-        [
-            descriptor.apply(encode_rows(encoder, pixels[batch], task.batch_size))
-            for batch in batches
-        ]
+        [descriptor.apply(encoder.encode(pixels[batch], task.batch_size)) for batch in batches]
     )
 
 
@@ -188,7 +173,7 @@ def encode_missing(
         blocks = compute.map_tasks(encode_task, tasks, workers=1)
     else:
         blocks = (
-            descriptor.apply(encode_rows(encoder, pixels[rows[at : at + batch_size]], batch_size))
+            descriptor.apply(encoder.encode(pixels[rows[at : at + batch_size]], batch_size))
             for at in range(0, len(rows), batch_size)
         )
     store_vectors(cache, missing, blocks, descriptor.dimension(encoder.values))
@@ -371,8 +356,7 @@ def main() -> None:
             / STAGE
             / f"{file_key(common.ENCODER_FILE)}{runtime_key}-{described}-{pixels_key}"
         )
-        model_file = encoder_runtime.model_file(common.ENCODER_FILE, params.runtime)
-        files = (model_file, descriptors.DESCRIPTOR_FILE, common.PIXELS_DIR)
+        files = (encoder.file, descriptors.DESCRIPTOR_FILE, common.PIXELS_DIR)
         encoded = embed_images(
             encoder,
             pixels,

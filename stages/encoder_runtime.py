@@ -36,6 +36,7 @@ LITERT_DIR = common.CACHE_DIR / "embed" / "litert"
 class Encoder(Protocol):
     """An encoder ready to run: images (height x width x 3, uint8) to float32 vectors."""
 
+    file: Path  # the file it runs (a Dask worker loads it again)
     image_shape: tuple[int, ...]
     values: int  # values per image
 
@@ -62,6 +63,7 @@ class LiteEncoder:
         from ai_edge_litert.interpreter import Interpreter  # 0.1 s; only where encoding
 
         # WORKERS caps the threads as it caps every stage's processes (no change in values).
+        self.file = path
         self.interpreter = Interpreter(model_path=str(path), num_threads=common.worker_count())
         (tensor_in,) = self.interpreter.get_input_details()
         (tensor_out,) = self.interpreter.get_output_details()
@@ -95,14 +97,16 @@ class KerasEncoder:
     def __init__(self, path: Path) -> None:
         from stages import embed  # Keras's loader and its checks
 
+        self.file = path
         self.model = embed.read_encoder(path)
         self.image_shape = tuple(self.model.input_shape[1:])
         self.values = math.prod(self.model.output_shape[1:])
 
     def encode(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
         """Float32 (rows, values) of up to `batch_size` rows of uint8 pixels."""
-        codes = self.model.predict_on_batch(padded_batch(pixels, batch_size))
-        return np.asarray(codes, dtype=np.float32).reshape(batch_size, -1)[: len(pixels)]
+        from stages import embed
+
+        return embed.predict_padded(self.model, pixels, batch_size).reshape(len(pixels), -1)
 
 
 def litert_file(encoder_file: Path, folder: Path = LITERT_DIR, again: bool = False) -> Path:

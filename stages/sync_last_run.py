@@ -106,12 +106,16 @@ def history_stamp(history: str | None) -> str | None:
     return f"{status.st_size}\0{status.st_mtime_ns}"
 
 
+def section_of(params: Any) -> dict[str, Any]:
+    """The sync section of params.yaml's contents, as written ({} when absent)."""
+    section = params.get("sync") if isinstance(params, dict) else None
+    return section if isinstance(section, dict) else {}
+
+
 def sync_section(path: Path = PARAMS_FILE) -> dict[str, Any]:
     """The sync section of params.yaml as written ({} when absent)."""
     with open(path, encoding="utf-8") as file:
-        params = yaml.load(file, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    section = params.get("sync") if isinstance(params, dict) else None
-    return section if isinstance(section, dict) else {}
+        return section_of(yaml.load(file, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
 
 
 def inputs_digest(

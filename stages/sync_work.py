@@ -349,7 +349,7 @@ def main(checked: sync_last_run.Comparison | None = None, started: float | None 
     common.write_parquet(result.remote_state, common.REMOTE_STATE_FILE)
     if source_listing is not None:
         inputs = sync_last_run.local_inputs_digest(
-            sync_last_run.sync_section(), source_listing, collection_listing(collection)
+            sync_last_run.section_of(all_params), source_listing, collection_listing(collection)
         )
         written = sync_last_run.outputs_digest()
         if inputs is not None and written is not None:
