@@ -3,15 +3,19 @@
 Makes N frames named like the ISS ones (320x180 JPEG by default, so that 100,000 fit this
 machine's disk and time; --full-size for 1280x720), copies the project into a scratch
 folder, applies the README's ISS preset (without its locations file), and runs the
-stages one at a time with `dvc repro -s STAGE`, printing for each:
-  wall seconds, CPU seconds (the stage and its workers), peak memory (the largest
-  resident set of dvc, the stage or one of its workers), and the disk its outputs, its
-  cache in data/cache/ and DVC's cache take.
+whole pipeline with one `dvc repro`, as a user does, printing for each stage what it
+reports of itself (stages/stage_usage.py):
+  wall seconds (its process, start to end), CPU seconds (the stage and its workers), peak
+  memory (the largest resident set of the stage or one of its workers), and the disk its
+  outputs, its cache in data/cache/ and DVC's cache of its outputs (beyond the files
+  linked to the outputs) take;
+then DVC's own share of the run (its start, its checks and the lock updates between
+stages) and the run's total wall.
 Then a no-op `dvc repro` of the whole pipeline, and the project's disk beside the
 source's. With --grow P it then adds P% new frames, freezes train, describe, cluster,
 vocabulary and mine (`dvc freeze`) and prints the same for the incremental run, and its
-share of the full run's time; then, --daily times (3), adds as many again and times one plain
-`dvc repro` of them, as a user's daily run.
+share of the full run's time; then, --daily times (3), adds as many again and times one
+plain `dvc repro` of them, as a user's daily run.
 
 Usage: python bench/scale.py [--frames N] [--full-size] [--grow P] [--daily N] [--set KEY=VALUE]...
                              [--folder DIR] [--keep]
@@ -20,6 +24,7 @@ Usage: python bench/scale.py [--frames N] [--full-size] [--grow P] [--daily N] [
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -36,6 +41,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from stages.stage_usage import USAGE_FILE_VARIABLE  # noqa: E402
 from tools.iss_frames import ISS_SCENES, iss_frame, readme_iss_settings  # noqa: E402
 from tools.project_copy import clean_copy  # noqa: E402
 
@@ -111,10 +117,10 @@ class Run:
     printed: str
 
 
-def measure(command: list[str], cwd: Path) -> Run:
+def measure(command: list[str], cwd: Path, extra_environment: dict[str, str] | None = None) -> Run:
     """Run a command; its wall and CPU seconds and the largest resident set among it and
     the processes it waited for (Linux's rusage of a waited child)."""
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(extra_environment or {})}
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
     started = time.perf_counter()
     process = subprocess.Popen(
@@ -144,29 +150,65 @@ def disk_mib(paths: list[Path], seen: set[tuple[int, int]] | None = None) -> flo
     return total / MIB
 
 
-def run_stages(project: Path, title: str) -> float:
-    """Run every stage in order with `dvc repro -s`, printing a line each; the total wall."""
+def dvc_cache_mib(project: Path, stage: str, linked: set[tuple[int, int]]) -> float:
+    """The disk DVC's cache takes for a stage's outputs as dvc.lock records them, beyond
+    the files it shares with the outputs (`linked`: their (device, inode))."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"].get(stage, {})
+    cache = project / ".dvc/cache/files/md5"
+    objects = []
+    for output in lock.get("outs", []):
+        digest = output.get("md5", "")
+        path = cache / digest[:2] / digest[2:]
+        objects.append(path)
+        if digest.endswith(".dir") and path.is_file():
+            for entry in json.loads(path.read_text()):
+                objects.append(cache / entry["md5"][:2] / entry["md5"][2:])
+    return disk_mib([path for path in objects if path.is_file()], set(linked))
+
+
+def inodes(paths: list[Path]) -> set[tuple[int, int]]:
+    """The (device, inode) of every file under `paths`."""
+    found = set()
+    for path in filter(Path.exists, paths):
+        for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+            info = file.lstat()
+            found.add((info.st_dev, info.st_ino))
+    return found
+
+
+def run_pipeline(project: Path, title: str) -> float:
+    """One `dvc repro`, printing a line a stage from what each stage reports of itself,
+    then DVC's own share and the total; returns the run's wall seconds."""
+    usage_file = project.parent / "stage-usage.jsonl"
+    usage_file.unlink(missing_ok=True)
+    run = measure(
+        [sys.executable, "-m", "dvc", "repro"], project, {USAGE_FILE_VARIABLE: str(usage_file)}
+    )
+    usage = {}
+    for line in usage_file.read_text().splitlines():
+        reported = json.loads(line)
+        usage[reported["stage"]] = reported
     print(f"\n{title}")
-    print(f"{'stage':8} {'wall s':>8} {'CPU s':>8} {'peak MiB':>9} {'outputs MiB':>12} "
+    print(f"{'stage':10} {'wall s':>7} {'CPU s':>8} {'peak MiB':>9} {'outputs MiB':>12} "
           f"{'cache MiB':>10} {'DVC cache MiB':>14}")  # fmt: skip
-    total = 0.0
     for stage in stage_names(project):
-        run = measure([sys.executable, "-m", "dvc", "repro", "-s", stage], project)
-        total += run.wall
-        outputs = disk_mib(stage_outputs(project, stage))
-        own_cache = (
-            disk_mib([project / "data/cache" / stage])
-            if (project / "data/cache" / stage).exists()
-            else 0.0
-        )
-        dvc_cache = disk_mib([project / ".dvc/cache"])
-        print(f"{stage:8} {run.wall:8.1f} {run.cpu:8.1f} {run.peak_mib:9.0f} {outputs:12.1f} "
-              f"{own_cache:10.1f} {dvc_cache:14.1f}")  # fmt: skip
-        lines = [line for line in run.printed.splitlines() if line.startswith(f"{stage}: ")]
-        for line in lines:
-            print(f"         {line}")
-    print(f"{'total':8} {total:8.1f}")
-    return total
+        if stage not in usage:
+            print(f"{stage:10} {'skipped: unchanged or frozen':>30}")
+            continue
+        reported = usage[stage]
+        outputs = stage_outputs(project, stage)
+        own_cache = project / "data/cache" / stage
+        print(f"{stage:10} {reported['wall']:7.1f} {reported['cpu']:8.1f} "
+              f"{reported['peak_mib']:9.0f} {disk_mib(outputs):12.1f} "
+              f"{disk_mib([own_cache]):10.1f} "
+              f"{dvc_cache_mib(project, stage, inodes(outputs)):14.1f}")  # fmt: skip
+        for line in run.printed.splitlines():
+            if line.startswith(f"{stage}: "):
+                print(f"           {line}")
+    stages_wall = sum(reported["wall"] for reported in usage.values())
+    print(f"{'DVC':10} {run.wall - stages_wall:7.1f}   its start, checks and lock updates")
+    print(f"{'total':10} {run.wall:7.1f} {run.cpu:8.1f} {run.peak_mib:9.0f}   one `dvc repro`")
+    return run.wall
 
 
 def report_disk(project: Path, source_mib: float) -> None:
@@ -217,7 +259,7 @@ def main() -> None:
     clean_copy(project)
     apply_preset(project, source, arguments.set)
 
-    full = run_stages(project, f"full run, {arguments.frames} frames, the README's ISS preset")
+    full = run_pipeline(project, f"full run, {arguments.frames} frames, the README's ISS preset")
     measure([sys.executable, "-m", "dvc", "repro"], project)  # DVC's state warm
     noop = measure([sys.executable, "-m", "dvc", "repro"], project)
     print(f"\nno-op `dvc repro`: {noop.wall:.1f} s wall")
@@ -228,7 +270,7 @@ def main() -> None:
         source_bytes += write_frames(source, arguments.frames, new, size)
         freeze = ["freeze", "train", "describe", "cluster", "vocabulary", "mine"]
         measure([sys.executable, "-m", "dvc", *freeze], project)
-        grown = run_stages(
+        grown = run_pipeline(
             project,
             f"{new} new frames ({arguments.grow}%), models frozen ({' '.join(freeze[1:])})",
         )

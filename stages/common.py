@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from stages import project_lock
+from stages import project_lock, stage_usage
 from stages.stage_log import get_logger as get_logger  # the stages call common.get_logger
 
 # Project paths, relative to the repository root (DVC runs every stage from there).
@@ -500,6 +500,7 @@ def end_process() -> None:
     """Exit at once, skipping the interpreter's teardown: every output is written and
     closed when a stage's main returns, and tearing down TensorFlow, numba and thread
     pools takes up to two seconds a stage, which a daily run pays ten times."""
+    stage_usage.record_usage()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

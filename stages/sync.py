@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from stages import sync_last_run
+from stages import stage_usage, sync_last_run
 
 
 def run() -> None:
@@ -30,6 +30,7 @@ def run() -> None:
         checked = sync_last_run.Comparison(False)
     if checked.unchanged:
         sync_last_run.log_unchanged(checked, started)
+        stage_usage.record_usage()
         return
     from stages import common, sync_work  # pandas and the rest load only for the work
 

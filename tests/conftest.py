@@ -162,16 +162,19 @@ def project_environment() -> dict[str, str]:
     return environment
 
 
-def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def run(
+    command: list[str], cwd: Path, extra_environment: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a command in the project copy and return what it printed."""
+    environment = {**project_environment(), **(extra_environment or {})}
     return subprocess.run(
-        command, cwd=cwd, env=project_environment(), capture_output=True, text=True, timeout=900
+        command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=900
     )
 
 
-def dvc(arguments: list[str], cwd: Path) -> str:
+def dvc(arguments: list[str], cwd: Path, extra_environment: dict[str, str] | None = None) -> str:
     """Run a dvc command through this interpreter; fail the test with its output if it fails."""
-    result = run([sys.executable, "-m", "dvc", *arguments], cwd)
+    result = run([sys.executable, "-m", "dvc", *arguments], cwd, extra_environment)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout + result.stderr
 

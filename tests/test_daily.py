@@ -7,12 +7,14 @@ Its own file so that a parallel test run (pytest -n) can place it beside the oth
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 import yaml
 from conftest import clean_copy, dvc, is_up_to_date, stages_run
 
+from stages import stage_usage
 from tools.iss_frames import iss_frame
 
 FIRST_DAY = 40
@@ -54,9 +56,15 @@ def test_new_images_flow_through_frozen_models_alone(tmp_path: Path) -> None:
     dvc(["freeze", "train", "describe", "cluster", "vocabulary", "mine"], project)  # as the README
 
     write_frames(source, FIRST_DAY, NEW)
-    printed = dvc(["repro"], project)
+    usage_file = tmp_path / "usage.jsonl"
+    printed = dvc(["repro"], project, {stage_usage.USAGE_FILE_VARIABLE: str(usage_file)})
 
     ran = stages_run(printed)
+    # Each stage that ran reported its own cost, for bench/scale.py, in the order it ran.
+    usage = [json.loads(line) for line in usage_file.read_text().splitlines()]
+    assert [line["stage"] for line in usage] == ran
+    for line in usage:
+        assert 0 < line["wall"] < 300 and line["cpu"] > 0 and line["peak_mib"] > 30, line
     assert not {"train", "describe", "cluster", "vocabulary", "mine"} & set(ran), "frozen"
     assert {"sync", "prepare", "embed", "assign"} <= set(ran)
     total, seen = FIRST_DAY + NEW, FIRST_DAY
@@ -79,7 +87,8 @@ def test_new_images_flow_through_frozen_models_alone(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(second_day.loc[first_day.index], first_day)
     assert second_day["cluster"].between(0, 4).all()
 
-    printed = dvc(["repro"], project)
+    printed = dvc(["repro"], project, {stage_usage.USAGE_FILE_VARIABLE: str(usage_file)})
     assert stages_run(printed) == ["sync"], "nothing new: nothing after sync runs"
+    assert json.loads(usage_file.read_text().splitlines()[-1])["stage"] == "sync", "its check"
     assert f"sync: {total} source files, the collection, the params and the outputs are " in printed
     assert is_up_to_date(project)

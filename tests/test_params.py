@@ -153,9 +153,9 @@ def test_each_stage_depends_on_every_module_it_runs(stage: str) -> None:
     deps = set(dvc_stages()[stage]["deps"])
     modules = imported_stage_modules(stage) | {stage}
     # settings only checks params, project_lock only refuses a second run, native_logs
-    # and stage_log only filter and format log lines: a change to any of them cannot
-    # change an output.
-    unneeded = {"settings", "project_lock", "native_logs", "stage_log"}
+    # and stage_log only filter and format log lines, stage_usage only reports a stage's
+    # cost: a change to any of them cannot change an output.
+    unneeded = {"settings", "project_lock", "native_logs", "stage_log", "stage_usage"}
     needed = {f"stages/{module}.py" for module in modules - unneeded}
     if "quiet_start" in modules:
         needed.add("stages/__init__.py")  # it sets TensorFlow's numerics options
