@@ -241,8 +241,8 @@ def test_the_table_joins_every_field_in_the_clusters_order() -> None:
     neighbors = pd.DataFrame({"id": ["a", "b"], "neighbors": [["b"], ["a"]]})
     held = pd.DataFrame({"id": ["a", "a"], "pattern": [4, 2], "score": [0.5, 0.8]})
     table = explore.explorer_table(clusters, scores, split, manifest, near, neighbors, held)
-    assert table["patterns"].tolist() == [[], [2, 4]], "best score first"
-    assert table["pattern_scores"].tolist() == [[], [0.8, 0.5]]
+    assert [list(held) for held in table["patterns"]] == [[], [2, 4]], "best score first"
+    assert [list(held) for held in table["pattern_scores"]] == [[], [0.8, 0.5]]
     assert pd.isna(table["pattern"].tolist()[0]) and table["pattern"].tolist()[1] == 2
     assert [list(near) for near in table["neighbors"]] == [["a"], ["b"]]
     assert table["near_of"].tolist()[0] == "a" and pd.isna(table["near_of"].tolist()[1])
@@ -259,7 +259,21 @@ def test_the_table_joins_every_field_in_the_clusters_order() -> None:
 def test_similar_images_are_the_neighbours_on_the_page_nearest_first() -> None:
     ids = ["a", "b", "c", "d"]
     neighbors = pd.Series([["c", "gone", "b", "d"], ["a"], None, np.array(["b", "a"])])
-    assert explore.similar_positions(ids, neighbors, shown=2) == [[2, 1], [0], [], [1, 0]]
+    similar = explore.similar_positions(ids, neighbors, shown=2)
+    assert [list(row) for row in similar.rows()] == [[2, 1], [0], [], [1, 0]]
+    none = explore.similar_positions(ids, pd.Series([None, [], np.array([]), None]))
+    assert none.page_column() == {"counts": [0, 0, 0, 0], "values": [], "scale": 1}
+
+
+def test_row_lists_travel_flat_and_come_back_whole() -> None:
+    lists = explore.RowLists.of([[0.25, 0.5], None, [], [0.125]], np.float64)
+    assert [list(row) for row in lists.rows()] == [[0.25, 0.5], [], [], [0.125]]
+    assert lists.firsts()[[0, 3]].tolist() == [0.25, 0.125] and np.isnan(lists.firsts()[1])
+    assert lists.page_column(1000) == {
+        "counts": [2, 0, 0, 1],
+        "values": [250, 500, 125],
+        "scale": 1000,
+    }
 
 
 def write_clustering(path: Path, frame: pd.DataFrame) -> None:
@@ -950,5 +964,7 @@ def test_pattern_lists_are_the_same_from_categories_as_from_strings() -> None:
     ).drop_duplicates(["id", "pattern"])
     as_strings = explore.pattern_lists(pd.Series(ids), held)
     as_categories = explore.pattern_lists(pd.Series(ids), held.astype({"id": "category"}))
-    assert as_categories == as_strings
-    assert sum(map(len, as_strings[0])) == int((held["id"] != "not-shown").sum())
+    for categories, strings in zip(as_categories, as_strings):
+        assert categories.values.tolist() == strings.values.tolist()
+        assert categories.starts.tolist() == strings.starts.tolist()
+    assert len(as_strings[0].values) == int((held["id"] != "not-shown").sum())

@@ -16,6 +16,19 @@
 
   const count = data.count;
   const col = data.columns;
+  // List columns travel flat (explore.py's RowLists): each row's count, then every row's
+  // values in a row, as integers `scale` times the value.
+  const rowLists = (flat) => {
+    const lists = new Array(flat.counts.length);
+    let start = 0;
+    flat.counts.forEach((length, i) => {
+      const values = flat.values.slice(start, start + length);
+      lists[i] = flat.scale === 1 ? values : values.map((v) => v / flat.scale);
+      start += length;
+    });
+    return lists;
+  };
+  for (const name of ["similar", "patterns", "pattern_scores"]) col[name] = rowLists(col[name]);
   // Other clusterings (clusterings/ in the project) are fields "compare-0", "compare-1"...
   // of the columns: their names come from file names, so they never become keys.
   const clusterings = data.clusterings || [];
