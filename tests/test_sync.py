@@ -467,6 +467,7 @@ def test_the_check_reads_the_paths_and_code_the_stage_uses() -> None:
         "project_lock",  # refuses a second run
         "native_logs",
         "stage_log",  # log lines
+        "stage_usage",  # reports what a run cost
         "compute",  # where the work runs, never what it gives
         "sync_last_run",  # the check itself
     }
