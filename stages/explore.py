@@ -495,9 +495,7 @@ def atlas(
 ) -> Image.Image:
     """One atlas of the sprites of thumbs[rows], row by row; from a `canvas` that holds the
     first `drawn` of them, where given."""
-    stored = isinstance(thumbs, thumbnails.Thumbnails)
-    thumbs_left = (thumbs[int(row)] if stored else thumbs[row] for row in rows[drawn:])
-    return atlas_of_sprites(thumbs_left, len(rows), grid, canvas, drawn)
+    return atlas_of_sprites((thumbs[row] for row in rows[drawn:]), len(rows), grid, canvas, drawn)
 
 
 def atlas_of_sprites(
@@ -680,7 +678,7 @@ def stored_atlas_files(
     (an atlas a task, which sends back only its few MB of scripts). The sprites each atlas
     still lacks are read in batches, a pass over the table's row groups for all the
     atlases of a batch: a cluster's images lie in nearly every row group, and a task
-    reading its own took 0.1 s an atlas, most of a day that draws every atlas again."""
+    reading its own took 0.2 s an atlas, most of a day that draws every atlas again."""
     steps = {index: plans.get(index, CanvasPlan()) for index in made}
     lacking = {index: blocks[index][steps[index].drawn :] for index in made}
     for batch in sprite_batches([len(lacking[index]) for index in made]):
