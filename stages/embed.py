@@ -151,15 +151,14 @@ def encode_missing(
     cache: ContentCache,
     batch_size: int,
     descriptor: descriptors.Descriptor,
-    files: tuple[Path, Path, Path] | None = None,
-    runtime: Runtime = "litert",
+    files: tuple[Path, Path] | None = None,
 ) -> int:
     """Encode the images whose vectors the cache lacks (each distinct file once) into a new
     segment of it; return how many were encoded.
 
-    With a Dask scheduler (compute.scheduler) and the (runtime's model, descriptor,
-    pixels) files, the workers encode on `runtime`, TASK_BATCHES batches a task; else this
-    process does.
+    With a Dask scheduler (compute.scheduler) and the (descriptor, pixels) files, the
+    workers encode (loading the encoder's file on its runtime), TASK_BATCHES batches a
+    task; else this process does.
     """
     missing, rows = cache.missing_rows(sha256s)
     if not missing:
@@ -167,7 +166,7 @@ def encode_missing(
     step = batch_size * TASK_BATCHES
     if compute.distributed() and files is not None:
         tasks = [
-            EncodeTask(*files, rows[at : at + step], batch_size, runtime)
+            EncodeTask(encoder.file, *files, rows[at : at + step], batch_size, encoder.runtime)
             for at in range(0, len(rows), step)
         ]
         blocks = compute.map_tasks(encode_task, tasks, workers=1)
@@ -241,18 +240,15 @@ def embed_images(
     path: Path,
     batch_size: int,
     descriptor: descriptors.Descriptor | None = None,
-    files: tuple[Path, Path, Path] | None = None,
-    runtime: Runtime = "litert",
+    files: tuple[Path, Path] | None = None,
 ) -> int:
     """Encode what `cache_folder` lacks and write every image's vector to `path`;
     return how many images were encoded. `descriptor` is what follows the encoder (none:
-    its values as they are); `files` (the runtime's model, descriptor and pixel files) let
-    Dask workers do the encoding on `runtime` (see encode_missing)."""
+    its values as they are); `files` (the descriptor and pixel files) let Dask workers do
+    the encoding (see encode_missing)."""
     descriptor = descriptor or descriptors.Descriptor()
     cache = ContentCache(cache_folder, ("embedding",))
-    encoded = encode_missing(
-        encoder, pixels, sha256s, cache, batch_size, descriptor, files, runtime
-    )
+    encoded = encode_missing(encoder, pixels, sha256s, cache, batch_size, descriptor, files)
     dimension = descriptor.dimension(encoder.values)
     write_embeddings(ids, sha256s, cache, dimension, path, cache_folder.name)
     return encoded
@@ -356,7 +352,7 @@ def main() -> None:
             / STAGE
             / f"{file_key(common.ENCODER_FILE)}{runtime_key}-{described}-{pixels_key}"
         )
-        files = (encoder.file, descriptors.DESCRIPTOR_FILE, common.PIXELS_DIR)
+        files = (descriptors.DESCRIPTOR_FILE, common.PIXELS_DIR)
         encoded = embed_images(
             encoder,
             pixels,
@@ -367,7 +363,6 @@ def main() -> None:
             batch_size,
             descriptor,
             files,
-            params.runtime,
         )
         what = f"runtime {params.runtime}"
         dimension = descriptor.dimension(encoder.values)

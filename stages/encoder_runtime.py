@@ -36,7 +36,8 @@ LITERT_DIR = common.CACHE_DIR / "embed" / "litert"
 class Encoder(Protocol):
     """An encoder ready to run: images (height x width x 3, uint8) to float32 vectors."""
 
-    file: Path  # the file it runs (a Dask worker loads it again)
+    file: Path  # the file it runs (a Dask worker loads it again, with READERS[runtime])
+    runtime: Runtime
     image_shape: tuple[int, ...]
     values: int  # values per image
 
@@ -58,6 +59,8 @@ def padded_batch(pixels: np.ndarray, batch_size: int) -> np.ndarray:
 class LiteEncoder:
     """The encoder's LiteRT flatbuffer in an interpreter (one batch at a time: a lock keeps
     a Dask worker's threads from sharing the interpreter's buffers at once)."""
+
+    runtime: Runtime = "litert"
 
     def __init__(self, path: Path) -> None:
         from ai_edge_litert.interpreter import Interpreter  # 0.1 s; only where encoding
@@ -93,6 +96,8 @@ class LiteEncoder:
 
 class KerasEncoder:
     """The Keras encoder (TensorFlow loads with it)."""
+
+    runtime: Runtime = "keras"
 
     def __init__(self, path: Path) -> None:
         from stages import embed  # Keras's loader and its checks
@@ -134,17 +139,11 @@ def model_file(encoder_file: Path, runtime: Runtime, litert_folder: Path = LITER
     return litert_file(encoder_file, litert_folder) if runtime == "litert" else encoder_file
 
 
-def read_litert(path: Path) -> LiteEncoder:
-    """A LiteRT flatbuffer, for compute.load_once."""
-    return LiteEncoder(path)
-
-
-def read_keras(path: Path) -> KerasEncoder:
-    """A Keras encoder file, for compute.load_once."""
-    return KerasEncoder(path)
-
-
-READERS = {"litert": read_litert, "keras": read_keras}
+# What loads the file each runtime runs (model_file), for read_model and compute.load_once.
+READERS: dict[str, type[LiteEncoder] | type[KerasEncoder]] = {
+    "litert": LiteEncoder,
+    "keras": KerasEncoder,
+}
 
 
 def read_model(encoder_file: Path, runtime: Runtime, litert_folder: Path) -> Encoder:
@@ -156,7 +155,7 @@ def read_model(encoder_file: Path, runtime: Runtime, litert_folder: Path) -> Enc
     except ValueError:  # LiteRT's "not a valid Flatbuffer buffer"
         if runtime != "litert":
             raise
-        return read_litert(litert_file(encoder_file, litert_folder, again=True))
+        return LiteEncoder(litert_file(encoder_file, litert_folder, again=True))
 
 
 def open_encoder(
