@@ -186,7 +186,12 @@ def measure(count: int) -> None:
         params = explore.ExploreParams(max_images=10**7, sprite_height=54, atlas_quality=85, seed=0)
         started = time.perf_counter()
         data, _ = explore.build_explorer(
-            table, thumbs, summary, params, root / "explorer", root / "collections"
+            explore.ExplorerTable.of_frame(table),
+            thumbs,
+            summary,
+            params,
+            root / "explorer",
+            root / "collections",
         )
         print(f"stage work: {time.perf_counter() - started:.1f} s")
         sizes = {p.name: p.stat().st_size for p in (root / "explorer").iterdir()}

@@ -215,6 +215,14 @@ def read_words_table(
     return table.to_pandas()
 
 
+def read_arrow(path: Path, made_by: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet table that stage `made_by` writes as Arrow (list columns stay flat),
+    with a clear error if it is missing."""
+    if not path.exists():
+        raise UserError(f"{path} is missing: run `dvc repro {made_by}` first")
+    return pq.read_table(path, columns=columns)
+
+
 def read_parquet(path: Path, made_by: str, categories: list[str] | None = None) -> pd.DataFrame:
     """Read a Parquet table that stage `made_by` writes, with a clear error if it is missing;
     `categories` are read as pandas categories (a column of a few values, repeated)."""

@@ -53,6 +53,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -61,8 +62,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import orjson
 import pandas as pd
 import PIL
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 from pydantic import Field
 
@@ -102,6 +106,7 @@ COUNT_COLUMNS = ("cluster", "near_group", "near_size")
 FLAG_COLUMNS = ("blank", "duplicate")
 SIMILAR_SHOWN = 8  # nearest neighbours an image's details show
 PAGE_SCORE_SCALE = 100  # pattern scores travel to the page in hundredths: it shows 2 places
+NON_ASCII = re.compile(r"[^\x00-\x7f]")
 CLUSTERINGS_DIR = Path("clusterings")
 CLUSTERING_SUFFIXES = (".csv", ".parquet")
 
@@ -162,19 +167,19 @@ def explorer_table(
     split: pd.DataFrame,
     manifest: pd.DataFrame,
     near: pd.DataFrame,
-    neighbors: pd.DataFrame,
+    neighbors: pa.Table,
     image_patterns: pd.DataFrame | None = None,
-) -> pd.DataFrame:
+) -> ExplorerTable:
     """One row per clustered image, in the clusters' order, with every field the page shows.
 
-    Columns: id, path, cluster, x, y, silhouette, subset, taken_at, month, place, latitude,
-    longitude, label, blank, duplicate, near_group, near_of, near_size (from `near`, health's
-    near-duplicate groups), neighbors (ids, nearest first, from health's `neighbors`),
-    patterns and pattern_scores (the visual patterns the image holds, best score first;
-    from `image_patterns`), pattern (the best one; NaN for none).
+    The frame's columns: id, path, cluster, x, y, silhouette, subset, taken_at, month,
+    place, latitude, longitude, label, blank, duplicate, near_group, near_of, near_size
+    (from `near`, health's near-duplicate groups), pattern (the best visual pattern the
+    image holds; NaN for none). Beside it, flat: the patterns each image holds and their
+    scores, best score first (from `image_patterns`), and its nearest neighbours as rows
+    of the table, nearest first (from health's `neighbors`: id, neighbors).
     """
     table = clusters[["id", "cluster", "x", "y"]].copy()
-    table["neighbors"] = neighbors.set_index("id")["neighbors"].reindex(table["id"]).to_numpy()
     groups = near.set_index("id").reindex(table["id"])
     table["near_group"] = groups["near_group"].fillna(0).astype(np.int64).to_numpy()
     table["near_of"] = groups["near_of"].to_numpy()
@@ -185,14 +190,38 @@ def explorer_table(
     details = manifest.set_index("id")[fields].reindex(table["id"])
     for field in fields:
         table[field] = details[field].to_numpy()
-    numbers, scores_held = pattern_lists(table["id"], image_patterns)
-    table["patterns"] = pd.Series(numbers.rows(), index=table.index, dtype=object)
-    table["pattern_scores"] = pd.Series(scores_held.rows(), index=table.index, dtype=object)
-    table["pattern"] = numbers.firsts()
+    patterns, pattern_scores = pattern_lists(table["id"], image_patterns)
+    table["pattern"] = patterns.firsts()
     taken_at = pd.to_datetime(table["taken_at"])
     table["month"] = taken_at.dt.strftime("%Y-%m")
     table["taken_at"] = taken_at.dt.strftime("%Y-%m-%d %H:%M:%S")
-    return table
+    return ExplorerTable(table, patterns, pattern_scores, neighbour_rows(table["id"], neighbors))
+
+
+def positions_in(values: pa.Array | pa.ChunkedArray, ids: pa.Array) -> np.ndarray:
+    """The position in `ids` of each of `values` (-1 for one not in it), looked up in Arrow:
+    a million neighbour ids as Python strings cost a second."""
+    text = pa.string()
+    found = pc.index_in(values.cast(text), value_set=ids.cast(text)).fill_null(-1)
+    return found.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def neighbour_rows(ids: pd.Series, neighbors: pa.Table) -> RowLists:
+    """Each of `ids`' nearest neighbours (health's table: id, neighbors) as positions in
+    `ids` (-1 for one not among them), nearest first; no neighbours for an id the table
+    lacks."""
+    wanted = pa.array(ids.to_numpy(object), pa.string())
+    lists = neighbors["neighbors"].combine_chunks()
+    held = RowLists(
+        positions_in(lists.values, wanted) if len(lists) else np.empty(0, np.int64),
+        lists.offsets.to_numpy().astype(np.int64) if len(lists) else np.zeros(1, np.int64),
+    )
+    row = positions_in(wanted, neighbors["id"].combine_chunks()) if len(lists) else None
+    if row is None:
+        return RowLists(np.empty(0, np.int64), np.zeros(len(ids) + 1, np.int64))
+    empty_row = len(held)  # an extra empty row for the ids the table lacks
+    padded = RowLists(held.values, np.append(held.starts, held.starts[-1]))
+    return padded.take(np.where(row >= 0, row, empty_row))
 
 
 @dataclass(frozen=True)
@@ -218,6 +247,14 @@ class RowLists:
     def __len__(self) -> int:
         return len(self.starts) - 1
 
+    def take(self, rows: np.ndarray) -> RowLists:
+        """The lists of `rows`, in that order."""
+        counts = np.diff(self.starts)[rows]
+        starts = np.concatenate(([0], np.cumsum(counts)))
+        # Each taken value's place: its row's start in self, plus its rank in the row.
+        rank = np.arange(starts[-1]) - np.repeat(starts[:-1], counts)
+        return RowLists(self.values[np.repeat(self.starts[:-1][rows], counts) + rank], starts)
+
     def rows(self) -> list[np.ndarray]:
         """Each row's values, as views of the flat array."""
         return np.split(self.values, self.starts[1:-1]) if len(self) else []
@@ -233,11 +270,47 @@ class RowLists:
         """The page's form: each row's count and the values in a row, as integers: the
         values times `scale`, for fractions (integers are shorter JSON, faster to write)."""
         values = self.values if scale == 1 else np.round(self.values * scale)
-        return {
-            "counts": np.diff(self.starts).tolist(),
-            "values": values.astype(np.int64).tolist(),
-            "scale": scale,
-        }
+        return {"counts": np.diff(self.starts), "values": values.astype(np.int64), "scale": scale}
+
+
+@dataclass(frozen=True)
+class ExplorerTable:
+    """The explorer's rows: their fields in `frame`, and beside it, row-aligned and flat,
+    the patterns each image holds, their scores, and its nearest neighbours (as rows of
+    the table, -1 for an image not in it)."""
+
+    frame: pd.DataFrame
+    patterns: RowLists
+    pattern_scores: RowLists
+    neighbors: RowLists
+
+    LIST_COLUMNS: ClassVar[tuple[str, ...]] = ("neighbors", "patterns", "pattern_scores")
+
+    @classmethod
+    def of_frame(cls, frame: pd.DataFrame) -> ExplorerTable:
+        """A table from one frame whose neighbors (ids), patterns and pattern_scores
+        columns hold a list a row, as tests and benchmarks write one."""
+        near = RowLists.of(frame["neighbors"], object)
+        found = pd.Index(frame["id"]).get_indexer(near.values) if len(near.values) else []
+        return cls(
+            frame.drop(columns=list(cls.LIST_COLUMNS)).reset_index(drop=True),
+            RowLists.of(frame["patterns"]),
+            RowLists.of(frame["pattern_scores"], np.float64),
+            RowLists(np.asarray(found, np.int64), near.starts),
+        )
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def take(self, rows: np.ndarray) -> ExplorerTable:
+        """The table's `rows`, in that order (the neighbours still name the whole table's
+        rows)."""
+        return ExplorerTable(
+            self.frame.iloc[rows].reset_index(drop=True),
+            self.patterns.take(rows),
+            self.pattern_scores.take(rows),
+            self.neighbors.take(rows),
+        )
 
 
 def pattern_lists(ids: pd.Series, image_patterns: pd.DataFrame | None) -> tuple[RowLists, RowLists]:
@@ -280,29 +353,31 @@ def collection_summary(
     }
 
 
-def json_column(values: pd.Series, kind: str) -> list[Any]:
-    """A column as JSON-ready values: NaN and missing become null, numbers are rounded."""
-    present = values.notna().to_numpy()
+def json_column(values: pd.Series, kind: str) -> list[Any] | np.ndarray:
+    """A column as the page data holds it: text as strings (None for missing); numbers
+    rounded to 5 places and flags as arrays, which the JSON writer turns into numbers,
+    null for NaN, and true or false."""
     if kind == "text":
+        present = values.notna().to_numpy()
         return [str(v) if ok else None for v, ok in zip(values.tolist(), present)]
     if kind == "flag":
-        return [bool(v) if ok else False for v, ok in zip(values.tolist(), present)]
-    return [round(float(v), 5) if ok else None for v, ok in zip(values.tolist(), present)]
+        return values.fillna(False).to_numpy(bool)
+    return np.round(values.to_numpy(np.float64, na_value=np.nan), 5)
 
 
-def similar_positions(ids: list[str], neighbors: pd.Series, shown: int = SIMILAR_SHOWN) -> RowLists:
-    """For each row, the rows (positions in `ids`) of its nearest neighbours that are among
-    `ids`, nearest first, at most `shown`: the similar images its details show."""
-    near = RowLists.of(neighbors.tolist(), object)  # their ids
-    # Every neighbour's position looked up at once; -1 for one not on the page.
-    position = pd.Index(ids).get_indexer(near.values) if len(near.values) else np.empty(0, int)
+def similar_positions(near: RowLists, position: np.ndarray, shown: int = SIMILAR_SHOWN) -> RowLists:
+    """For each row, the page positions of its nearest neighbours that are on the page,
+    nearest first, at most `shown`: the similar images its details show. `near` holds each
+    row's neighbours as table rows (-1 for none), `position` each table row's place on the
+    page (-1 for one not on it)."""
+    found = np.where(near.values >= 0, position[near.values], -1)
     owner = np.repeat(np.arange(len(near)), np.diff(near.starts))
-    on_page = np.flatnonzero(position >= 0)
+    on_page = np.flatnonzero(found >= 0)
     # A found neighbour's rank among its row's found ones: the first `shown` are kept.
     first_found = np.searchsorted(owner[on_page], np.arange(len(near)))
     kept = on_page[np.arange(len(on_page)) - first_found[owner[on_page]] < shown]
     counts = np.bincount(owner[kept], minlength=len(near))
-    return RowLists(position[kept].astype(np.int64), np.concatenate(([0], np.cumsum(counts))))
+    return RowLists(found[kept].astype(np.int64), np.concatenate(([0], np.cumsum(counts))))
 
 
 # ----------------------------------------------------------------------------- clusterings
@@ -397,29 +472,32 @@ def compared_clusterings(
 
 
 def page_data(
-    table: pd.DataFrame,
+    table: ExplorerTable,
     grid: AtlasGrid,
     block_sizes: list[int],
     summary: dict,
     collection: str,
     clusterings: list[dict[str, Any]] | None = None,
+    similar: RowLists | None = None,
 ) -> dict[str, Any]:
     """Everything the page reads, as one JSON-ready dict (columns, not rows: smaller, faster);
-    `block_sizes` are the atlases' sprite counts (the page's rows in order), `clusterings`
-    as compared_clusterings gives them."""
-    columns: dict[str, list[Any]] = {name: [int(v) for v in table[name]] for name in COUNT_COLUMNS}
+    `table` holds the page's rows in order, `block_sizes` are the atlases' sprite counts,
+    `clusterings` as compared_clusterings gives them and `similar` each row's similar
+    images as page positions (see similar_positions; by default the table's neighbours,
+    when the table is the whole page)."""
+    frame = table.frame
+    columns: dict[str, Any] = {name: frame[name].to_numpy(np.int64) for name in COUNT_COLUMNS}
     for name in TEXT_COLUMNS:
-        columns[name] = json_column(table[name], "text")
+        columns[name] = json_column(frame[name], "text")
     for name in NUMBER_COLUMNS:
-        columns[name] = json_column(table[name], "number")
+        columns[name] = json_column(frame[name], "number")
     for name in FLAG_COLUMNS:
-        columns[name] = json_column(table[name], "flag")
-    similar = similar_positions(table["id"].tolist(), table["neighbors"])
+        columns[name] = json_column(frame[name], "flag")
+    if similar is None:
+        similar = similar_positions(table.neighbors, np.arange(len(table)))
     columns["similar"] = similar.page_column()
-    columns["patterns"] = RowLists.of(table["patterns"]).page_column()
-    columns["pattern_scores"] = RowLists.of(table["pattern_scores"], np.float64).page_column(
-        PAGE_SCORE_SCALE
-    )
+    columns["patterns"] = table.patterns.page_column()
+    columns["pattern_scores"] = table.pattern_scores.page_column(PAGE_SCORE_SCALE)
     return {
         "count": len(table),
         "columns": columns,
@@ -442,11 +520,20 @@ def data_script(data: dict[str, Any]) -> str:
     """The data as a script that sets window.EXPLORER_DATA.
 
     A script, not a JSON file, because browsers refuse fetch() of files from file:// pages.
-    ASCII-only JSON with '<' escaped cannot end the script or be read as markup.
+    ASCII-only JSON with '<' escaped cannot end the script or be read as markup. Written by
+    orjson, numpy arrays as they are: Python's json module took most of a second for
+    100,000 rows.
     """
-    text = json.dumps(data, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    text = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY).decode("utf-8")
+    if not text.isascii():
+        text = NON_ASCII.sub(json_escape, text)
     text = text.replace("<", "\\u003c")
     return f"window.EXPLORER_DATA = {text};\n"
+
+
+def json_escape(match: re.Match[str]) -> str:
+    """A character as JSON's \\u escape (two, a surrogate pair, beyond the first plane)."""
+    return json.dumps(match.group(0))[1:-1]
 
 
 # ----------------------------------------------------------------------------- atlases
@@ -814,7 +901,7 @@ def read_rejected_count(path: Path = common.REJECTED_FILE) -> int:
 
 
 def build_explorer(
-    table: pd.DataFrame,
+    table: ExplorerTable,
     thumbs: thumbnails.ThumbnailRows,
     summary: dict[str, int],
     params: ExploreParams,
@@ -831,12 +918,14 @@ def build_explorer(
 
     Returns the page data and how many atlases were kept from the last run.
     """
-    keys = table["id"].tolist() if sha256s is None else sha256s
+    keys = table.frame["id"].tolist() if sha256s is None else sha256s
     sample = common.page_sample(keys, params.max_images, params.seed)
     # By cluster, in table order within one: each atlas then holds one cluster's images.
-    clusters = table["cluster"].to_numpy()
+    clusters = table.frame["cluster"].to_numpy()
     rows = sample[np.argsort(clusters[sample], kind="stable")]
-    shown = table.iloc[rows].reset_index(drop=True)
+    shown = table.take(rows)
+    position = np.full(len(table), -1, np.int64)
+    position[rows] = np.arange(len(rows))
     # The grid fits the largest cluster (up to MAX_ATLAS_SIDE) and the icons fit all the
     # atlases, both rounded up to a power of two: a daily run keeps them, and so the atlases.
     runs = np.diff(np.flatnonzero(np.diff(clusters[rows], prepend=-2, append=-2)))
@@ -846,9 +935,10 @@ def build_explorer(
     grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, largest, power_of_two(len(blocks)))
     collection = Path(os.path.relpath(collection_dir, directory)).as_posix() + "/"
     summary = {**summary, "shown_images": len(rows)}
-    compared = compared_clusterings(shown, table, clusterings or [])
+    compared = compared_clusterings(shown.frame, table.frame, clusterings or [])
     sizes = [len(block) for block in blocks]
-    data = page_data(shown, grid, sizes, summary, collection, compared)
+    similar = similar_positions(shown.neighbors, position)
+    data = page_data(shown, grid, sizes, summary, collection, compared, similar)
     atlas_keys = [atlas_key(thumbs, block, grid, params.atlas_quality, sha256s) for block in blocks]
     earlier = earlier_atlases(directory)
     kept = {index: earlier[key] for index, key in enumerate(atlas_keys) if key in earlier}
@@ -881,7 +971,7 @@ def main() -> None:
     split = common.read_parquet(common.SPLIT_FILE, made_by="split")
     manifest = common.read_parquet(common.MANIFEST_FILE, made_by="sync")
     near = common.read_parquet(common.NEAR_GROUPS_FILE, made_by="health")
-    neighbors = common.read_parquet(common.NEIGHBORS_FILE, made_by="health")
+    neighbors = common.read_arrow(common.NEIGHBORS_FILE, "health", ["id", "neighbors"])
     image_patterns = common.read_parquet(
         common.IMAGE_PATTERNS_FILE, made_by="patterns", categories=["id"]
     )

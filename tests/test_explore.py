@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from conftest import image_bytes, pattern_image, write
 from PIL import Image
@@ -106,8 +107,10 @@ def test_a_new_image_changes_only_its_clusters_last_atlas(tmp_path: Path) -> Non
     table = explorer_rows(count + 1)
     params = explore.ExploreParams(max_images=10**6, sprite_height=27, atlas_quality=85, seed=0)
     directory = tmp_path / "explorer"
-    before, _ = explore.build_explorer(table.iloc[:count], thumbs, {}, params, directory, tmp_path)
-    after, kept = explore.build_explorer(table, thumbs, {}, params, directory, tmp_path)
+    first = explore.ExplorerTable.of_frame(table.iloc[:count])
+    before, _ = explore.build_explorer(first, thumbs, {}, params, directory, tmp_path)
+    grown = explore.ExplorerTable.of_frame(table)
+    after, kept = explore.build_explorer(grown, thumbs, {}, params, directory, tmp_path)
     assert before["atlas"]["columns"] == after["atlas"]["columns"], "the grid holds"
     assert before["atlas"]["icon"] == after["atlas"]["icon"]
     assert len(after["atlas"]["files"]) == 3 and kept == 2, "cluster 0's atlas alone is new"
@@ -135,7 +138,7 @@ def test_new_images_are_drawn_onto_the_canvas_of_their_clusters_last_atlas(
         monkeypatch.setattr(  # every sprite drawn is read from the table first
             thumbnails.Thumbnails, "jpeg", lambda self, row: drawn.append(row) or read(self, row)
         )
-        table = explorer_rows(images)
+        table = explore.ExplorerTable.of_frame(explorer_rows(images))
         data, _ = explore.build_explorer(
             table, thumbs, {}, params, directory, tmp_path, sha256s[:images], None, canvases
         )
@@ -253,13 +256,15 @@ def test_the_table_joins_every_field_in_the_clusters_order() -> None:
     near = pd.DataFrame(
         {"id": ["a", "b"], "near_group": [1, 1], "near_of": [None, "a"], "near_size": [2, 2]}
     )
-    neighbors = pd.DataFrame({"id": ["a", "b"], "neighbors": [["b"], ["a"]]})
+    neighbors = pa.table({"id": ["a", "b", "z"], "neighbors": [["b", "z"], ["a"], ["a"]]})
     held = pd.DataFrame({"id": ["a", "a"], "pattern": [4, 2], "score": [0.5, 0.8]})
-    table = explore.explorer_table(clusters, scores, split, manifest, near, neighbors, held)
-    assert [list(held) for held in table["patterns"]] == [[], [2, 4]], "best score first"
-    assert [list(held) for held in table["pattern_scores"]] == [[], [0.8, 0.5]]
+    joined = explore.explorer_table(clusters, scores, split, manifest, near, neighbors, held)
+    table = joined.frame
+    assert [list(held) for held in joined.patterns.rows()] == [[], [2, 4]], "best score first"
+    assert [list(held) for held in joined.pattern_scores.rows()] == [[], [0.8, 0.5]]
     assert pd.isna(table["pattern"].tolist()[0]) and table["pattern"].tolist()[1] == 2
-    assert [list(near) for near in table["neighbors"]] == [["a"], ["b"]]
+    # as rows of the table, nearest first; z is not clustered
+    assert [list(near) for near in joined.neighbors.rows()] == [[1], [0, -1]]
     assert table["near_of"].tolist()[0] == "a" and pd.isna(table["near_of"].tolist()[1])
     assert table["near_size"].tolist() == [2, 2]
     assert table["id"].tolist() == ["b", "a"]
@@ -267,28 +272,48 @@ def test_the_table_joins_every_field_in_the_clusters_order() -> None:
     assert table["month"].tolist()[1] == "2017-05" and pd.isna(table["month"].tolist()[0])
     assert table["taken_at"].tolist()[1] == "2017-05-12 10:32:00"
     assert table["blank"].tolist() == [True, False]
-    column = explore.json_column(table["silhouette"], "number")
-    assert column == [None, 0.25]
+    column = explore.json_column(table["silhouette"] + 1e-7, "number")
+    script = explore.data_script({"column": column})
+    assert json.loads(script.removeprefix("window.EXPLORER_DATA = ")[:-2]) == {
+        "column": [None, 0.25]
+    }, "NaN is null, and numbers are rounded to 5 places"
 
 
 def test_similar_images_are_the_neighbours_on_the_page_nearest_first() -> None:
-    ids = ["a", "b", "c", "d"]
-    neighbors = pd.Series([["c", "gone", "b", "d"], ["a"], None, np.array(["b", "a"])])
-    similar = explore.similar_positions(ids, neighbors, shown=2)
-    assert [list(row) for row in similar.rows()] == [[2, 1], [0], [], [1, 0]]
-    none = explore.similar_positions(ids, pd.Series([None, [], np.array([]), None]))
-    assert none.page_column() == {"counts": [0, 0, 0, 0], "values": [], "scale": 1}
+    # Neighbours as table rows (-1: not clustered); table row 4 is not on the page, and
+    # the others sit at page positions 3, 2, 1, 0.
+    near = explore.RowLists.of([[2, -1, 4, 1, 3], [0], [], [1, 0]])
+    position = np.array([3, 2, 1, 0, -1])
+    similar = explore.similar_positions(near, position, shown=2)
+    assert [list(row) for row in similar.rows()] == [[1, 2], [3], [], [2, 3]]
+    none = explore.similar_positions(explore.RowLists.of([None, [], None]), position)
+    column = none.page_column()
+    assert column["counts"].tolist() == [0, 0, 0] and column["values"].tolist() == []
+
+
+def test_a_part_of_the_table_keeps_each_rows_lists() -> None:
+    frame = explorer_rows(4)
+    frame["patterns"] = [[1, 2], [], [3], [4, 5, 6]]
+    frame["pattern_scores"] = [[0.5, 0.25], [], [1.0], [0.1, 0.2, 0.3]]
+    frame["neighbors"] = [["i1"], ["i0", "gone"], [], ["i2"]]
+    part = explore.ExplorerTable.of_frame(frame).take(np.array([3, 0, 2]))
+    assert part.frame["id"].tolist() == ["i3", "i0", "i2"]
+    assert [list(row) for row in part.patterns.rows()] == [[4, 5, 6], [1, 2], [3]]
+    assert [list(row) for row in part.pattern_scores.rows()] == [
+        [0.1, 0.2, 0.3],
+        [0.5, 0.25],
+        [1.0],
+    ]
+    assert [list(row) for row in part.neighbors.rows()] == [[2], [1], []], "the whole table's rows"
 
 
 def test_row_lists_travel_flat_and_come_back_whole() -> None:
     lists = explore.RowLists.of([[0.25, 0.5], None, [], [0.125]], np.float64)
     assert [list(row) for row in lists.rows()] == [[0.25, 0.5], [], [], [0.125]]
     assert lists.firsts()[[0, 3]].tolist() == [0.25, 0.125] and np.isnan(lists.firsts()[1])
-    assert lists.page_column(1000) == {
-        "counts": [2, 0, 0, 1],
-        "values": [250, 500, 125],
-        "scale": 1000,
-    }
+    column = lists.page_column(1000)
+    assert column["counts"].tolist() == [2, 0, 0, 1] and column["scale"] == 1000
+    assert column["values"].tolist() == [250, 500, 125]
 
 
 def write_clustering(path: Path, frame: pd.DataFrame) -> None:
@@ -467,7 +492,14 @@ def build_site(root: Path) -> Site:
     }
     directory = root / "reports/explorer"
     data, _ = explore.build_explorer(
-        table, thumbs, summary, PARAMS, directory, collection, None, [other_clustering(table)]
+        explore.ExplorerTable.of_frame(table),
+        thumbs,
+        summary,
+        PARAMS,
+        directory,
+        collection,
+        None,
+        [other_clustering(table)],
     )
     return Site(root, directory / "index.html", table, data)
 
