@@ -379,9 +379,14 @@ def read_near_copies(ids: list[str], path: Path = NEAR_GROUPS_FILE) -> np.ndarra
 def read_embeddings(path: Path = EMBEDDINGS_DIR) -> tuple[list[str], np.ndarray]:
     """The ids and the (images x dimension) float32 matrix of an embeddings table."""
     table = pq.read_table(embedding_parts(path))
-    column = table.column("embedding").combine_chunks()
-    matrix = column.flatten().to_numpy().reshape(len(table), column.type.list_size)
-    return table.column("id").to_pylist(), matrix.astype(np.float32, copy=False)
+    column = table.column("embedding")
+    # Chunk by chunk into one matrix: combining the chunks first copied it all once more.
+    matrix = np.empty((len(table), column.type.list_size), np.float32)
+    start = 0
+    for chunk in column.chunks:
+        matrix[start : start + len(chunk)] = chunk.flatten().to_numpy().reshape(len(chunk), -1)
+        start += len(chunk)
+    return table.column("id").to_pylist(), matrix
 
 
 # ----------------------------------------------------------------------------- running

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 LOCK_FILE = Path(".dvc/tmp/smart-iss-posts-run.json")  # .dvc/tmp is DVC's, kept out of git
+DVC_RWLOCK = "rwlock"  # DVC's table of what each running command reads and writes, beside it
 
 
 class ProjectBusyError(Exception):
@@ -137,23 +138,42 @@ def dvc_guard(holder: str | None, stage: str) -> Iterator[None]:
     if holder is None:
         yield
         return
-    # DVC's own way to edit the file, under its guard file; its public rwlock() cannot be
-    # used, as it would find our own parent's entries for this stage and refuse.
-    from dvc.fs import localfs
-    from dvc.rwlock import _edit_rwlock
-
     project = str(Path.cwd())  # what DVC calls the repo root: stages run in it
     mine = {
         "pid": os.getpid(),
         "cmd": f"{holder}, now in stage {stage}: wait for it to end, or stop it, then run again",
     }
-    with _edit_rwlock(str(LOCK_FILE.parent), localfs, False) as table:
+    with edit_dvc_rwlock() as table:
         table["write"][project] = mine
     try:
         yield
     finally:
-        with _edit_rwlock(str(LOCK_FILE.parent), localfs, False) as table:
+        with edit_dvc_rwlock() as table:
             if table["write"].get(project) == mine:
                 del table["write"][project]
             if not table["write"]:
                 del table["write"]  # as DVC leaves it
+
+
+@contextlib.contextmanager
+def edit_dvc_rwlock() -> Iterator[dict[str, Any]]:
+    """DVC's rwlock table, edited as DVC edits it (dvc/rwlock.py, _edit_rwlock): read and
+    written back under DVC's own lock of its guard file. DVC's public rwlock() cannot be
+    used, as it would find our own parent's entries for this stage and refuse; and its
+    private editor imports dvc.fs, a sixteenth of a second in every stage."""
+    from dvc.lock import make_lock
+
+    path = LOCK_FILE.parent / DVC_RWLOCK
+    with make_lock(str(path.with_name(DVC_RWLOCK + ".lock")), tmp_dir=str(path.parent)):
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            table = {}
+        except json.JSONDecodeError:
+            raise ProjectBusyError(
+                f"{path} is not JSON: remove it once no other DVC command runs here"
+            ) from None
+        table.setdefault("read", {})
+        table.setdefault("write", {})
+        yield table
+        path.write_text(json.dumps(table), encoding="utf-8")

@@ -66,6 +66,37 @@ def test_a_mirror_image_hashes_as_the_mirrored_hash() -> None:
     assert near_search.hash_distance(plain, flipped_plain) > 10
 
 
+def groups_by_search(count: int, pairs: list[tuple[int, int]]) -> list[int]:
+    """Each row's group, numbered by its smallest row, found by a plain graph search."""
+    linked: dict[int, set[int]] = {row: set() for row in range(count)}
+    for a, b in pairs:
+        linked[a].add(b)
+        linked[b].add(a)
+    group = [-1] * count
+    for start in range(count):  # rows in order: each group is met first at its smallest
+        if group[start] < 0:
+            group[start], pending = start, [start]
+            while pending:
+                for other in linked[pending.pop()]:
+                    if group[other] < 0:
+                        group[other] = start
+                        pending.append(other)
+    return group
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_groups_of_pairs_are_the_connected_components(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    count = int(rng.integers(1, 300))
+    pairs = [tuple(map(int, rng.integers(0, count, 2))) for _ in range(int(rng.integers(0, 400)))]
+    chain = [(row + 1, row) for row in range(count - 1)][::-1] if seed == 0 else []  # one long path
+    pairs += chain
+    first = np.array([a for a, _ in pairs], np.int64)
+    second = np.array([b for _, b in pairs], np.int64)
+    groups = near_search.groups_of_pairs(count, first, second)
+    assert groups.tolist() == groups_by_search(count, pairs)
+
+
 def test_near_copies_are_grouped_and_look_alikes_are_not(near_copies) -> None:
     manifest, truth = near_copies
     pairs, _ = duplicates.hash_pair_table(manifest, limit=8, workers=2)
