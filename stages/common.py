@@ -554,18 +554,35 @@ def page_sample(keys: list[str], limit: int, seed: int) -> np.ndarray:
     row joins the sample when its hash falls below the share, and none leaves. So the
     sample holds between about 0.88 and 0.98 times `limit` rows.
     """
+    return page_and_superset(keys, limit, seed, 1)[0]
+
+
+def page_and_superset(
+    keys: list[str], limit: int, seed: int, steps: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """page_sample's rows, and a superset of them, in row order: the rows whose hash falls
+    below the share rounded up to a whole number of `steps` shares (SHARE_STEP**steps,
+    SHARE_STEP**(2 * steps), ...), whichever rows chance brings.
+
+    The superset changes its share only every `steps` times the sample does, and holds at
+    most about 1 / SHARE_STEP**(steps - 1) times the sample's rows.
+    """
     count = len(keys)
     if count <= limit:
-        return np.arange(count)
-    share = 1.0
+        return np.arange(count), np.arange(count)
+    share = superset_share = 1.0
+    shrunk = 0
     while count * share > SHARE_ROOM * limit:
         share *= SHARE_STEP
+        shrunk += 1
+        if shrunk % steps == 0:
+            superset_share = share
     digests = seeded_digests(keys, seed)
     units = np.array([int.from_bytes(d[:8], "big") for d in digests], dtype=np.float64) / 2.0**64
     chosen = np.flatnonzero(units < share)
     if len(chosen) > limit:
-        return np.sort(chosen[np.lexsort((chosen, units[chosen]))][:limit])
-    return chosen
+        chosen = np.sort(chosen[np.lexsort((chosen, units[chosen]))][:limit])
+    return chosen, np.flatnonzero(units < superset_share)
 
 
 def sample_rows(count: int, limit: int, seed: int) -> np.ndarray:

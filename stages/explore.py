@@ -26,7 +26,9 @@ a persistent output: a run keeps the atlases whose sprites are unchanged (by key
 makes only the others. A cluster's last atlas, partly filled, is also kept as raw sprites
 (a canvas in data/cache/explore/canvases/, by the key of the sprites it holds), so the
 next run draws only the new images' sprites onto it, and encodes the same bytes as a
-drawing from nothing.
+drawing from nothing. Beyond explore.max_images the atlases hold the page's sample and,
+every other time its share shrinks, the images that just left it, as hidden sprites the
+page skips (ATLAS_SHARE_STEPS): a shrinking sample then changes the atlases half as often.
 
 Near-duplicate copies are hidden until the page's "near-duplicate copies" box is ticked:
 each group shows its representative, and an image's details name its group. An image's
@@ -98,6 +100,12 @@ SPRITE_BATCH_ROWS = 50_000
 # Part of each atlas's key: a new format, or a new way to draw, remakes them.
 ATLAS_FORMAT = "script-base64-jpeg-1 icons-gap-2"
 ICON_REDUCING_GAP = 2.0
+# Atlases hold page_and_superset's rows: the page's sample and, every other time the
+# sample's share shrinks, the images that just left it, as hidden sprites. The atlases are
+# then drawn again every second time the sample shrinks, not every time (every ~11% of
+# growth, by a tenth of the images, which changed every atlas), for at most a ninth more
+# sprites than the page shows.
+ATLAS_SHARE_STEPS = 2
 # Partly filled atlases as raw sprites (see the module docstring): as many as clusters.
 CANVAS_DIR = common.CACHE_DIR / STAGE / "canvases"
 TEXT_COLUMNS = ("id", "path", "subset", "place", "label", "taken_at", "month", "near_of")
@@ -479,12 +487,15 @@ def page_data(
     collection: str,
     clusterings: list[dict[str, Any]] | None = None,
     similar: RowLists | None = None,
+    hidden: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Everything the page reads, as one JSON-ready dict (columns, not rows: smaller, faster);
     `table` holds the page's rows in order, `block_sizes` are the atlases' sprite counts,
-    `clusterings` as compared_clusterings gives them and `similar` each row's similar
+    `clusterings` as compared_clusterings gives them, `similar` each row's similar
     images as page positions (see similar_positions; by default the table's neighbours,
-    when the table is the whole page)."""
+    when the table is the whole page) and `hidden` the sprites, numbered across the
+    atlases in order, that no row of the page shows (none by default): the rows are the
+    other sprites, in order."""
     frame = table.frame
     columns: dict[str, Any] = {name: frame[name].to_numpy(np.int64) for name in COUNT_COLUMNS}
     for name in TEXT_COLUMNS:
@@ -509,6 +520,7 @@ def page_data(
             "files": (files := atlas_names(len(block_sizes))),
             "icons": [icons_name(name) for name in files],
             "icon": {"width": grid.icon_width, "height": grid.icon_height},
+            "hidden": np.zeros(0, np.int64) if hidden is None else np.asarray(hidden, np.int64),
         },
         "collection": collection,
         "summary": summary,
@@ -919,26 +931,31 @@ def build_explorer(
     Returns the page data and how many atlases were kept from the last run.
     """
     keys = table.frame["id"].tolist() if sha256s is None else sha256s
-    sample = common.page_sample(keys, params.max_images, params.seed)
+    sample, drawn = common.page_and_superset(
+        keys, params.max_images, params.seed, ATLAS_SHARE_STEPS
+    )
     # By cluster, in table order within one: each atlas then holds one cluster's images.
     clusters = table.frame["cluster"].to_numpy()
-    rows = sample[np.argsort(clusters[sample], kind="stable")]
+    sprites = drawn[np.argsort(clusters[drawn], kind="stable")]  # the atlases' rows, in order
+    on_page = np.isin(sprites, sample)
+    rows = sprites[on_page]  # the page's rows, in the same order
     shown = table.take(rows)
     position = np.full(len(table), -1, np.int64)
     position[rows] = np.arange(len(rows))
     # The grid fits the largest cluster (up to MAX_ATLAS_SIDE) and the icons fit all the
     # atlases, both rounded up to a power of two: a daily run keeps them, and so the atlases.
-    runs = np.diff(np.flatnonzero(np.diff(clusters[rows], prepend=-2, append=-2)))
+    runs = np.diff(np.flatnonzero(np.diff(clusters[sprites], prepend=-2, append=-2)))
     largest = power_of_two(int(runs.max(initial=1)))
     grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, largest)
-    blocks = atlas_blocks(rows, grid, clusters[rows])
+    blocks = atlas_blocks(sprites, grid, clusters[sprites])
     grid = atlas_grid(thumbs.shape[1:3], params.sprite_height, largest, power_of_two(len(blocks)))
     collection = Path(os.path.relpath(collection_dir, directory)).as_posix() + "/"
     summary = {**summary, "shown_images": len(rows)}
     compared = compared_clusterings(shown.frame, table.frame, clusterings or [])
     sizes = [len(block) for block in blocks]
     similar = similar_positions(shown.neighbors, position)
-    data = page_data(shown, grid, sizes, summary, collection, compared, similar)
+    hidden = np.flatnonzero(~on_page)
+    data = page_data(shown, grid, sizes, summary, collection, compared, similar, hidden)
     atlas_keys = [atlas_key(thumbs, block, grid, params.atlas_quality, sha256s) for block in blocks]
     earlier = earlier_atlases(directory)
     kept = {index: earlier[key] for index, key in enumerate(atlas_keys) if key in earlier}

@@ -116,6 +116,35 @@ def test_a_new_image_changes_only_its_clusters_last_atlas(tmp_path: Path) -> Non
     assert len(after["atlas"]["files"]) == 3 and kept == 2, "cluster 0's atlas alone is new"
 
 
+def test_passing_max_images_hides_sprites_and_draws_only_the_last_atlases(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(5)
+    thumbs = rng.integers(0, 256, (700, 54, 96, 3), dtype=np.uint8)
+    table = explorer_rows(700)
+    # 384 x 216 px sprites: 45 an atlas, 5 atlases a cluster of 200
+    params = explore.ExploreParams(max_images=600, sprite_height=216, atlas_quality=85, seed=0)
+    directory = tmp_path / "explorer"
+
+    def build(count: int) -> tuple[dict, int]:
+        grown = explore.ExplorerTable.of_frame(table.iloc[:count])
+        return explore.build_explorer(grown, thumbs, {}, params, directory, tmp_path)
+
+    before, _ = build(600)
+    assert before["count"] == 600 and before["atlas"]["hidden"].tolist() == []
+    after, kept = build(606)  # the sample shrinks to 0.9 of the images: they stay drawn
+    hidden = after["atlas"]["hidden"]
+    assert after["count"] < 600 and len(hidden) == 606 - after["count"]
+    assert sum(after["atlas"]["sizes"]) == 606 and np.all(np.diff(hidden) > 0)
+    assert kept == len(after["atlas"]["files"]) - 3, "each cluster's last atlas alone is new"
+    # The page's rows are the sprites in order, less the hidden ones.
+    frame = explore.ExplorerTable.of_frame(table.iloc[:606]).frame
+    sprites = frame["id"].to_numpy()[np.argsort(frame["cluster"].to_numpy(), kind="stable")]
+    assert after["columns"]["id"] == np.delete(sprites, hidden).tolist()
+    again, _ = build(700)  # shrunk twice: the atlases hold the page's images alone again
+    assert again["atlas"]["hidden"].tolist() == [] and sum(again["atlas"]["sizes"]) < 600
+
+
 def test_new_images_are_drawn_onto_the_canvas_of_their_clusters_last_atlas(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -226,6 +255,25 @@ def test_the_page_sample_grows_with_the_collection_without_losing_images() -> No
     # never more than the limit, whatever chance brings
     for seed in range(5):
         assert len(common.page_sample(keys[:1000], 100, seed)) <= 100
+
+
+def test_the_atlas_superset_holds_the_sample_and_shrinks_every_other_time() -> None:
+    keys = [f"sha-{n}" for n in range(4000)]
+    for count in (1000, 1021, 1100, 1150, 1250, 1400, 4000):
+        sample, superset = common.page_and_superset(keys[:count], 1000, seed=1, steps=2)
+        assert sample.tolist() == common.page_sample(keys[:count], 1000, seed=1).tolist()
+        assert set(sample) <= set(superset) and np.all(np.diff(superset) > 0)
+        assert len(superset) <= 1.25 * 1000
+    # 1021 images: the sample shrank once (to 0.9 of them), the superset not yet; 1150:
+    # twice, and both are the same again; 1250: three times, the superset still twice.
+    sample, superset = common.page_and_superset(keys[:1021], 1000, seed=1, steps=2)
+    assert superset.tolist() == list(range(1021)) and 850 < len(sample) < 990
+    sample, superset = common.page_and_superset(keys[:1150], 1000, seed=1, steps=2)
+    assert sample.tolist() == superset.tolist()
+    at_two = superset
+    sample, superset = common.page_and_superset(keys[:1250], 1000, seed=1, steps=2)
+    assert len(sample) < len(superset) and set(at_two) <= set(superset)
+    assert [len(part) for part in common.page_and_superset(keys[:999], 1000, 1, 2)] == [999, 999]
 
 
 def test_the_data_script_escapes_markup_and_keeps_every_value() -> None:
@@ -428,13 +476,23 @@ def site_name(index: int) -> str:
     return {7: HOSTILE, 11: AWKWARD}.get(index, f"scene-{index:02d}")
 
 
+def site_id(index: int) -> str:
+    """The id of the site's image `index`: its file name's stem."""
+    return Path(f"{site_name(index)}.png").stem
+
+
+def site_index(image_id: str) -> int:
+    """The index of the site image with this id."""
+    return next(index for index in range(30) if site_id(index) == image_id)
+
+
 def other_clustering(table: pd.DataFrame) -> explore.Clustering:
     """Two clusters by the scenes' parity; the last two scenes left out."""
     ids = table["id"].iloc[:28]
     return explore.Clustering("parity 2", pd.Series(np.arange(28) % 2, index=ids.to_numpy()))
 
 
-def build_site(root: Path) -> Site:
+def build_site(root: Path, params: explore.ExploreParams = PARAMS) -> Site:
     """Thirty images in three clusters, one with a hostile file name, written as a project."""
     collection = root / "data/raw/collections"
     rows = []
@@ -495,7 +553,7 @@ def build_site(root: Path) -> Site:
         explore.ExplorerTable.of_frame(table),
         thumbs,
         summary,
-        PARAMS,
+        params,
         directory,
         collection,
         None,
@@ -892,6 +950,27 @@ def test_webgl_draws_each_image_from_its_icon_then_its_full_size_atlas(
     assert_drawn_from(drawn_sprite(visit, "scene-22"), 22)
     assert visit.errors == []
     page.close()
+
+
+def test_images_after_hidden_sprites_are_drawn_from_their_own_cells(
+    browser: object, tmp_path: Path
+) -> None:
+    # 30 images over a limit of 28: the page shows a sample, and the atlases all 30.
+    thinned = build_site(tmp_path, PARAMS.model_copy(update={"max_images": 28}))
+    hidden = thinned.data["atlas"]["hidden"].tolist()
+    assert hidden and thinned.data["count"] == 30 - len(hidden)
+    visit = open_page(browser, thinned.page.as_uri())
+    page = visit.page
+    page.select_option("#layout", "grid")
+    for atlas in range(len(thinned.data["atlas"]["files"])):
+        page.wait_for_function(f"() => window.explorer.residentAtlases().includes({atlas})")
+    page.evaluate("window.explorer.draw()")
+    assert min(hidden) < thinned.data["count"], "some rows come after a hidden sprite"
+    copies = {site_id(index) for index in COPIES}  # hidden until asked for
+    for image_id in thinned.data["columns"]["id"]:
+        if image_id not in copies:
+            assert_drawn_from(drawn_sprite(visit, image_id), site_index(image_id))
+    assert visit.errors == []
 
 
 def test_a_browser_without_webgl2_is_told_in_one_line(browser: object, site: Site) -> None:

@@ -31,14 +31,22 @@ window.createExplorerRenderer = function (canvas, layout, events) {
   const fullSize = { width: atlas.columns * sprite.width, height: atlas.rows * sprite.height };
   const iconSize = { width: atlas.columns * atlas.icon.width, height: atlas.rows * atlas.icon.height };
 
-  // Each image's atlas and its cell there: atlas k holds the next sizes[k] rows.
-  const count = atlas.sizes.reduce((sum, size) => sum + size, 0);
+  // Each image's atlas and its cell there: atlas k holds the next sizes[k] sprites, and
+  // the rows are the sprites in order, less the hidden ones (sprite numbers, ascending:
+  // images the atlases still hold but the page's sample has left out).
+  const hidden = atlas.hidden || [];
+  const count = atlas.sizes.reduce((sum, size) => sum + size, 0) - hidden.length;
   const atlasOf = new Uint16Array(count);
   const cellOf = new Uint32Array(count);
-  for (let k = 0, row = 0; k < atlasCount; k += 1) {
-    for (let cell = 0; cell < atlas.sizes[k]; cell += 1, row += 1) {
+  for (let k = 0, row = 0, sprite = 0, skip = 0; k < atlasCount; k += 1) {
+    for (let cell = 0; cell < atlas.sizes[k]; cell += 1, sprite += 1) {
+      if (skip < hidden.length && hidden[skip] === sprite) {
+        skip += 1;
+        continue;
+      }
       atlasOf[row] = k;
       cellOf[row] = cell;
+      row += 1;
     }
   }
 
