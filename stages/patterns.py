@@ -177,6 +177,18 @@ def mosaic_key(
     return digest.hexdigest()[:32]
 
 
+def first_of_each(values: np.ndarray, count: int) -> np.ndarray:
+    """Whether each row is among the first `count` rows of its value, in row order (as
+    pandas' groupby(...).head(count), which took half a second for 2.4 million rows)."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]][: len(values)])
+    rank = np.arange(len(values)) - np.repeat(starts, np.diff(np.r_[starts, len(values)]))
+    chosen = np.zeros(len(values), bool)
+    chosen[order[rank < count]] = True
+    return chosen
+
+
 def write_reports(
     patterns: pd.DataFrame,
     image_patterns: pd.DataFrame,
@@ -191,8 +203,8 @@ def write_reports(
     mosaics were kept, and how many there are."""
     ranked = patterns.sort_values(["support", "pattern"], ascending=[False, True], kind="stable")
     summary = ranked.assign(words=[" ".join(map(str, w)) for w in ranked["words"]])
-    # head() first: a join per group of millions of rows took a second.
-    first_five = image_patterns.groupby("pattern").head(5)
+    # The first five first: a join per group of millions of rows took a second.
+    first_five = image_patterns[first_of_each(image_patterns["pattern"].to_numpy(), 5)]
     best_five = first_five.groupby("pattern")["id"].agg(" ".join)
     summary["best_images"] = summary["pattern"].map(best_five).fillna("")
     reported = ranked[ranked["support"] > 0].head(params.reported)

@@ -383,3 +383,12 @@ def test_image_patterns_are_listed_by_pattern_then_best_score_then_id() -> None:
     )
     assert list(table.itertuples(index=False, name=None)) == expected
     assert table["pattern"].dtype == np.int32 and table["score"].dtype == np.float32
+
+
+def test_the_first_rows_of_each_pattern_are_those_pandas_heads_give() -> None:
+    rng = np.random.default_rng(2)
+    for count in (0, 1, 9, 500):
+        table = pd.DataFrame({"pattern": rng.integers(0, 7, count), "row": np.arange(count)})
+        for first in (1, 3):
+            chosen = table[patterns.first_of_each(table["pattern"].to_numpy(), first)]
+            assert chosen.equals(table.groupby("pattern").head(first))
