@@ -20,6 +20,7 @@ import shutil
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -554,35 +555,45 @@ def page_sample(keys: list[str], limit: int, seed: int) -> np.ndarray:
     row joins the sample when its hash falls below the share, and none leaves. So the
     sample holds between about 0.88 and 0.98 times `limit` rows.
     """
-    return page_and_superset(keys, limit, seed, 1)[0]
+    return content_page_sample(keys, limit, seed, 1).rows
 
 
-def page_and_superset(
-    keys: list[str], limit: int, seed: int, steps: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """page_sample's rows, and a superset of them, in row order: the rows whose hash falls
-    below the share rounded up to a whole number of `steps` shares (SHARE_STEP**steps,
-    SHARE_STEP**(2 * steps), ...), whichever rows chance brings.
+@dataclass(frozen=True)
+class PageSample:
+    """page_sample's rows, with what its supersets need: each row's seeded hash as a number
+    in [0, 1) (None when every row is in the sample), and for each phase p of `steps` the
+    share of its superset: the sample's share rounded up to the last power SHARE_STEP**j
+    with j = p modulo steps (so each phase's superset shrinks every `steps` times the
+    sample does, the phases in turn)."""
 
-    The superset changes its share only every `steps` times the sample does, and holds at
-    most about 1 / SHARE_STEP**(steps - 1) times the sample's rows.
-    """
+    rows: np.ndarray
+    units: np.ndarray | None
+    shares: tuple[float, ...]
+
+    def superset(self, phases: np.ndarray) -> np.ndarray:
+        """The rows whose hash falls below the share of their phase (`phases`, one a row),
+        in row order: a superset of the sample, every row when the sample holds them all."""
+        if self.units is None:
+            return np.arange(len(phases))
+        return np.flatnonzero(self.units < np.asarray(self.shares)[phases])
+
+
+def content_page_sample(keys: list[str], limit: int, seed: int, steps: int) -> PageSample:
+    """page_sample's rows and its supersets' shares in `steps` phases (see PageSample)."""
     count = len(keys)
     if count <= limit:
-        return np.arange(count), np.arange(count)
-    share = superset_share = 1.0
-    shrunk = 0
-    while count * share > SHARE_ROOM * limit:
-        share *= SHARE_STEP
-        shrunk += 1
-        if shrunk % steps == 0:
-            superset_share = share
+        return PageSample(np.arange(count), None, (1.0,) * steps)
+    shares = [1.0]  # the share at each step, as page_sample has always multiplied them
+    while count * shares[-1] > SHARE_ROOM * limit:
+        shares.append(shares[-1] * SHARE_STEP)
+    level = len(shares) - 1
+    phase_shares = tuple(shares[max(0, level - (level - phase) % steps)] for phase in range(steps))
     digests = seeded_digests(keys, seed)
     units = np.array([int.from_bytes(d[:8], "big") for d in digests], dtype=np.float64) / 2.0**64
-    chosen = np.flatnonzero(units < share)
+    chosen = np.flatnonzero(units < shares[-1])
     if len(chosen) > limit:
         chosen = np.sort(chosen[np.lexsort((chosen, units[chosen]))][:limit])
-    return chosen, np.flatnonzero(units < superset_share)
+    return PageSample(chosen, units, phase_shares)
 
 
 def sample_rows(count: int, limit: int, seed: int) -> np.ndarray:

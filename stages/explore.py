@@ -28,7 +28,8 @@ makes only the others. A cluster's last atlas, partly filled, is also kept as ra
 next run draws only the new images' sprites onto it, and encodes the same bytes as a
 drawing from nothing. Beyond explore.max_images the atlases hold the page's sample and,
 every other time its share shrinks, the images that just left it, as hidden sprites the
-page skips (ATLAS_SHARE_STEPS): a shrinking sample then changes the atlases half as often.
+page skips (ATLAS_SHARE_STEPS): each step of a shrinking sample draws half the atlases
+again (the clusters take turns), not all.
 
 Near-duplicate copies are hidden until the page's "near-duplicate copies" box is ticked:
 each group shows its representative, and an image's details name its group. An image's
@@ -100,11 +101,12 @@ SPRITE_BATCH_ROWS = 50_000
 # Part of each atlas's key: a new format, or a new way to draw, remakes them.
 ATLAS_FORMAT = "script-base64-jpeg-1 icons-gap-2"
 ICON_REDUCING_GAP = 2.0
-# Atlases hold page_and_superset's rows: the page's sample and, every other time the
-# sample's share shrinks, the images that just left it, as hidden sprites. The atlases are
-# then drawn again every second time the sample shrinks, not every time (every ~11% of
-# growth, by a tenth of the images, which changed every atlas), for at most a ninth more
-# sprites than the page shows.
+# A cluster's atlases hold a superset of the page's sample (common.PageSample) that
+# shrinks every second time the sample's share does: in between, the images that just
+# left the page stay in them as hidden sprites (at most a ninth more than the page shows).
+# The clusters take turns (even clusters on even steps, odd ones on odd steps): each step
+# (every ~11% of growth, when a tenth of the page's images leave it, which changed every
+# atlas) draws half of the atlases again, not all.
 ATLAS_SHARE_STEPS = 2
 # Partly filled atlases as raw sprites (see the module docstring): as many as clusters.
 CANVAS_DIR = common.CACHE_DIR / STAGE / "canvases"
@@ -218,18 +220,16 @@ def neighbour_rows(ids: pd.Series, neighbors: pa.Table) -> RowLists:
     """Each of `ids`' nearest neighbours (health's table: id, neighbors) as positions in
     `ids` (-1 for one not among them), nearest first; no neighbours for an id the table
     lacks."""
+    if not neighbors.num_rows:
+        return RowLists(np.empty(0, np.int64), np.zeros(len(ids) + 1, np.int64))
     wanted = pa.array(ids.to_numpy(object), pa.string())
     lists = neighbors["neighbors"].combine_chunks()
-    held = RowLists(
-        positions_in(lists.values, wanted) if len(lists) else np.empty(0, np.int64),
-        lists.offsets.to_numpy().astype(np.int64) if len(lists) else np.zeros(1, np.int64),
-    )
-    row = positions_in(wanted, neighbors["id"].combine_chunks()) if len(lists) else None
-    if row is None:
-        return RowLists(np.empty(0, np.int64), np.zeros(len(ids) + 1, np.int64))
-    empty_row = len(held)  # an extra empty row for the ids the table lacks
-    padded = RowLists(held.values, np.append(held.starts, held.starts[-1]))
-    return padded.take(np.where(row >= 0, row, empty_row))
+    offsets = lists.offsets.to_numpy().astype(np.int64)
+    offsets -= offsets[0]  # a sliced array's offsets start further in
+    # One more, empty, row last: the lists of the ids the table lacks.
+    held = RowLists(positions_in(lists.flatten(), wanted), np.append(offsets, offsets[-1]))
+    row = positions_in(wanted, neighbors["id"].combine_chunks())
+    return held.take(np.where(row >= 0, row, len(lists)))
 
 
 @dataclass(frozen=True)
@@ -931,13 +931,12 @@ def build_explorer(
     Returns the page data and how many atlases were kept from the last run.
     """
     keys = table.frame["id"].tolist() if sha256s is None else sha256s
-    sample, drawn = common.page_and_superset(
-        keys, params.max_images, params.seed, ATLAS_SHARE_STEPS
-    )
-    # By cluster, in table order within one: each atlas then holds one cluster's images.
+    sample = common.content_page_sample(keys, params.max_images, params.seed, ATLAS_SHARE_STEPS)
     clusters = table.frame["cluster"].to_numpy()
+    drawn = sample.superset(clusters % ATLAS_SHARE_STEPS)  # the clusters take turns
+    # By cluster, in table order within one: each atlas then holds one cluster's images.
     sprites = drawn[np.argsort(clusters[drawn], kind="stable")]  # the atlases' rows, in order
-    on_page = np.isin(sprites, sample)
+    on_page = np.isin(sprites, sample.rows)
     rows = sprites[on_page]  # the page's rows, in the same order
     shown = table.take(rows)
     position = np.full(len(table), -1, np.int64)

@@ -116,12 +116,10 @@ def test_a_new_image_changes_only_its_clusters_last_atlas(tmp_path: Path) -> Non
     assert len(after["atlas"]["files"]) == 3 and kept == 2, "cluster 0's atlas alone is new"
 
 
-def test_passing_max_images_hides_sprites_and_draws_only_the_last_atlases(
-    tmp_path: Path,
-) -> None:
+def test_passing_max_images_hides_sprites_and_the_clusters_take_turns(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     thumbs = rng.integers(0, 256, (700, 54, 96, 3), dtype=np.uint8)
-    table = explorer_rows(700)
+    table = explorer_rows(700)  # clusters 0, 1, 2 in turn
     # 384 x 216 px sprites: 45 an atlas, 5 atlases a cluster of 200
     params = explore.ExploreParams(max_images=600, sprite_height=216, atlas_quality=85, seed=0)
     directory = tmp_path / "explorer"
@@ -130,19 +128,34 @@ def test_passing_max_images_hides_sprites_and_draws_only_the_last_atlases(
         grown = explore.ExplorerTable.of_frame(table.iloc[:count])
         return explore.build_explorer(grown, thumbs, {}, params, directory, tmp_path)
 
+    def expected_sprites(count: int, shares: dict[int, float]) -> tuple[list[str], list[int]]:
+        """The atlases' ids in order and the hidden sprites, when cluster c holds the
+        images whose seeded hash, as a number in [0, 1), is below shares[c]."""
+        ids = table["id"].to_numpy()[:count]
+        clusters = table["cluster"].to_numpy()[:count]
+        digests = common.seeded_digests(ids.tolist(), 0)
+        units = [int.from_bytes(digest[:8], "big") / 2.0**64 for digest in digests]
+        sample = set(common.page_sample(ids.tolist(), 600, seed=0).tolist())
+        drawn = [row for row in range(count) if units[row] < shares[clusters[row]]]
+        ordered = sorted(drawn, key=lambda row: (clusters[row], row))
+        return ids[ordered].tolist(), [n for n, r in enumerate(ordered) if r not in sample]
+
     before, _ = build(600)
     assert before["count"] == 600 and before["atlas"]["hidden"].tolist() == []
-    after, kept = build(606)  # the sample shrinks to 0.9 of the images: they stay drawn
-    hidden = after["atlas"]["hidden"]
-    assert after["count"] < 600 and len(hidden) == 606 - after["count"]
-    assert sum(after["atlas"]["sizes"]) == 606 and np.all(np.diff(hidden) > 0)
-    assert kept == len(after["atlas"]["files"]) - 3, "each cluster's last atlas alone is new"
-    # The page's rows are the sprites in order, less the hidden ones.
-    frame = explore.ExplorerTable.of_frame(table.iloc[:606]).frame
-    sprites = frame["id"].to_numpy()[np.argsort(frame["cluster"].to_numpy(), kind="stable")]
+    assert len(before["atlas"]["files"]) == 15
+    # The sample shrinks to 0.9 of the images: clusters 0 and 2 keep every image as a
+    # sprite, the page hiding those it leaves out; cluster 1 (odd: its turn) holds the
+    # sample alone, drawn again.
+    after, kept = build(606)
+    sprites, hidden = expected_sprites(606, {0: 1.0, 1: 0.9, 2: 1.0})
+    assert hidden and after["atlas"]["hidden"].tolist() == hidden
     assert after["columns"]["id"] == np.delete(sprites, hidden).tolist()
-    again, _ = build(700)  # shrunk twice: the atlases hold the page's images alone again
-    assert again["atlas"]["hidden"].tolist() == [] and sum(again["atlas"]["sizes"]) < 600
+    assert sum(after["atlas"]["sizes"]) == len(sprites) and after["count"] < 600
+    assert kept == 8, "clusters 0 and 2 keep 4 atlases each; cluster 1's are drawn again"
+    again, _ = build(700)  # shrunk twice: the even clusters' turn
+    sprites, hidden = expected_sprites(700, {0: 0.9 * 0.9, 1: 0.9, 2: 0.9 * 0.9})
+    assert hidden and again["atlas"]["hidden"].tolist() == hidden
+    assert again["columns"]["id"] == np.delete(sprites, hidden).tolist()
 
 
 def test_new_images_are_drawn_onto_the_canvas_of_their_clusters_last_atlas(
@@ -257,23 +270,33 @@ def test_the_page_sample_grows_with_the_collection_without_losing_images() -> No
         assert len(common.page_sample(keys[:1000], 100, seed)) <= 100
 
 
-def test_the_atlas_superset_holds_the_sample_and_shrinks_every_other_time() -> None:
+def test_the_atlas_supersets_hold_the_sample_and_shrink_in_turns() -> None:
     keys = [f"sha-{n}" for n in range(4000)]
-    for count in (1000, 1021, 1100, 1150, 1250, 1400, 4000):
-        sample, superset = common.page_and_superset(keys[:count], 1000, seed=1, steps=2)
-        assert sample.tolist() == common.page_sample(keys[:count], 1000, seed=1).tolist()
-        assert set(sample) <= set(superset) and np.all(np.diff(superset) > 0)
-        assert len(superset) <= 1.25 * 1000
-    # 1021 images: the sample shrank once (to 0.9 of them), the superset not yet; 1150:
-    # twice, and both are the same again; 1250: three times, the superset still twice.
-    sample, superset = common.page_and_superset(keys[:1021], 1000, seed=1, steps=2)
-    assert superset.tolist() == list(range(1021)) and 850 < len(sample) < 990
-    sample, superset = common.page_and_superset(keys[:1150], 1000, seed=1, steps=2)
-    assert sample.tolist() == superset.tolist()
-    at_two = superset
-    sample, superset = common.page_and_superset(keys[:1250], 1000, seed=1, steps=2)
-    assert len(sample) < len(superset) and set(at_two) <= set(superset)
-    assert [len(part) for part in common.page_and_superset(keys[:999], 1000, 1, 2)] == [999, 999]
+    phases = np.arange(4000) % 2
+    for count in (1000, 1021, 1150, 1250, 1400, 4000):
+        sample = common.content_page_sample(keys[:count], 1000, seed=1, steps=2)
+        assert sample.rows.tolist() == common.page_sample(keys[:count], 1000, seed=1).tolist()
+        superset = sample.superset(phases[:count])
+        assert set(sample.rows) <= set(superset) and np.all(np.diff(superset) > 0)
+        assert len(superset) <= 1.2 * 1000
+
+    def superset_of(count: int, phase: int) -> set[int]:
+        rows = common.content_page_sample(keys[:count], 1000, 1, 2).superset(phases[:count])
+        return {row for row in rows.tolist() if row % 2 == phase}
+
+    # The sample shrinks at 1021 images (to 0.9 of them), 1150 (0.81) and 1250 (0.73): the
+    # odd rows' superset follows it at 1021 and 1250, the even rows' at 1150.
+    even, odd = set(range(0, 1000, 2)), set(range(1, 1000, 2))
+    assert superset_of(1000, 0) == even and superset_of(1000, 1) == odd
+    assert superset_of(1021, 0) == set(range(0, 1021, 2)) and len(superset_of(1021, 1)) < 480
+    assert superset_of(1150, 0) < set(range(0, 1150, 2))
+    assert superset_of(1150, 1) == superset_of(1021, 1) | {
+        r for r in superset_of(1150, 1) if r >= 1021
+    }
+    assert superset_of(1250, 0) == superset_of(1150, 0) | {
+        r for r in superset_of(1250, 0) if r >= 1150
+    }
+    assert [len(common.content_page_sample(keys[:999], 1000, 1, 2).superset(phases[:999]))] == [999]
 
 
 def test_the_data_script_escapes_markup_and_keeps_every_value() -> None:
@@ -325,6 +348,16 @@ def test_the_table_joins_every_field_in_the_clusters_order() -> None:
     assert json.loads(script.removeprefix("window.EXPLORER_DATA = ")[:-2]) == {
         "column": [None, 0.25]
     }, "NaN is null, and numbers are rounded to 5 places"
+
+
+def test_neighbours_become_rows_from_any_arrow_layout() -> None:
+    table = pa.table({"id": ["x", "a", "b", "z"], "neighbors": [["a"], ["b", "z"], None, ["a"]]})
+    ids = pd.Series(["b", "a", "q"])  # q has no neighbours listed; z is not among the ids
+    for layout in (table, table.slice(1), pa.concat_tables([table.slice(0, 2), table.slice(2)])):
+        rows = explore.neighbour_rows(ids, layout)
+        assert [row.tolist() for row in rows.rows()] == [[], [0, -1], []]
+    empty = explore.neighbour_rows(ids, table.slice(0, 0))
+    assert [row.tolist() for row in empty.rows()] == [[], [], []]
 
 
 def test_similar_images_are_the_neighbours_on_the_page_nearest_first() -> None:
@@ -955,10 +988,11 @@ def test_webgl_draws_each_image_from_its_icon_then_its_full_size_atlas(
 def test_images_after_hidden_sprites_are_drawn_from_their_own_cells(
     browser: object, tmp_path: Path
 ) -> None:
-    # 30 images over a limit of 28: the page shows a sample, and the atlases all 30.
+    # 30 images over a limit of 28: the page shows a sample, and the atlases of clusters 0
+    # and 2 every image of theirs.
     thinned = build_site(tmp_path, PARAMS.model_copy(update={"max_images": 28}))
     hidden = thinned.data["atlas"]["hidden"].tolist()
-    assert hidden and thinned.data["count"] == 30 - len(hidden)
+    assert hidden and thinned.data["count"] == sum(thinned.data["atlas"]["sizes"]) - len(hidden)
     visit = open_page(browser, thinned.page.as_uri())
     page = visit.page
     page.select_option("#layout", "grid")
