@@ -185,13 +185,19 @@ def write_arrow_parquet(table: pa.Table, path: Path) -> None:
         pq.write_table(table, temporary, row_group_size=65536)
 
 
+def require_output(path: Path, made_by: str) -> None:
+    """Raise a UserError naming `path` and the stage to run when stage `made_by`'s output
+    is missing."""
+    if not path.exists():
+        raise UserError(f"{path} is missing: run `dvc repro {made_by}` first")
+
+
 def parquet_keys(path: Path, made_by: str) -> dict[str, str]:
     """The keys write_parquet (or another writer) put in a Parquet file's metadata; for a
     folder of parts (the words), those of its first part."""
     if path.is_dir():
         path = next(iter(sorted(path.glob("*.parquet"))), path / "part-00000.parquet")
-    if not path.exists():
-        raise UserError(f"{path} is missing: run `dvc repro {made_by}` first")
+    require_output(path, made_by)
     metadata = pq.read_schema(path).metadata or {}
     return {key.decode(): value.decode() for key, value in metadata.items() if key != b"pandas"}
 
@@ -219,16 +225,14 @@ def read_words_table(
 def read_arrow(path: Path, made_by: str, columns: list[str] | None = None) -> pa.Table:
     """Read a Parquet table that stage `made_by` writes as Arrow (list columns stay flat),
     with a clear error if it is missing."""
-    if not path.exists():
-        raise UserError(f"{path} is missing: run `dvc repro {made_by}` first")
+    require_output(path, made_by)
     return pq.read_table(path, columns=columns)
 
 
 def read_parquet(path: Path, made_by: str, categories: list[str] | None = None) -> pd.DataFrame:
     """Read a Parquet table that stage `made_by` writes, with a clear error if it is missing;
     `categories` are read as pandas categories (a column of a few values, repeated)."""
-    if not path.exists():
-        raise UserError(f"{path} is missing: run `dvc repro {made_by}` first")
+    require_output(path, made_by)
     if categories:
         return pq.read_table(path, read_dictionary=categories).to_pandas()
     return pd.read_parquet(path)

@@ -298,13 +298,14 @@ class ExplorerTable:
     def of_frame(cls, frame: pd.DataFrame) -> ExplorerTable:
         """A table from one frame whose neighbors (ids), patterns and pattern_scores
         columns hold a list a row, as tests and benchmarks write one."""
-        near = RowLists.of(frame["neighbors"], object)
-        found = pd.Index(frame["id"]).get_indexer(near.values) if len(near.values) else []
+        ids = pa.array(frame["id"].tolist(), pa.string())
+        lists = pa.array(frame["neighbors"].tolist(), pa.list_(pa.string()))
+        neighbors = pa.table({"id": ids, "neighbors": lists})
         return cls(
             frame.drop(columns=list(cls.LIST_COLUMNS)).reset_index(drop=True),
             RowLists.of(frame["patterns"]),
             RowLists.of(frame["pattern_scores"], np.float64),
-            RowLists(np.asarray(found, np.int64), near.starts),
+            neighbour_rows(frame["id"], neighbors),
         )
 
     def __len__(self) -> int:
@@ -481,21 +482,20 @@ def compared_clusterings(
 
 def page_data(
     table: ExplorerTable,
+    similar: RowLists,
+    hidden: np.ndarray,
     grid: AtlasGrid,
     block_sizes: list[int],
     summary: dict,
     collection: str,
     clusterings: list[dict[str, Any]] | None = None,
-    similar: RowLists | None = None,
-    hidden: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Everything the page reads, as one JSON-ready dict (columns, not rows: smaller, faster);
-    `table` holds the page's rows in order, `block_sizes` are the atlases' sprite counts,
-    `clusterings` as compared_clusterings gives them, `similar` each row's similar
-    images as page positions (see similar_positions; by default the table's neighbours,
-    when the table is the whole page) and `hidden` the sprites, numbered across the
-    atlases in order, that no row of the page shows (none by default): the rows are the
-    other sprites, in order."""
+    `table` holds the page's rows in order, `similar` each row's similar images as page
+    positions (see similar_positions), `hidden` the sprites, numbered across the atlases
+    in order, that no row of the page shows (the rows are the other sprites, in order),
+    `block_sizes` the atlases' sprite counts and `clusterings` the other clusterings as
+    compared_clusterings gives them."""
     frame = table.frame
     columns: dict[str, Any] = {name: frame[name].to_numpy(np.int64) for name in COUNT_COLUMNS}
     for name in TEXT_COLUMNS:
@@ -504,8 +504,6 @@ def page_data(
         columns[name] = json_column(frame[name], "number")
     for name in FLAG_COLUMNS:
         columns[name] = json_column(frame[name], "flag")
-    if similar is None:
-        similar = similar_positions(table.neighbors, np.arange(len(table)))
     columns["similar"] = similar.page_column()
     columns["patterns"] = table.patterns.page_column()
     columns["pattern_scores"] = table.pattern_scores.page_column(PAGE_SCORE_SCALE)
@@ -520,7 +518,7 @@ def page_data(
             "files": (files := atlas_names(len(block_sizes))),
             "icons": [icons_name(name) for name in files],
             "icon": {"width": grid.icon_width, "height": grid.icon_height},
-            "hidden": np.zeros(0, np.int64) if hidden is None else np.asarray(hidden, np.int64),
+            "hidden": np.asarray(hidden, np.int64),
         },
         "collection": collection,
         "summary": summary,
@@ -954,7 +952,7 @@ def build_explorer(
     sizes = [len(block) for block in blocks]
     similar = similar_positions(shown.neighbors, position)
     hidden = np.flatnonzero(~on_page)
-    data = page_data(shown, grid, sizes, summary, collection, compared, similar, hidden)
+    data = page_data(shown, similar, hidden, grid, sizes, summary, collection, compared)
     atlas_keys = [atlas_key(thumbs, block, grid, params.atlas_quality, sha256s) for block in blocks]
     earlier = earlier_atlases(directory)
     kept = {index: earlier[key] for index, key in enumerate(atlas_keys) if key in earlier}
